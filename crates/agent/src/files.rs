@@ -1,0 +1,54 @@
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Write a file so readers see the old or the new content, never half:
+/// write a sibling temporary file, then rename it over the target.
+pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The CNI network config list the agent publishes once the node is ready.
+pub fn conflist(run_dir: &Path, ipam_dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "tweed",
+        "plugins": [{
+            "type": "tweed",
+            "runDir": run_dir,
+            "dataDir": ipam_dir,
+        }]
+    })
+}
+
+/// One peer as the agent sees it, for `tweed status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub name: String,
+    pub subnet: String,
+    pub address: String,
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub problem: String,
+}
+
+/// What the agent writes to `RUN_DIR/status.json` after each reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub node: String,
+    pub subnet: String,
+    pub underlay_dev: String,
+    pub bind_ip: String,
+    pub public_ip: String,
+    pub datastore: String,
+    pub peers: Vec<PeerStatus>,
+    pub last_error: Option<String>,
+}

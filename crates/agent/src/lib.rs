@@ -1,0 +1,16 @@
+//! The node agent. One process per node: it claims the node's subnet,
+//! publishes the node's record, watches every other node's record, and
+//! keeps the kernel matching the plan, level-triggered: a datastore event
+//! and the periodic resync both converge to the same state.
+//!
+//! It never tears down the data plane on its own: when it stops, restarts
+//! or loses the datastore, pods keep talking on what is already installed.
+#![forbid(unsafe_code)]
+
+mod dataplane;
+mod files;
+mod run;
+
+pub use dataplane::{reconcile, Dataplane, ReconcileReport};
+pub use files::{conflist, write_atomic, AgentStatus, PeerStatus};
+pub use run::{run, AgentError, AgentOpts};

@@ -1,0 +1,298 @@
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::signal::unix::{signal, SignalKind};
+use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
+use tweed_netlink::{Netlink, NetlinkError};
+use tweed_plan::{plan_node, LocalNode};
+use tweed_store::{apply_events, NodeEvent, Store, StoreError};
+
+use crate::files::{conflist, write_atomic, AgentStatus, PeerStatus};
+use crate::reconcile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no underlay interface: {0}")]
+    Underlay(String),
+    #[error("{path}: {source}")]
+    File { path: PathBuf, #[source] source: std::io::Error },
+    #[error("our subnet record was removed from the datastore")]
+    RecordGone,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    pub node_name: String,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+    /// The underlay interface; `None` picks the first non-loopback interface
+    /// with an IPv4 address.
+    pub iface: Option<String>,
+    /// The address peers use to reach this node, when it differs from the
+    /// bound one (1:1 NAT).
+    pub public_ip: Option<Ipv4Addr>,
+    pub cni_conf_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub lease_ttl: i64,
+    pub resync: Duration,
+    /// Written to the datastore when it holds no cluster config yet.
+    pub default_config: ClusterConfig,
+}
+
+impl AgentOpts {
+    fn ipam_dir(&self) -> PathBuf {
+        self.data_dir.join("ipam")
+    }
+}
+
+struct Underlay {
+    dev: String,
+    ip: Ipv4Addr,
+    mtu: u32,
+}
+
+async fn detect_underlay(nl: &Netlink, want: Option<&str>) -> Result<Underlay, AgentError> {
+    for l in nl.links().await? {
+        if l.name == "lo" || l.name.starts_with("tweed.") || l.name.starts_with("tw") && l.kind.as_deref() == Some("veth") {
+            continue;
+        }
+        if want.is_some_and(|w| w != l.name) {
+            continue;
+        }
+        if let Some(a) = nl.ipv4_addrs(l.index).await?.into_iter().find(|a| !a.addr().is_loopback()) {
+            return Ok(Underlay { dev: l.name, ip: a.addr(), mtu: l.mtu });
+        }
+    }
+    Err(AgentError::Underlay(match want {
+        Some(w) => format!("interface {w} does not exist or has no IPv4 address"),
+        None => "no interface other than lo has an IPv4 address".into(),
+    }))
+}
+
+/// Waits out a failure, growing from 0.5 s to 10 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(500);
+    }
+}
+
+enum Exit {
+    Signal,
+}
+
+struct Agent {
+    opts: AgentOpts,
+    nl: Netlink,
+    underlay: Underlay,
+    /// The subnet we hold, kept across datastore outages.
+    subnet: Option<Ipv4Net>,
+    ready: bool,
+}
+
+/// Run the agent until SIGTERM or SIGINT.
+pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
+    tweed_netlink::enable_ip_forwarding().map_err(|source| AgentError::File { path: "/proc/sys/net/ipv4/ip_forward".into(), source })?;
+    let nl = Netlink::open()?;
+    let underlay = detect_underlay(&nl, opts.iface.as_deref()).await?;
+    tracing::info!(dev = %underlay.dev, ip = %underlay.ip, mtu = underlay.mtu, "underlay");
+    let remembered = std::fs::read(opts.data_dir.join("subnet.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<NodeRecord>(&b).ok())
+        .map(|r| r.subnet);
+    let mut agent = Agent { opts, nl, underlay, subnet: remembered, ready: false };
+    let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File { path: "SIGTERM".into(), source })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| AgentError::File { path: "SIGINT".into(), source })?;
+    let mut backoff = Backoff(Duration::from_millis(500));
+    loop {
+        let session = agent.session(&mut backoff);
+        let res = tokio::select! {
+            r = session => r,
+            _ = term.recv() => Ok(Exit::Signal),
+            _ = int.recv() => Ok(Exit::Signal),
+        };
+        match res {
+            Ok(Exit::Signal) => {
+                tracing::info!("stopping; the data plane stays as it is");
+                return Ok(());
+            }
+            Err(e @ (AgentError::Store(_) | AgentError::RecordGone)) => {
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?wait, "datastore session ended; keeping the data plane as it is");
+                agent.write_status(None, Some(e.to_string()));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Agent {
+    /// One connection to the datastore: claim, publish, watch, reconcile,
+    /// until something breaks.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<Exit, AgentError> {
+        let mut store = Store::connect(&self.opts.etcd_endpoints, &self.opts.etcd_prefix).await?;
+        let cfg = store.init_config(&self.opts.default_config).await?;
+        let want = NodeRecord {
+            name: self.opts.node_name.clone(),
+            subnet: self.subnet.unwrap_or_else(|| Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("literal")),
+            public_ip: self.opts.public_ip.unwrap_or(self.underlay.ip),
+            backend: cfg.backend,
+            vtep_mac: vtep_mac_for(&self.opts.node_name),
+        };
+        let (me, lease) = store.claim(&cfg, &want, self.opts.lease_ttl).await?;
+        if let Some(old) = self.subnet.filter(|s| *s != me.subnet) {
+            tracing::error!(%old, new = %me.subnet, "our subnet was taken while we were away; pods on the old subnet must be recreated");
+        }
+        tracing::info!(subnet = %me.subnet, lease, "subnet claimed");
+        self.subnet = Some(me.subnet);
+        let path = self.opts.data_dir.join("subnet.json");
+        write_atomic(&path, &serde_json::to_vec(&me).expect("json")).map_err(|source| AgentError::File { path, source })?;
+        let (mut keeper, mut ka) = store.keep_alive(lease).await?;
+        backoff.reset();
+
+        let (nodes, _, rev) = store.nodes().await?;
+        let mut map: BTreeMap<Ipv4Net, NodeRecord> = nodes.into_iter().map(|n| (n.record.subnet, n.record)).collect();
+        let local = LocalNode {
+            record: me.clone(),
+            bind_ip: self.underlay.ip,
+            underlay_dev: self.underlay.dev.clone(),
+            underlay_mtu: self.underlay.mtu,
+        };
+        self.converge(&cfg, &local, &map).await?;
+        let mut watch = store.watch_nodes(rev).await?;
+        let ka_every = Duration::from_secs((self.opts.lease_ttl as u64 / 3).max(1));
+        let mut ka_tick = tokio::time::interval(ka_every);
+        let mut resync = tokio::time::interval(self.opts.resync);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                evs = watch.next() => {
+                    let evs = evs?;
+                    if evs.iter().any(|e| matches!(e, NodeEvent::Gone(s) if *s == me.subnet)) {
+                        return Err(AgentError::RecordGone);
+                    }
+                    apply_events(&mut map, evs);
+                    self.converge(&cfg, &local, &map).await?;
+                }
+                _ = ka_tick.tick() => {
+                    keeper.keep_alive().await.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
+                }
+                msg = ka.message() => {
+                    let msg = msg.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
+                    match msg {
+                        Some(m) if m.ttl() > 0 => {}
+                        _ => return Err(StoreError::LeaseExpired(self.opts.node_name.clone()).into()),
+                    }
+                }
+                _ = resync.tick() => {
+                    self.converge(&cfg, &local, &map).await?;
+                }
+            }
+        }
+    }
+
+    /// Plan and apply. A kernel error is logged and retried at the next
+    /// resync rather than ending the session; file errors are fatal.
+    async fn converge(
+        &mut self,
+        cfg: &ClusterConfig,
+        local: &LocalNode,
+        map: &BTreeMap<Ipv4Net, NodeRecord>,
+    ) -> Result<(), AgentError> {
+        let nodes: Vec<NodeRecord> = map.values().cloned().collect();
+        let plan = plan_node(cfg, local, &nodes);
+        for s in &plan.skipped {
+            tracing::warn!(peer = %s.node, reason = %s.reason, "peer skipped");
+        }
+        let err = match reconcile(&self.nl, &plan).await {
+            Ok(rep) => {
+                if rep.added + rep.removed > 0 {
+                    tracing::info!(added = rep.added, removed = rep.removed, peers = plan.routes.len(), "reconciled");
+                }
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile failed; retrying at the next resync");
+                Some(e.to_string())
+            }
+        };
+        if err.is_none() && !self.ready {
+            self.publish_ready(local, plan.vxlan.mtu)?;
+        }
+        let peers = nodes
+            .iter()
+            .filter(|n| n.name != local.record.name)
+            .map(|n| PeerStatus {
+                name: n.name.clone(),
+                subnet: n.subnet.to_string(),
+                address: n.public_ip.to_string(),
+                mode: n.backend.to_string(),
+                problem: plan.skipped.iter().find(|s| s.node == n.name).map(|s| s.reason.clone()).unwrap_or_default(),
+            })
+            .collect();
+        self.write_status(Some((local, peers)), err);
+        Ok(())
+    }
+
+    /// Tell the CNI plugin and the runtime that pods can be wired now: the
+    /// node state first (the plugin reads it), then the conflist (its
+    /// appearance is what clears a runtime's "cni plugin not initialized").
+    fn publish_ready(&mut self, local: &LocalNode, mtu: u32) -> Result<(), AgentError> {
+        let state = NodeState { node: local.record.name.clone(), subnet: local.record.subnet, mtu };
+        let p = self.opts.run_dir.join("node.json");
+        write_atomic(&p, &serde_json::to_vec(&state).expect("json")).map_err(|source| AgentError::File { path: p, source })?;
+        let c = self.opts.cni_conf_dir.join("10-tweed.conflist");
+        let body = serde_json::to_vec_pretty(&conflist(&self.opts.run_dir, &self.opts.ipam_dir())).expect("json");
+        write_atomic(&c, &body).map_err(|source| AgentError::File { path: c.clone(), source })?;
+        tracing::info!(conflist = %c.display(), "node ready for pods");
+        self.ready = true;
+        Ok(())
+    }
+
+    fn write_status(&self, now: Option<(&LocalNode, Vec<PeerStatus>)>, last_error: Option<String>) {
+        let p = self.opts.run_dir.join("status.json");
+        let mut st = std::fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<AgentStatus>(&b).ok())
+            .unwrap_or_else(|| AgentStatus {
+                node: self.opts.node_name.clone(),
+                subnet: self.subnet.map(|s| s.to_string()).unwrap_or_default(),
+                underlay_dev: self.underlay.dev.clone(),
+                bind_ip: self.underlay.ip.to_string(),
+                public_ip: self.opts.public_ip.unwrap_or(self.underlay.ip).to_string(),
+                datastore: String::new(),
+                peers: Vec::new(),
+                last_error: None,
+            });
+        if let Some((local, peers)) = now {
+            st.subnet = local.record.subnet.to_string();
+            st.peers = peers;
+            st.datastore = "connected".into();
+        } else {
+            st.datastore = "disconnected".into();
+        }
+        st.last_error = last_error;
+        if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(&st).expect("json")) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot write status");
+        }
+    }
+}

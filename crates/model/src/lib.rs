@@ -1,0 +1,14 @@
+//! Plain cluster data for tweed and its validation.
+//!
+//! Everything here is pure: the datastore, the planner, the CNI plugin and
+//! the lab all share these types, and nothing here touches the kernel or the
+//! network.
+#![forbid(unsafe_code)]
+
+mod config;
+mod node;
+mod subnet;
+
+pub use config::{Backend, ClusterConfig, ConfigError, Mtu};
+pub use node::{vtep_mac_for, MacAddr, NodeRecord, NodeState};
+pub use subnet::{first_free_subnet, subnet_count, subnet_key, subnet_from_key, SubnetError};

@@ -1,0 +1,131 @@
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::Backend;
+
+/// An Ethernet address, written the way `ip link` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut out {
+            let p = parts.next().ok_or_else(|| format!("bad MAC address {s:?}"))?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("bad MAC address {s:?}"));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A stable, locally administered unicast MAC for a node's VTEP, derived
+/// from the node name (FNV-1a), so a VTEP re-created after a crash keeps the
+/// address its peers already have in their FDB and neighbour tables.
+pub fn vtep_mac_for(node: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    MacAddr([0x0e, b[1], b[2], b[3], b[4], b[5]])
+}
+
+/// What a node publishes under its subnet lease: everything a peer needs to
+/// reach the node's pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    /// The address peers must send tunnel traffic to (the public address
+    /// for a node behind 1:1 NAT).
+    pub public_ip: Ipv4Addr,
+    pub backend: Backend,
+    pub vtep_mac: MacAddr,
+}
+
+impl NodeRecord {
+    /// The VTEP's own address: the first address of the subnet, as /32
+    /// (flannel's `10.244.X.0/32` on `flannel.1`).
+    pub fn vtep_ip(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}
+
+/// What the agent tells the CNI plugin on the same node (written to a file
+/// in the agent's run directory once the node's network is ready).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub node: String,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_rejects() {
+        let m: MacAddr = "0e:01:aB:ff:00:10".parse().unwrap();
+        assert_eq!(m.to_string(), "0e:01:ab:ff:00:10");
+        assert!("0e:01:ab:ff:00".parse::<MacAddr>().is_err());
+        assert!("0e:01:ab:ff:00:10:11".parse::<MacAddr>().is_err());
+        assert!("zz:01:ab:ff:00:10".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn vtep_mac_is_stable_local_unicast_and_distinct() {
+        let a = vtep_mac_for("node1");
+        assert_eq!(a, vtep_mac_for("node1"));
+        assert_ne!(a, vtep_mac_for("node2"));
+        assert_eq!(a.0[0] & 0x01, 0, "unicast");
+        assert_eq!(a.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn record_json_is_camel_case() {
+        let r = NodeRecord {
+            name: "n1".into(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            public_ip: "198.51.100.10".parse().unwrap(),
+            backend: Backend::Vxlan,
+            vtep_mac: vtep_mac_for("n1"),
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.contains("\"publicIp\":\"198.51.100.10\""), "{j}");
+        assert_eq!(serde_json::from_str::<NodeRecord>(&j).unwrap(), r);
+        assert_eq!(r.vtep_ip().to_string(), "10.244.3.0");
+    }
+}

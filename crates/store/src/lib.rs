@@ -1,0 +1,277 @@
+//! The datastore: etcd v3.
+//!
+//! Layout under a prefix (default `/tweed`):
+//! - `PREFIX/config`: the cluster config (JSON, [`ClusterConfig`]);
+//! - `PREFIX/subnets/10.244.1.0-24`: a node's [`NodeRecord`], bound to an
+//!   etcd lease so it disappears when the node stops renewing it.
+//!
+//! A subnet is claimed with a compare-and-swap transaction (the key must
+//! not exist yet), so two agents starting at once never share one.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
+};
+use ipnet::Ipv4Net;
+use tweed_model::{first_free_subnet, subnet_from_key, subnet_key, ClusterConfig, NodeRecord};
+
+pub use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd { endpoints: String, #[source] source: etcd_client::Error },
+    #[error("cluster config at {key}: {source}")]
+    Config { key: String, #[source] source: tweed_model::ConfigError },
+    #[error(transparent)]
+    Subnet(#[from] tweed_model::SubnetError),
+    #[error("could not claim a subnet for {node} after {tries} tries (too much contention)")]
+    Contention { node: String, tries: u32 },
+    #[error("the lease for {0} expired")]
+    LeaseExpired(String),
+    #[error("the watch on {0} ended")]
+    WatchEnded(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A node record as stored, with the revision needed to update it safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredNode {
+    pub key: String,
+    pub record: NodeRecord,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// A change seen by a watch on the node records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    Put(NodeRecord),
+    /// The record under this subnet key is gone (deleted or lease expired).
+    Gone(Ipv4Net),
+}
+
+pub struct Store {
+    client: Client,
+    endpoints: String,
+    prefix: String,
+}
+
+impl Store {
+    /// Connect to etcd. Fails fast (a few seconds) when no endpoint answers,
+    /// so callers can retry with their own backoff.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        let joined = endpoints.join(",");
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
+        let mut s = Self { client, endpoints: joined, prefix: prefix.trim_end_matches('/').to_string() };
+        // Connecting is lazy; ask for something so an absent etcd shows now.
+        s.client.status().await.map_err(|e| s.err(e))?;
+        Ok(s)
+    }
+
+    fn err(&self, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    /// The cluster config; `None` if nobody has written one.
+    pub async fn config(&mut self) -> Result<Option<ClusterConfig>> {
+        let key = self.config_key();
+        let r = self.client.get(key.clone(), None).await.map_err(|e| self.err(e))?;
+        match r.kvs().first() {
+            None => Ok(None),
+            Some(kv) => ClusterConfig::from_json(kv.value())
+                .map(Some)
+                .map_err(|source| StoreError::Config { key, source }),
+        }
+    }
+
+    /// Write the cluster config unless one exists; returns the one in force.
+    pub async fn init_config(&mut self, cfg: &ClusterConfig) -> Result<ClusterConfig> {
+        cfg.validate().map_err(|source| StoreError::Config { key: self.config_key(), source })?;
+        let key = self.config_key();
+        let body = serde_json::to_vec(cfg).expect("config serialises");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, body, None)]);
+        self.client.txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(self.config().await?.unwrap_or_else(|| cfg.clone()))
+    }
+
+    /// Replace the cluster config (administrative; agents pick it up on restart).
+    pub async fn put_config(&mut self, cfg: &ClusterConfig) -> Result<()> {
+        cfg.validate().map_err(|source| StoreError::Config { key: self.config_key(), source })?;
+        let body = serde_json::to_vec(cfg).expect("config serialises");
+        self.client.put(self.config_key(), body, None).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every node record and the store revision they were read at. Records
+    /// that do not decode are logged and still count as taking their subnet.
+    pub async fn nodes(&mut self) -> Result<(Vec<StoredNode>, BTreeSet<Ipv4Net>, i64)> {
+        let prefix = self.subnets_prefix();
+        let r = self
+            .client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        let mut nodes = Vec::new();
+        let mut taken = BTreeSet::new();
+        for kv in r.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).to_string();
+            let sub = key.strip_prefix(&prefix).unwrap_or(&key);
+            match subnet_from_key(sub) {
+                Ok(s) => {
+                    taken.insert(s);
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "ignoring a key that is not a subnet");
+                    continue;
+                }
+            }
+            match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(record) => nodes.push(StoredNode {
+                    key,
+                    record,
+                    mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
+                }),
+                Err(e) => tracing::warn!(%key, error = %e, "node record does not decode; its subnet stays taken"),
+            }
+        }
+        Ok((nodes, taken, rev))
+    }
+
+    /// Claim a subnet for `want.name`, bound to a fresh lease of `ttl`
+    /// seconds. Re-uses the node's existing record if there is one, else
+    /// `want.subnet` if it is free (an agent's memory of its last subnet),
+    /// else the first free subnet. Returns the record and the lease id.
+    pub async fn claim(&mut self, cfg: &ClusterConfig, want: &NodeRecord, ttl: i64) -> Result<(NodeRecord, i64)> {
+        const TRIES: u32 = 50;
+        let lease = self.client.lease_grant(ttl, None).await.map_err(|e| self.err(e))?.id();
+        for _ in 0..TRIES {
+            let (nodes, taken, _) = self.nodes().await?;
+            let (key, record, cmp) = match nodes.iter().find(|n| n.record.name == want.name) {
+                Some(mine) => {
+                    let mut rec = want.clone();
+                    rec.subnet = mine.record.subnet;
+                    let cmp = Compare::mod_revision(mine.key.clone(), CompareOp::Equal, mine.mod_revision);
+                    (mine.key.clone(), rec, cmp)
+                }
+                None => {
+                    let pref = (cfg.cluster_cidr.trunc().contains(&want.subnet)
+                        && want.subnet.prefix_len() == cfg.node_subnet_len)
+                        .then_some(want.subnet);
+                    let subnet = first_free_subnet(cfg.cluster_cidr, cfg.node_subnet_len, &taken, pref)?;
+                    let key = format!("{}{}", self.subnets_prefix(), subnet_key(subnet));
+                    let cmp = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+                    (key, NodeRecord { subnet, ..want.clone() }, cmp)
+                }
+            };
+            let body = serde_json::to_vec(&record).expect("record serialises");
+            let txn = Txn::new()
+                .when([cmp])
+                .and_then([TxnOp::put(key, body, Some(PutOptions::new().with_lease(lease)))]);
+            if self.client.txn(txn).await.map_err(|e| self.err(e))?.succeeded() {
+                return Ok((record, lease));
+            }
+        }
+        Err(StoreError::Contention { node: want.name.clone(), tries: TRIES })
+    }
+
+    /// Start keeping `lease` alive; the caller sends a keep-alive at least
+    /// every TTL/3 through the [`LeaseKeeper`] and reads the replies.
+    pub async fn keep_alive(&mut self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+        self.client.lease_keep_alive(lease).await.map_err(|e| self.err(e))
+    }
+
+    /// Give a subnet back at once (used when a node is removed for good).
+    pub async fn release(&mut self, lease: i64) -> Result<()> {
+        self.client.lease_revoke(lease).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Watch node records from `after_rev + 1` on.
+    pub async fn watch_nodes(&mut self, after_rev: i64) -> Result<NodeWatch> {
+        let prefix = self.subnets_prefix();
+        let stream = self
+            .client
+            .watch(prefix.clone(), Some(WatchOptions::new().with_prefix().with_start_revision(after_rev + 1)))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(NodeWatch { stream, prefix, endpoints: self.endpoints.clone() })
+    }
+}
+
+pub struct NodeWatch {
+    stream: WatchStream,
+    prefix: String,
+    endpoints: String,
+}
+
+impl NodeWatch {
+    /// The next batch of node changes. An error means the watch is broken
+    /// and the caller must re-list and watch again.
+    pub async fn next(&mut self) -> Result<Vec<NodeEvent>> {
+        loop {
+            let msg = self
+                .stream
+                .message()
+                .await
+                .map_err(|source| StoreError::Etcd { endpoints: self.endpoints.clone(), source })?
+                .ok_or_else(|| StoreError::WatchEnded(self.prefix.clone()))?;
+            if msg.canceled() {
+                return Err(StoreError::WatchEnded(format!("{} ({})", self.prefix, msg.cancel_reason())));
+            }
+            let mut out = Vec::new();
+            for ev in msg.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).to_string();
+                let Ok(subnet) = subnet_from_key(key.strip_prefix(&self.prefix).unwrap_or(&key)) else { continue };
+                match ev.event_type() {
+                    EventType::Delete => out.push(NodeEvent::Gone(subnet)),
+                    EventType::Put => match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                        Ok(r) => out.push(NodeEvent::Put(r)),
+                        Err(e) => tracing::warn!(%key, error = %e, "node record does not decode"),
+                    },
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// Fold watch events into a map of node records keyed by subnet.
+pub fn apply_events(map: &mut BTreeMap<Ipv4Net, NodeRecord>, events: Vec<NodeEvent>) {
+    for ev in events {
+        match ev {
+            NodeEvent::Put(r) => {
+                map.insert(r.subnet, r);
+            }
+            NodeEvent::Gone(s) => {
+                map.remove(&s);
+            }
+        }
+    }
+}
