@@ -56,6 +56,12 @@ pub fn vtep_mac_for(node: &str) -> MacAddr {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    // Finalise (splitmix64) so names differing in one letter differ everywhere.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
     let b = h.to_be_bytes();
     MacAddr([0x0e, b[1], b[2], b[3], b[4], b[5]])
 }

@@ -1,0 +1,87 @@
+//! Small clients the lab and its tests run inside namespaces: an HTTP GET,
+//! a wait for a TCP port, a long-lived connection that must not break,
+//! and a UDP exchange. Blocking std I/O, every call bounded by a timeout.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn timeout_err(what: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what)
+}
+
+/// Read one HTTP response with a Content-Length body; returns the body.
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("bad status line {status:?}")));
+    }
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Err(std::io::Error::other("connection closed in headers"));
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().map_err(|_| std::io::Error::other("bad content-length"))?;
+        }
+        if h == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// `GET PATH` on ADDR; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    (&s).write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    read_response(&mut BufReader::new(s))
+}
+
+/// Wait until ADDR accepts a TCP connection.
+pub fn tcp_wait(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(timeout_err(format!("{addr} did not accept within {timeout:?}: {e}"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Keep one TCP connection to ADDR for `duration`, sending a request every
+/// `interval`; fails on the first request that does not come back. Returns
+/// how many requests succeeded.
+pub fn hold(addr: SocketAddr, interval: Duration, duration: Duration) -> std::io::Result<u64> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let end = Instant::now() + duration;
+    let mut n = 0;
+    while Instant::now() < end {
+        w.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        read_response(&mut r).map_err(|e| std::io::Error::other(format!("request {} on the held connection failed: {e}", n + 1)))?;
+        n += 1;
+        std::thread::sleep(interval);
+    }
+    Ok(n)
+}
+
+/// Send one datagram and wait for the reply.
+pub fn udp(addr: SocketAddr, payload: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(payload, addr)?;
+    let mut buf = vec![0; 65536];
+    let (n, _) = s.recv_from(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}

@@ -1,0 +1,189 @@
+//! The topology file: what `tweed lab up -f FILE` builds.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tweed_model::ClusterConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("topology does not decode: {0}")]
+    Decode(String),
+    #[error("topology: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub underlay: Underlay,
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub agent: AgentSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Underlay {
+    pub cidr: Ipv4Net,
+    pub mtu: u32,
+}
+
+impl Default for Underlay {
+    fn default() -> Self {
+        Self { cidr: "198.51.100.0/24".parse().expect("literal"), mtu: 1500 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentSpec {
+    /// Seconds a node's subnet lease lives without renewal.
+    pub lease_ttl: i64,
+    /// Seconds between full resyncs.
+    pub resync: u64,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self { lease_ttl: 15, resync: 5 }
+    }
+}
+
+/// Names that become parts of namespace and file names.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 20 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+}
+
+impl Topology {
+    pub fn parse(text: &str) -> Result<Self, TopologyError> {
+        let t: Topology = serde_saphyr::from_str(text).map_err(|e| TopologyError::Decode(e.to_string()))?;
+        t.validate()?;
+        Ok(t)
+    }
+
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        let bad = |m: String| Err(TopologyError::Invalid(m));
+        self.cluster.validate().map_err(|e| TopologyError::Invalid(format!("cluster: {e}")))?;
+        if let Some(n) = &self.name {
+            if !valid_name(n) || n.len() > 12 {
+                return bad(format!("name {n:?} must be 1-12 of [a-z0-9-]"));
+            }
+        }
+        let u = self.underlay.cidr.trunc();
+        let forbidden: Ipv4Net = "192.0.2.0/24".parse().expect("literal");
+        if u.contains(&forbidden.network()) || forbidden.contains(&u.network()) {
+            return bad(format!("underlay.cidr {u} overlaps 192.0.2.0/24, the test machines' own network"));
+        }
+        if u.prefix_len() > 26 {
+            return bad(format!("underlay.cidr {u} is too small (at most /26)"));
+        }
+        if !(576..=9000).contains(&self.underlay.mtu) {
+            return bad(format!("underlay.mtu {} is out of range (576..=9000)", self.underlay.mtu));
+        }
+        if self.nodes.is_empty() {
+            return bad("nodes: at least one node is required".into());
+        }
+        if self.nodes.len() > 50 {
+            return bad(format!("nodes: {} nodes is more than the lab's 50", self.nodes.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &self.nodes {
+            if !valid_name(&n.name) {
+                return bad(format!("nodes: name {:?} must be 1-20 of [a-z0-9-]", n.name));
+            }
+            if !seen.insert(n.name.clone()) {
+                return bad(format!("nodes: {:?} appears twice", n.name));
+            }
+        }
+        let mut pods = std::collections::BTreeSet::new();
+        for p in &self.pods {
+            if !valid_name(&p.name) {
+                return bad(format!("pods: name {:?} must be 1-20 of [a-z0-9-]", p.name));
+            }
+            if !pods.insert(p.name.clone()) || seen.contains(&p.name) {
+                return bad(format!("pods: {:?} appears twice or is also a node name", p.name));
+            }
+            if !seen.contains(&p.node) {
+                return bad(format!("pods: {:?} names node {:?}, which is not in nodes", p.name, p.node));
+            }
+        }
+        if self.agent.lease_ttl < 2 || self.agent.resync == 0 {
+            return bad("agent: leaseTtl must be at least 2 and resync at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Underlay addresses: .1 unused, .2 control plane, nodes from .10.
+    pub fn cp_ip(&self) -> Ipv4Addr {
+        nth(self.underlay.cidr, 2)
+    }
+
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        nth(self.underlay.cidr, 10 + i as u32)
+    }
+}
+
+fn nth(net: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.trunc().network()) + n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO: &str = "
+name: demo
+nodes: [{name: node1}, {name: node2}]
+pods:
+  - {name: a, node: node1}
+";
+
+    #[test]
+    fn parses_the_demo_with_defaults() {
+        let t = Topology::parse(DEMO).unwrap();
+        assert_eq!(t.nodes.len(), 2);
+        assert_eq!(t.cluster, ClusterConfig::default());
+        assert_eq!(t.cp_ip().to_string(), "198.51.100.2");
+        assert_eq!(t.node_ip(1).to_string(), "198.51.100.11");
+    }
+
+    #[test]
+    fn impossible_topologies_name_the_problem() {
+        let cases = [
+            ("nodes: []", "at least one node"),
+            ("nodes: [{name: a}, {name: a}]", "appears twice"),
+            ("nodes: [{name: a}]\npods: [{name: p, node: zz}]", "not in nodes"),
+            ("nodes: [{name: A_B}]", "must be 1-20"),
+            ("underlay: {cidr: 192.0.2.0/24}\nnodes: [{name: a}]", "192.0.2.0/24"),
+            ("nodes: [{name: a}]\nwat: 1", "does not decode"),
+            ("cluster: {nodeSubnetLen: 8}\nnodes: [{name: a}]", "cluster:"),
+        ];
+        for (text, want) in cases {
+            let e = Topology::parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

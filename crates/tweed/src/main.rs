@@ -1,0 +1,405 @@
+//! `tweed`: one binary. Invoked by a container runtime (CNI_COMMAND set) it
+//! is the CNI plugin; otherwise its subcommands are the agent, the lab and
+//! the tools around them.
+#![forbid(unsafe_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tweed_lab::{probe, Lab, Topology};
+use tweed_model::ClusterConfig;
+
+#[derive(Parser)]
+#[command(name = "tweed", version, about = "Kubernetes cluster networking: pod network, agent, lab")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Agent(AgentArgs),
+    /// Show what this node's agent reports (peers, subnet, datastore).
+    Status {
+        #[arg(long, default_value = "/run/tweed")]
+        run_dir: PathBuf,
+    },
+    /// A multi-node cluster in network namespaces on this machine.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// The echo server lab pods run.
+    Echo {
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Small network clients used inside lab namespaces.
+    Probe {
+        #[command(subcommand)]
+        cmd: ProbeCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    #[arg(long, default_value = "/tweed")]
+    etcd_prefix: String,
+    /// The underlay interface (default: the first non-loopback interface with an IPv4 address).
+    #[arg(long)]
+    iface: Option<String>,
+    /// The address peers reach this node at, if not its own (1:1 NAT).
+    #[arg(long)]
+    public_ip: Option<Ipv4Addr>,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    #[arg(long, default_value = "/run/tweed")]
+    run_dir: PathBuf,
+    #[arg(long, default_value = "/var/lib/tweed")]
+    data_dir: PathBuf,
+    /// Seconds the node's subnet lease lives without renewal.
+    #[arg(long, default_value_t = 30)]
+    lease_ttl: i64,
+    /// Seconds between full resyncs of the data plane (at most 30).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
+    resync: u64,
+    /// Cluster config (JSON) to write to the datastore if it holds none yet.
+    #[arg(long)]
+    cluster_config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build a lab from a topology file, then print a pod-to-pod matrix.
+    Up {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not print the reachability matrix.
+        #[arg(long)]
+        no_matrix: bool,
+    },
+    /// Remove everything a lab made (also after a crash).
+    Down {
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Nodes, leases, pods and their addresses.
+    Status {
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Every pod to every pod over HTTP, with the client address each pod saw.
+    Matrix {
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Pods: created through the real CNI plugin.
+    Pod {
+        #[command(subcommand)]
+        cmd: PodCmd,
+    },
+    /// Stop or start a node's agent.
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+    /// Run a command inside a node's or pod's namespace (also: cp, underlay).
+    Exec {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        target: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCmd {
+    Add {
+        pod: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    Del {
+        pod: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    Stop {
+        node: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    Start {
+        node: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    Restart {
+        node: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProbeCmd {
+    /// GET / (or --path) and print the body.
+    Http {
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+        /// Keep retrying failed attempts for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        retry_for: u64,
+        /// Print only the number of body bytes received.
+        #[arg(long)]
+        count: bool,
+    },
+    /// Wait until ADDR accepts TCP connections.
+    TcpWait {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
+    /// Hold one TCP connection, one request every --interval-ms, for --duration seconds.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Send a UDP datagram and print the reply.
+    Udp {
+        addr: SocketAddr,
+        #[arg(long, default_value = "whoami")]
+        payload: String,
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    // A container runtime runs plugins with CNI_COMMAND set: be the plugin.
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        let (code, out) = tweed_cni::main_with(|k| std::env::var(k).ok(), std::io::stdin().lock());
+        if !out.is_empty() {
+            println!("{out}");
+        }
+        return ExitCode::from(code as u8);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tweed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Agent(a) => agent(a)?,
+        Cmd::Status { run_dir } => {
+            let p = run_dir.join("status.json");
+            let body = std::fs::read_to_string(&p).with_context(|| format!("no agent status at {}", p.display()))?;
+            println!("{body}");
+        }
+        Cmd::Lab { cmd } => return lab(cmd),
+        Cmd::Echo { pod, node, listen, ready_file } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(tweed_lab::echo::serve(tweed_lab::echo::EchoOpts { pod, node, listen, ready_file }))?;
+        }
+        Cmd::Probe { cmd } => probe_cmd(cmd)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn agent(a: AgentArgs) -> Result<()> {
+    let node_name = match a.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
+    };
+    let default_config = match &a.cluster_config {
+        Some(p) => ClusterConfig::from_json(&std::fs::read(p).with_context(|| p.display().to_string())?)
+            .with_context(|| format!("cluster config {}", p.display()))?,
+        None => ClusterConfig::default(),
+    };
+    if a.lease_ttl < 2 {
+        bail!("--lease-ttl must be at least 2 seconds");
+    }
+    let opts = tweed_agent::AgentOpts {
+        node_name,
+        etcd_endpoints: a.etcd_endpoints,
+        etcd_prefix: a.etcd_prefix,
+        iface: a.iface,
+        public_ip: a.public_ip,
+        cni_conf_dir: a.cni_conf_dir,
+        run_dir: a.run_dir,
+        data_dir: a.data_dir,
+        lease_ttl: a.lease_ttl,
+        resync: Duration::from_secs(a.resync),
+        default_config,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(tweed_agent::run(opts))?;
+    Ok(())
+}
+
+fn print_matrix(lab: &Lab) -> Result<bool> {
+    let m = lab.matrix()?;
+    let st = lab.state()?;
+    let pods: Vec<_> = st.pods.values().collect();
+    let w = pods.iter().map(|p| p.name.len()).max().unwrap_or(4).max(10);
+    println!("\nPod-to-pod reachability (HTTP to each pod's echo server; each cell is the client address the target saw):");
+    print!("{:<w$}", "from \\ to", w = w + 2);
+    for p in &pods {
+        print!("  {:<16}", format!("{}@{}", p.name, p.node));
+    }
+    println!();
+    let mut all_ok = true;
+    for from in &pods {
+        print!("{:<w$}", format!("{} {}", from.name, ""), w = w + 2);
+        for to in &pods {
+            let cell = m.iter().find(|(f, t, _)| *f == from.name && *t == to.name).map(|(_, _, r)| r);
+            let text = match cell {
+                Some(Ok(seen)) if seen.client == from.ip.to_string() && seen.pod == to.name => seen.client.clone(),
+                Some(Ok(seen)) => {
+                    all_ok = false;
+                    format!("NAT:{}", seen.client)
+                }
+                _ => {
+                    all_ok = false;
+                    "FAIL".into()
+                }
+            };
+            print!("  {text:<16}");
+        }
+        println!();
+    }
+    println!(
+        "\n{}",
+        if all_ok {
+            "every pod reached every pod, and each saw the true client pod IP"
+        } else {
+            "SOME PATHS FAILED (see the cells above)"
+        }
+    );
+    Ok(all_ok)
+}
+
+fn lab(cmd: LabCmd) -> Result<ExitCode> {
+    match cmd {
+        LabCmd::Up { file, name, no_matrix } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("topology {}", file.display()))?;
+            let topo = Topology::parse(&text).with_context(|| format!("topology {}", file.display()))?;
+            let name = name.or(topo.name.clone()).unwrap_or_else(|| "demo".into());
+            let lab = Lab::new(&name)?;
+            let started = Instant::now();
+            lab.up(&topo)?;
+            println!("lab {name} is up in {:.1} s\n", started.elapsed().as_secs_f64());
+            print!("{}", lab.status_text()?);
+            if !no_matrix && !lab.state()?.pods.is_empty() && !print_matrix(&lab)? {
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("\nnext: tweed lab exec --name {name} NODE|POD -- CMD...   |   tweed lab down --name {name}");
+        }
+        LabCmd::Down { name } => {
+            Lab::new(&name)?.down()?;
+            println!("lab {name} is down");
+        }
+        LabCmd::Status { name } => print!("{}", Lab::new(&name)?.status_text()?),
+        LabCmd::Matrix { name } => {
+            if !print_matrix(&Lab::new(&name)?)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        LabCmd::Pod { cmd: PodCmd::Add { pod, node, name } } => {
+            let p = Lab::new(&name)?.pod_add(&pod, &node)?;
+            println!("pod {} on {} has {}", p.name, p.node, p.ip);
+        }
+        LabCmd::Pod { cmd: PodCmd::Del { pod, name } } => {
+            Lab::new(&name)?.pod_del(&pod)?;
+            println!("pod {pod} deleted");
+        }
+        LabCmd::Agent { cmd } => match cmd {
+            AgentCmd::Stop { node, name } => Lab::new(&name)?.agent_stop(&node)?,
+            AgentCmd::Start { node, name } => Lab::new(&name)?.agent_start(&node)?,
+            AgentCmd::Restart { node, name } => {
+                let lab = Lab::new(&name)?;
+                lab.agent_stop(&node)?;
+                lab.agent_start(&node)?;
+            }
+        },
+        LabCmd::Exec { name, target, cmd } => {
+            let ns = Lab::new(&name)?.target_ns(&target)?;
+            let status = std::process::Command::new("ip").args(["netns", "exec", &ns]).args(&cmd).status()?;
+            return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
+    match cmd {
+        ProbeCmd::Http { addr, path, timeout, retry_for, count } => {
+            let deadline = Instant::now() + Duration::from_secs(retry_for);
+            loop {
+                match probe::http_get(addr, &path, Duration::from_secs(timeout)) {
+                    Ok(body) => {
+                        if count {
+                            println!("{}", body.len());
+                        } else {
+                            println!("{}", String::from_utf8_lossy(&body));
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if Instant::now() >= deadline => bail!("GET http://{addr}{path}: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        }
+        ProbeCmd::TcpWait { addr, timeout } => probe::tcp_wait(addr, Duration::from_secs(timeout))?,
+        ProbeCmd::Hold { addr, interval_ms, duration } => {
+            let n = probe::hold(addr, Duration::from_millis(interval_ms), Duration::from_secs(duration))?;
+            println!("{n}");
+        }
+        ProbeCmd::Udp { addr, payload, timeout } => {
+            let r = probe::udp(addr, payload.as_bytes(), Duration::from_secs(timeout))?;
+            println!("{}", String::from_utf8_lossy(&r));
+        }
+    }
+    Ok(())
+}
