@@ -1,0 +1,156 @@
+//! Shared harness for the lab end-to-end tests. They need root, network
+//! namespaces and Debian's etcd; when those are missing the tests fail with
+//! a message saying so (they never pass silently).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const TWEED: &str = env!("CARGO_BIN_EXE_tweed");
+
+pub fn require_lab_prereqs() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1).unwrap_or("1").to_string()))
+        .unwrap_or_default();
+    assert_eq!(uid, "0", "lab end-to-end tests need root (they build network namespaces); run `sudo scripts/test.sh`");
+    for bin in ["etcd", "ip"] {
+        let found = std::env::var("PATH").unwrap_or_default().split(':').any(|d| std::path::Path::new(d).join(bin).exists());
+        assert!(found, "lab end-to-end tests need `{bin}` on PATH: run scripts/install-deps.sh");
+    }
+}
+
+pub fn tweed(args: &[&str]) -> Output {
+    Command::new(TWEED).args(args).output().expect("run tweed")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let o = tweed(args);
+    assert!(o.status.success(), "tweed {args:?} failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Wait for a condition with a deadline; panics with `what` on timeout.
+pub fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cond(), "timed out after {secs} s waiting for: {what}");
+}
+
+/// A lab that is torn down when the test ends, and whose teardown is
+/// checked: no namespace, no process, no file may remain.
+pub struct LabGuard {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl LabGuard {
+    pub fn up(name: &str, topology: &str) -> Self {
+        require_lab_prereqs();
+        let dir = PathBuf::from("/run/tweed/lab").join(name);
+        // A previous run that crashed may have left this lab behind.
+        let _ = tweed(&["lab", "down", "--name", name]);
+        let file = std::env::temp_dir().join(format!("tweed-topo-{name}.yaml"));
+        std::fs::write(&file, topology).unwrap();
+        let g = LabGuard { name: name.into(), dir };
+        ok(&["lab", "up", "-f", file.to_str().unwrap(), "--name", name, "--no-matrix"]);
+        g
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap()
+    }
+
+    pub fn pod_ip(&self, pod: &str) -> String {
+        self.state()["pods"][pod]["ip"].as_str().unwrap().to_string()
+    }
+
+    pub fn node_ns(&self, node: &str) -> String {
+        format!("tw-{}_n-{node}", self.name)
+    }
+
+    pub fn pod_ns(&self, pod: &str) -> String {
+        format!("tw-{}_p-{pod}", self.name)
+    }
+
+    /// Run a command inside a namespace of this lab.
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().unwrap()
+    }
+
+    pub fn exec_ok(&self, ns: &str, cmd: &[&str]) -> String {
+        let o = self.exec(ns, cmd);
+        assert!(o.status.success(), "{cmd:?} in {ns} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    /// HTTP GET to a pod's echo server from inside `ns`; the JSON it returns.
+    pub fn get(&self, ns: &str, ip: &str) -> Option<serde_json::Value> {
+        let o = self.exec(ns, &[TWEED, "probe", "http", &format!("{ip}:8080"), "--timeout", "2"]);
+        o.status.success().then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    pub fn node_subnet(&self, node: &str) -> String {
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(self.dir.join("nodes").join(node).join("run/status.json")).unwrap()).unwrap();
+        s["subnet"].as_str().unwrap().to_string()
+    }
+
+    pub fn routes(&self, node: &str) -> String {
+        self.exec_ok(&self.node_ns(node), &["ip", "route", "show", "proto", "144"])
+    }
+
+    pub fn namespaces(&self) -> Vec<String> {
+        let prefix = format!("tw-{}_", self.name);
+        std::fs::read_dir("/run/netns")
+            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+            .unwrap_or_default()
+    }
+
+    /// PIDs of live processes whose command line mentions this lab's directory.
+    pub fn processes(&self) -> Vec<u32> {
+        let marker = self.dir.display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()) == Some("Z");
+                !zombie && std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(&marker)).unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let o = tweed(&["lab", "down", "--name", &self.name]);
+        if std::thread::panicking() {
+            // Keep the original failure visible; still clean up.
+            return;
+        }
+        assert!(o.status.success(), "lab down failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(self.namespaces().is_empty(), "lab down left namespaces: {:?}", self.namespaces());
+        assert!(self.processes().is_empty(), "lab down left processes: {:?}", self.processes());
+        assert!(!self.dir.exists(), "lab down left {}", self.dir.display());
+    }
+}
+
+pub fn topology(nodes: &[&str], pods: &[(&str, &str)], extra: &str) -> String {
+    let mut t = String::from("nodes:\n");
+    for n in nodes {
+        t += &format!("  - name: {n}\n");
+    }
+    if !pods.is_empty() {
+        t += "pods:\n";
+        for (p, n) in pods {
+            t += &format!("  - {{name: {p}, node: {n}}}\n");
+        }
+    }
+    t + extra
+}
