@@ -293,29 +293,9 @@ impl Lab {
 
         // Control plane: etcd.
         attach("cp", &st.cp_ns, st.cp_ip)?;
-        let etcd_dir = self.dir.join("etcd");
-        let url = st.etcd_url();
-        let peer = "http://127.0.0.1:2380".to_string();
-        st.etcd_pid = Some(self.spawn_in(
-            &st.cp_ns,
-            Path::new("etcd"),
-            &[
-                "--name".into(), "tweed-lab".into(),
-                "--data-dir".into(), etcd_dir.display().to_string(),
-                "--listen-client-urls".into(), url.clone(),
-                "--advertise-client-urls".into(), url.clone(),
-                "--listen-peer-urls".into(), peer.clone(),
-                "--initial-advertise-peer-urls".into(), peer.clone(),
-                "--initial-cluster".into(), format!("tweed-lab={peer}"),
-                "--initial-cluster-state".into(), "new".into(),
-            ],
-            &self.dir.join("etcd.log"),
-            &[],
-        )?);
+        st.etcd_pid = Some(self.spawn_etcd(&st)?);
         self.save(&st)?;
-        let etcd_addr = format!("{}:{ETCD_PORT}", st.cp_ip);
-        self.tweed_in(&st.cp_ns, &["probe", "tcp-wait", &etcd_addr, "--timeout", "30"])
-            .map_err(|e| LabError::Invalid(format!("etcd did not start (see {}): {e}", self.dir.join("etcd.log").display())))?;
+        self.wait_etcd(&st)?;
 
         let cfg_path = self.dir.join("cluster.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&topo.cluster).expect("json")).map_err(io_err(&cfg_path))?;
@@ -341,6 +321,59 @@ impl Lab {
             self.pod_add(&p.name, &p.node)?;
         }
         self.state()
+    }
+
+    fn spawn_etcd(&self, st: &LabState) -> Result<u32> {
+        let etcd_dir = self.dir.join("etcd");
+        let url = st.etcd_url();
+        let peer = "http://127.0.0.1:2380".to_string();
+        self.spawn_in(
+            &st.cp_ns,
+            Path::new("etcd"),
+            &[
+                "--name".into(), "tweed-lab".into(),
+                "--data-dir".into(), etcd_dir.display().to_string(),
+                "--listen-client-urls".into(), url.clone(),
+                "--advertise-client-urls".into(), url,
+                "--listen-peer-urls".into(), peer.clone(),
+                "--initial-advertise-peer-urls".into(), peer.clone(),
+                "--initial-cluster".into(), format!("tweed-lab={peer}"),
+                "--initial-cluster-state".into(), "new".into(),
+            ],
+            &self.dir.join("etcd.log"),
+            &[],
+        )
+    }
+
+    fn wait_etcd(&self, st: &LabState) -> Result<()> {
+        let etcd_addr = format!("{}:{ETCD_PORT}", st.cp_ip);
+        self.tweed_in(&st.cp_ns, &["probe", "tcp-wait", &etcd_addr, "--timeout", "30"])
+            .map(|_| ())
+            .map_err(|e| LabError::Invalid(format!("etcd did not start (see {}): {e}", self.dir.join("etcd.log").display())))
+    }
+
+    /// Stop the lab's etcd (the datastore vanishing), keeping its data.
+    pub fn etcd_stop(&self) -> Result<()> {
+        let _l = self.lock()?;
+        let mut st = self.state()?;
+        if let Some(pid) = st.etcd_pid.take() {
+            if let Some(e) = stop_pid(pid, &self.marker()) {
+                return Err(LabError::Invalid(e));
+            }
+        }
+        self.save(&st)
+    }
+
+    /// Start the lab's etcd again on the same data.
+    pub fn etcd_start(&self) -> Result<()> {
+        let _l = self.lock()?;
+        let mut st = self.state()?;
+        if st.etcd_pid.is_some_and(|p| ours_alive(p, &self.marker())) {
+            return Err(LabError::Invalid("etcd is already running".into()));
+        }
+        st.etcd_pid = Some(self.spawn_etcd(&st)?);
+        self.save(&st)?;
+        self.wait_etcd(&st)
     }
 
     fn agent_args(&self, st: &LabState, node: &str) -> Vec<String> {
@@ -388,8 +421,9 @@ impl Lab {
         self.save(&st)
     }
 
-    /// Start a node's agent again and wait until it has published its state.
-    pub fn agent_start(&self, node: &str) -> Result<()> {
+    /// Start a node's agent again and, if `wait`, wait until it has
+    /// reconnected to the datastore.
+    pub fn agent_start(&self, node: &str, wait: bool) -> Result<()> {
         let _l = self.lock()?;
         let mut st = self.state()?;
         if st.node(node)?.agent_pid.is_some_and(|p| ours_alive(p, &self.marker())) {
@@ -398,6 +432,9 @@ impl Lab {
         let pid = self.start_agent(&st, node)?;
         st.nodes.iter_mut().find(|n| n.name == node).expect("checked").agent_pid = Some(pid);
         self.save(&st)?;
+        if !wait {
+            return Ok(());
+        }
         let status = self.node_dir(node).join("run").join("status.json");
         let since = std::time::SystemTime::now();
         wait_for(&format!("agent on {node} to reconnect"), 30, "", || {

@@ -121,6 +121,11 @@ enum LabCmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
+    /// Stop or start the lab's etcd (to see the cluster ride out a datastore outage).
+    Etcd {
+        #[command(subcommand)]
+        cmd: EtcdCmd,
+    },
     /// Run a command inside a node's or pod's namespace (also: cp, underlay).
     Exec {
         #[arg(long, default_value = "demo")]
@@ -158,9 +163,24 @@ enum AgentCmd {
         node: String,
         #[arg(long, default_value = "demo")]
         name: String,
+        /// Return at once instead of waiting for the agent to reach the datastore.
+        #[arg(long)]
+        no_wait: bool,
     },
     Restart {
         node: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EtcdCmd {
+    Stop {
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    Start {
         #[arg(long, default_value = "demo")]
         name: String,
     },
@@ -356,13 +376,15 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
         }
         LabCmd::Agent { cmd } => match cmd {
             AgentCmd::Stop { node, name } => Lab::new(&name)?.agent_stop(&node)?,
-            AgentCmd::Start { node, name } => Lab::new(&name)?.agent_start(&node)?,
+            AgentCmd::Start { node, name, no_wait } => Lab::new(&name)?.agent_start(&node, !no_wait)?,
             AgentCmd::Restart { node, name } => {
                 let lab = Lab::new(&name)?;
                 lab.agent_stop(&node)?;
-                lab.agent_start(&node)?;
+                lab.agent_start(&node, true)?;
             }
         },
+        LabCmd::Etcd { cmd: EtcdCmd::Stop { name } } => Lab::new(&name)?.etcd_stop()?,
+        LabCmd::Etcd { cmd: EtcdCmd::Start { name } } => Lab::new(&name)?.etcd_start()?,
         LabCmd::Exec { name, target, cmd } => {
             let ns = Lab::new(&name)?.target_ns(&target)?;
             let status = std::process::Command::new("ip").args(["netns", "exec", &ns]).args(&cmd).status()?;
