@@ -63,7 +63,10 @@ pub struct ReconcileReport {
 /// route (so the route works the moment it exists) and routes are removed
 /// before the entries they use. Only tweed's device and tweed's routes are
 /// read or changed.
-pub async fn reconcile<D: Dataplane>(dp: &D, plan: &NodePlan) -> Result<ReconcileReport, NetlinkError> {
+pub async fn reconcile<D: Dataplane>(
+    dp: &D,
+    plan: &NodePlan,
+) -> Result<ReconcileReport, NetlinkError> {
     let dev = &plan.vxlan.name;
     dp.ensure_vxlan(&plan.vxlan).await?;
     let mut rep = ReconcileReport::default();
@@ -178,7 +181,10 @@ mod tests {
     }
 
     fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]
@@ -186,25 +192,52 @@ mod tests {
         let fake = Fake::default();
         let p = plan(&[rec("n2", 2), rec("n3", 3)]);
         let r = block(reconcile(&fake, &p)).unwrap();
-        assert_eq!(r, ReconcileReport { added: 6, removed: 0 });
+        assert_eq!(
+            r,
+            ReconcileReport {
+                added: 6,
+                removed: 0
+            }
+        );
         let log = fake.log.borrow().clone();
         let pos = |s: &str| log.iter().position(|l| l == s).unwrap();
-        assert!(pos("+fdb 198.51.100.12") < pos("+route 10.244.2.0/24"), "{log:?}");
-        assert!(pos("+neigh 10.244.2.0") < pos("+route 10.244.2.0/24"), "{log:?}");
+        assert!(
+            pos("+fdb 198.51.100.12") < pos("+route 10.244.2.0/24"),
+            "{log:?}"
+        );
+        assert!(
+            pos("+neigh 10.244.2.0") < pos("+route 10.244.2.0/24"),
+            "{log:?}"
+        );
 
         // Nothing to do the second time.
-        assert_eq!(block(reconcile(&fake, &p)).unwrap(), ReconcileReport::default());
+        assert_eq!(
+            block(reconcile(&fake, &p)).unwrap(),
+            ReconcileReport::default()
+        );
 
         // A route deleted by hand comes back; nothing else is touched.
         let gone = fake.routes.borrow().iter().next().unwrap().clone();
         fake.routes.borrow_mut().remove(&gone);
-        assert_eq!(block(reconcile(&fake, &p)).unwrap(), ReconcileReport { added: 1, removed: 0 });
+        assert_eq!(
+            block(reconcile(&fake, &p)).unwrap(),
+            ReconcileReport {
+                added: 1,
+                removed: 0
+            }
+        );
         assert!(fake.routes.borrow().contains(&gone));
 
         // A peer leaving removes its route before its entries.
         fake.log.borrow_mut().clear();
         let r = block(reconcile(&fake, &plan(&[rec("n2", 2)]))).unwrap();
-        assert_eq!(r, ReconcileReport { added: 0, removed: 3 });
+        assert_eq!(
+            r,
+            ReconcileReport {
+                added: 0,
+                removed: 3
+            }
+        );
         let log = fake.log.borrow().clone();
         assert_eq!(log[1], "-route 10.244.3.0/24", "{log:?}");
     }

@@ -15,9 +15,13 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
 }
 
 /// The CNI network config list the agent publishes once the node is ready.
+/// `cniVersion` stays 1.0.0 because runtimes built on libcni before 1.2
+/// (podman 4, containerd 1.7) cannot parse a 1.1.0 result; runtimes that
+/// know CNI 1.1 read `cniVersions` and pick 1.1.0 (and with it STATUS and GC).
 pub fn conflist(run_dir: &Path, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
         "name": "tweed",
         "plugins": [{
             "type": "tweed",

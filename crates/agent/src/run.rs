@@ -22,7 +22,11 @@ pub enum AgentError {
     #[error("no underlay interface: {0}")]
     Underlay(String),
     #[error("{path}: {source}")]
-    File { path: PathBuf, #[source] source: std::io::Error },
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("our subnet record was removed from the datastore")]
     RecordGone,
 }
@@ -61,14 +65,26 @@ struct Underlay {
 
 async fn detect_underlay(nl: &Netlink, want: Option<&str>) -> Result<Underlay, AgentError> {
     for l in nl.links().await? {
-        if l.name == "lo" || l.name.starts_with("tweed.") || l.name.starts_with("tw") && l.kind.as_deref() == Some("veth") {
+        if l.name == "lo"
+            || l.name.starts_with("tweed.")
+            || l.name.starts_with("tw") && l.kind.as_deref() == Some("veth")
+        {
             continue;
         }
         if want.is_some_and(|w| w != l.name) {
             continue;
         }
-        if let Some(a) = nl.ipv4_addrs(l.index).await?.into_iter().find(|a| !a.addr().is_loopback()) {
-            return Ok(Underlay { dev: l.name, ip: a.addr(), mtu: l.mtu });
+        if let Some(a) = nl
+            .ipv4_addrs(l.index)
+            .await?
+            .into_iter()
+            .find(|a| !a.addr().is_loopback())
+        {
+            return Ok(Underlay {
+                dev: l.name,
+                ip: a.addr(),
+                mtu: l.mtu,
+            });
         }
     }
     Err(AgentError::Underlay(match want {
@@ -106,7 +122,10 @@ struct Agent {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
-    tweed_netlink::enable_ip_forwarding().map_err(|source| AgentError::File { path: "/proc/sys/net/ipv4/ip_forward".into(), source })?;
+    tweed_netlink::enable_ip_forwarding().map_err(|source| AgentError::File {
+        path: "/proc/sys/net/ipv4/ip_forward".into(),
+        source,
+    })?;
     let nl = Netlink::open()?;
     let underlay = detect_underlay(&nl, opts.iface.as_deref()).await?;
     tracing::info!(dev = %underlay.dev, ip = %underlay.ip, mtu = underlay.mtu, "underlay");
@@ -114,9 +133,21 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         .ok()
         .and_then(|b| serde_json::from_slice::<NodeRecord>(&b).ok())
         .map(|r| r.subnet);
-    let mut agent = Agent { opts, nl, underlay, subnet: remembered, ready: false };
-    let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File { path: "SIGTERM".into(), source })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| AgentError::File { path: "SIGINT".into(), source })?;
+    let mut agent = Agent {
+        opts,
+        nl,
+        underlay,
+        subnet: remembered,
+        ready: false,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File {
+        path: "SIGTERM".into(),
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| AgentError::File {
+        path: "SIGINT".into(),
+        source,
+    })?;
     let mut backoff = Backoff(Duration::from_millis(500));
     loop {
         let session = agent.session(&mut backoff);
@@ -153,7 +184,9 @@ impl Agent {
         let cfg = store.init_config(&self.opts.default_config).await?;
         let want = NodeRecord {
             name: self.opts.node_name.clone(),
-            subnet: self.subnet.unwrap_or_else(|| Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("literal")),
+            subnet: self
+                .subnet
+                .unwrap_or_else(|| Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("literal")),
             public_ip: self.opts.public_ip.unwrap_or(self.underlay.ip),
             backend: cfg.backend,
             vtep_mac: vtep_mac_for(&self.opts.node_name),
@@ -165,12 +198,16 @@ impl Agent {
         tracing::info!(subnet = %me.subnet, lease, "subnet claimed");
         self.subnet = Some(me.subnet);
         let path = self.opts.data_dir.join("subnet.json");
-        write_atomic(&path, &serde_json::to_vec(&me).expect("json")).map_err(|source| AgentError::File { path, source })?;
+        write_atomic(&path, &serde_json::to_vec(&me).expect("json"))
+            .map_err(|source| AgentError::File { path, source })?;
         let (mut keeper, mut ka) = store.keep_alive(lease).await?;
         backoff.reset();
 
         let (nodes, _, rev) = store.nodes().await?;
-        let mut map: BTreeMap<Ipv4Net, NodeRecord> = nodes.into_iter().map(|n| (n.record.subnet, n.record)).collect();
+        let mut map: BTreeMap<Ipv4Net, NodeRecord> = nodes
+            .into_iter()
+            .map(|n| (n.record.subnet, n.record))
+            .collect();
         let local = LocalNode {
             record: me.clone(),
             bind_ip: self.underlay.ip,
@@ -226,7 +263,12 @@ impl Agent {
         let err = match reconcile(&self.nl, &plan).await {
             Ok(rep) => {
                 if rep.added + rep.removed > 0 {
-                    tracing::info!(added = rep.added, removed = rep.removed, peers = plan.routes.len(), "reconciled");
+                    tracing::info!(
+                        added = rep.added,
+                        removed = rep.removed,
+                        peers = plan.routes.len(),
+                        "reconciled"
+                    );
                 }
                 None
             }
@@ -246,7 +288,12 @@ impl Agent {
                 subnet: n.subnet.to_string(),
                 address: n.public_ip.to_string(),
                 mode: n.backend.to_string(),
-                problem: plan.skipped.iter().find(|s| s.node == n.name).map(|s| s.reason.clone()).unwrap_or_default(),
+                problem: plan
+                    .skipped
+                    .iter()
+                    .find(|s| s.node == n.name)
+                    .map(|s| s.reason.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         self.write_status(Some((local, peers)), err);
@@ -257,12 +304,21 @@ impl Agent {
     /// node state first (the plugin reads it), then the conflist (its
     /// appearance is what clears a runtime's "cni plugin not initialized").
     fn publish_ready(&mut self, local: &LocalNode, mtu: u32) -> Result<(), AgentError> {
-        let state = NodeState { node: local.record.name.clone(), subnet: local.record.subnet, mtu };
+        let state = NodeState {
+            node: local.record.name.clone(),
+            subnet: local.record.subnet,
+            mtu,
+        };
         let p = self.opts.run_dir.join("node.json");
-        write_atomic(&p, &serde_json::to_vec(&state).expect("json")).map_err(|source| AgentError::File { path: p, source })?;
+        write_atomic(&p, &serde_json::to_vec(&state).expect("json"))
+            .map_err(|source| AgentError::File { path: p, source })?;
         let c = self.opts.cni_conf_dir.join("10-tweed.conflist");
-        let body = serde_json::to_vec_pretty(&conflist(&self.opts.run_dir, &self.opts.ipam_dir())).expect("json");
-        write_atomic(&c, &body).map_err(|source| AgentError::File { path: c.clone(), source })?;
+        let body = serde_json::to_vec_pretty(&conflist(&self.opts.run_dir, &self.opts.ipam_dir()))
+            .expect("json");
+        write_atomic(&c, &body).map_err(|source| AgentError::File {
+            path: c.clone(),
+            source,
+        })?;
         tracing::info!(conflist = %c.display(), "node ready for pods");
         self.ready = true;
         Ok(())

@@ -24,7 +24,11 @@ pub enum IpamError {
     #[error("no free address left in {0}")]
     Exhausted(Ipv4Net),
     #[error("IPAM store {path}: {source}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The addresses pods may get: every address of the subnet except the
@@ -37,10 +41,19 @@ pub fn usable(subnet: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
 
 /// Pick the next free address after `last` (round robin, like host-local,
 /// so a just-released address is not handed out again at once).
-pub fn choose(subnet: Ipv4Net, taken: &BTreeMap<Ipv4Addr, Owner>, last: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+pub fn choose(
+    subnet: Ipv4Net,
+    taken: &BTreeMap<Ipv4Addr, Owner>,
+    last: Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
     let all: Vec<Ipv4Addr> = usable(subnet).collect();
-    let start = last.and_then(|l| all.iter().position(|a| *a == l)).map(|i| i + 1).unwrap_or(0);
-    (0..all.len()).map(|i| all[(start + i) % all.len()]).find(|a| !taken.contains_key(a))
+    let start = last
+        .and_then(|l| all.iter().position(|a| *a == l))
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    (0..all.len())
+        .map(|i| all[(start + i) % all.len()])
+        .find(|a| !taken.contains_key(a))
 }
 
 /// The reservations of one network on one node.
@@ -65,9 +78,16 @@ impl Store {
     fn lock(&self) -> Result<Locked, IpamError> {
         fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         let p = self.dir.join("lock");
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(self.io(&p))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| IpamError::Io { path: p, source: io::Error::from(e) })?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(self.io(&p))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| IpamError::Io {
+            path: p,
+            source: io::Error::from(e),
+        })?;
         Ok(Locked { _lock: lock })
     }
 
@@ -77,16 +97,33 @@ impl Store {
         let rd = match fs::read_dir(&self.dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(IpamError::Io { path: self.dir.clone(), source: e }),
+            Err(e) => {
+                return Err(IpamError::Io {
+                    path: self.dir.clone(),
+                    source: e,
+                })
+            }
         };
         for ent in rd {
             let ent = ent.map_err(self.io(&self.dir))?;
-            let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else { continue };
+            let Some(ip) = ent
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
             let body = fs::read_to_string(ent.path()).map_err(self.io(&ent.path()))?;
             let mut lines = body.lines();
             let container_id = lines.next().unwrap_or_default().trim().to_string();
             let ifname = lines.next().unwrap_or_default().trim().to_string();
-            out.insert(ip, Owner { container_id, ifname });
+            out.insert(
+                ip,
+                Owner {
+                    container_id,
+                    ifname,
+                },
+            );
         }
         Ok(out)
     }
@@ -102,16 +139,22 @@ impl Store {
     pub fn allocate(&self, subnet: Ipv4Net, owner: &Owner) -> Result<Ipv4Addr, IpamError> {
         let _l = self.lock()?;
         let taken = self.read_all()?;
-        if let Some((ip, _)) = taken.iter().find(|(ip, o)| *o == owner && subnet.contains(*ip)) {
+        if let Some((ip, _)) = taken
+            .iter()
+            .find(|(ip, o)| *o == owner && subnet.contains(*ip))
+        {
             return Ok(*ip);
         }
         let last_path = self.dir.join("last_reserved_ip.0");
-        let last = fs::read_to_string(&last_path).ok().and_then(|s| s.trim().parse().ok());
+        let last = fs::read_to_string(&last_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         let ip = choose(subnet, &taken, last).ok_or(IpamError::Exhausted(subnet))?;
         let p = self.dir.join(ip.to_string());
         // Write then rename, so a crash never leaves a half-written reservation.
         let tmp = self.dir.join(format!(".{ip}.tmp"));
-        fs::write(&tmp, format!("{}\n{}\n", owner.container_id, owner.ifname)).map_err(self.io(&tmp))?;
+        fs::write(&tmp, format!("{}\n{}\n", owner.container_id, owner.ifname))
+            .map_err(self.io(&tmp))?;
         fs::rename(&tmp, &p).map_err(self.io(&p))?;
         fs::write(&last_path, ip.to_string()).map_err(self.io(&last_path))?;
         Ok(ip)
@@ -136,7 +179,11 @@ impl Store {
 
     /// The address `owner` holds, if any.
     pub fn lookup(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, IpamError> {
-        Ok(self.list()?.into_iter().find(|(_, o)| o == owner).map(|(ip, _)| ip))
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|(_, o)| o == owner)
+            .map(|(ip, _)| ip))
     }
 }
 
@@ -146,7 +193,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn owner(i: usize) -> Owner {
-        Owner { container_id: format!("c{i}"), ifname: "eth0".into() }
+        Owner {
+            container_id: format!("c{i}"),
+            ifname: "eth0".into(),
+        }
     }
 
     fn tmpdir(tag: &str) -> PathBuf {
@@ -169,7 +219,11 @@ mod tests {
         let s: Ipv4Net = "10.244.1.0/29".parse().unwrap();
         let a = st.allocate(s, &owner(1)).unwrap();
         assert_eq!(a.to_string(), "10.244.1.1");
-        assert_eq!(st.allocate(s, &owner(1)).unwrap(), a, "same owner, same address");
+        assert_eq!(
+            st.allocate(s, &owner(1)).unwrap(),
+            a,
+            "same owner, same address"
+        );
         let b = st.allocate(s, &owner(2)).unwrap();
         assert_eq!(st.release(&owner(1)).unwrap(), vec![a]);
         let c = st.allocate(s, &owner(3)).unwrap();

@@ -16,7 +16,9 @@ use tweed_model::NodeState;
 use tweed_netlink::Netlink;
 
 use crate::ipam::{self, IpamError, Owner};
-use crate::spec::{code, AddResult, CniError, Command, Env, Interface, IpConfig, NetConf, RouteConfig};
+use crate::spec::{
+    code, AddResult, CniError, Command, Env, Interface, IpConfig, NetConf, RouteConfig,
+};
 
 /// The pods' default gateway; never on the wire, pinned by a permanent
 /// neighbour entry to the host side of the veth.
@@ -38,17 +40,24 @@ fn node_state(conf: &NetConf) -> Result<NodeState, CniError> {
     let body = std::fs::read(&p).map_err(|e| {
         CniError::new(
             code::NOT_AVAILABLE,
-            format!("the tweed agent has not set up this node's network yet ({} missing)", p.display()),
+            format!(
+                "the tweed agent has not set up this node's network yet ({} missing)",
+                p.display()
+            ),
         )
         .details(e)
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| CniError::new(code::IO_FAILURE, format!("{} does not decode", p.display())).details(e))
+    serde_json::from_slice(&body).map_err(|e| {
+        CniError::new(code::IO_FAILURE, format!("{} does not decode", p.display())).details(e)
+    })
 }
 
 fn ipam_err(e: IpamError) -> CniError {
     match e {
-        IpamError::Exhausted(s) => CniError::new(code::SUBNET_EXHAUSTED, format!("no free pod address left in this node's subnet {s}")),
+        IpamError::Exhausted(s) => CniError::new(
+            code::SUBNET_EXHAUSTED,
+            format!("no free pod address left in this node's subnet {s}"),
+        ),
         other => CniError::new(code::IO_FAILURE, "IPAM store failed").details(other),
     }
 }
@@ -88,9 +97,9 @@ pub fn main_with(get: impl Fn(&str) -> Option<String>, mut stdin: impl Read) -> 
     let res = Env::from_vars(get).and_then(|env| {
         let mut buf = Vec::new();
         if env.command != Command::Version {
-            stdin
-                .read_to_end(&mut buf)
-                .map_err(|e| CniError::new(code::IO_FAILURE, "cannot read the config on stdin").details(e))?;
+            stdin.read_to_end(&mut buf).map_err(|e| {
+                CniError::new(code::IO_FAILURE, "cannot read the config on stdin").details(e)
+            })?;
         }
         run(&env, &buf)
     });
@@ -103,7 +112,11 @@ pub fn main_with(get: impl Fn(&str) -> Option<String>, mut stdin: impl Read) -> 
 
 fn open_netns(path: &Path) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
-        CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {} does not exist", path.display())).details(e)
+        CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("network namespace {} does not exist", path.display()),
+        )
+        .details(e)
     })
 }
 
@@ -112,7 +125,10 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let netns_path = env.netns.as_ref().expect("validated");
     let netns = open_netns(netns_path)?;
     let store = ipam::Store::new(conf.data_dir());
-    let owner = Owner { container_id: env.container_id.clone(), ifname: env.ifname.clone() };
+    let owner = Owner {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
     let ip = store.allocate(node.subnet, &owner).map_err(ipam_err)?;
     let host = host_veth_name(&env.container_id, &env.ifname);
     match wire(env, conf, &node, &netns, netns_path, ip, &host).await {
@@ -139,40 +155,89 @@ async fn wire(
 ) -> Result<Value, CniError> {
     let mtu = conf.mtu.unwrap_or(node.mtu);
     let nl = Netlink::open().map_err(dp_err("cannot open netlink"))?;
-    let pod = Netlink::open_in(netns_path)
-        .map_err(|e| CniError::new(code::UNKNOWN_CONTAINER, "cannot enter the pod's network namespace").details(e))?;
-    if pod.link(&env.ifname).await.map_err(dp_err("cannot list the pod's links"))?.is_some() {
+    let pod = Netlink::open_in(netns_path).map_err(|e| {
+        CniError::new(
+            code::UNKNOWN_CONTAINER,
+            "cannot enter the pod's network namespace",
+        )
+        .details(e)
+    })?;
+    if pod
+        .link(&env.ifname)
+        .await
+        .map_err(dp_err("cannot list the pod's links"))?
+        .is_some()
+    {
         return Err(CniError::new(
             code::INVALID_ENV,
-            format!("interface {} already exists in {}", env.ifname, netns_path.display()),
+            format!(
+                "interface {} already exists in {}",
+                env.ifname,
+                netns_path.display()
+            ),
         ));
     }
     // A retried ADD may find its own half-made host end; it is ours by name.
-    nl.del_link(host).await.map_err(dp_err("cannot remove a stale host veth"))?;
-    nl.add_veth_into(host, &env.ifname, netns, mtu).await.map_err(dp_err("cannot create the veth pair"))?;
-    let h = nl.link(host).await.map_err(dp_err("host veth"))?.ok_or_else(|| CniError::new(code::DATAPLANE, "host veth vanished"))?;
-    let p = pod.link(&env.ifname).await.map_err(dp_err("pod veth"))?.ok_or_else(|| CniError::new(code::DATAPLANE, "pod veth vanished"))?;
-    let (hmac, pmac) = (h.mac.expect("veth has a MAC"), p.mac.expect("veth has a MAC"));
+    nl.del_link(host)
+        .await
+        .map_err(dp_err("cannot remove a stale host veth"))?;
+    nl.add_veth_into(host, &env.ifname, netns, mtu)
+        .await
+        .map_err(dp_err("cannot create the veth pair"))?;
+    let h = nl
+        .link(host)
+        .await
+        .map_err(dp_err("host veth"))?
+        .ok_or_else(|| CniError::new(code::DATAPLANE, "host veth vanished"))?;
+    let p = pod
+        .link(&env.ifname)
+        .await
+        .map_err(dp_err("pod veth"))?
+        .ok_or_else(|| CniError::new(code::DATAPLANE, "pod veth vanished"))?;
+    let (hmac, pmac) = (
+        h.mac.expect("veth has a MAC"),
+        p.mac.expect("veth has a MAC"),
+    );
     let pod_ip = Ipv4Net::new(ip, 32).expect("/32");
 
     if let Some(lo) = pod.link("lo").await.map_err(dp_err("pod lo"))? {
-        pod.set_up(lo.index).await.map_err(dp_err("ip link set lo up"))?;
+        pod.set_up(lo.index)
+            .await
+            .map_err(dp_err("ip link set lo up"))?;
     }
-    pod.add_addr(p.index, pod_ip).await.map_err(dp_err("pod address"))?;
+    pod.add_addr(p.index, pod_ip)
+        .await
+        .map_err(dp_err("pod address"))?;
     pod.set_up(p.index).await.map_err(dp_err("pod link up"))?;
-    pod.add_neigh_on(p.index, POD_GATEWAY, hmac).await.map_err(dp_err("pod gateway neighbour"))?;
-    pod.add_default_route(POD_GATEWAY, p.index).await.map_err(dp_err("pod default route"))?;
+    pod.add_neigh_on(p.index, POD_GATEWAY, hmac)
+        .await
+        .map_err(dp_err("pod gateway neighbour"))?;
+    pod.add_default_route(POD_GATEWAY, p.index)
+        .await
+        .map_err(dp_err("pod default route"))?;
 
     nl.set_up(h.index).await.map_err(dp_err("host veth up"))?;
-    nl.add_device_route(pod_ip, h.index).await.map_err(dp_err("host route to the pod"))?;
-    nl.add_neigh_on(h.index, ip, pmac).await.map_err(dp_err("host neighbour for the pod"))?;
+    nl.add_device_route(pod_ip, h.index)
+        .await
+        .map_err(dp_err("host route to the pod"))?;
+    nl.add_neigh_on(h.index, ip, pmac)
+        .await
+        .map_err(dp_err("host neighbour for the pod"))?;
 
     let legacy = conf.legacy_result();
     let res = AddResult {
         cni_version: conf.cni_version.clone(),
         interfaces: vec![
-            Interface { name: host.to_string(), mac: hmac.to_string(), sandbox: None },
-            Interface { name: env.ifname.clone(), mac: pmac.to_string(), sandbox: Some(netns_path.display().to_string()) },
+            Interface {
+                name: host.to_string(),
+                mac: hmac.to_string(),
+                sandbox: None,
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: pmac.to_string(),
+                sandbox: Some(netns_path.display().to_string()),
+            },
         ],
         ips: vec![IpConfig {
             version: legacy.then(|| "4".to_string()),
@@ -180,7 +245,10 @@ async fn wire(
             gateway: POD_GATEWAY.to_string(),
             interface: 1,
         }],
-        routes: vec![RouteConfig { dst: "0.0.0.0/0".into(), gw: Some(POD_GATEWAY.to_string()) }],
+        routes: vec![RouteConfig {
+            dst: "0.0.0.0/0".into(),
+            gw: Some(POD_GATEWAY.to_string()),
+        }],
         dns: serde_json::json!({}),
     };
     Ok(serde_json::to_value(res).expect("json"))
@@ -189,35 +257,70 @@ async fn wire(
 async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // DEL must succeed for things already gone, so every step tolerates absence.
     let nl = Netlink::open().map_err(dp_err("cannot open netlink"))?;
-    nl.del_link(&host_veth_name(&env.container_id, &env.ifname)).await.map_err(dp_err("cannot delete the host veth"))?;
-    let owner = Owner { container_id: env.container_id.clone(), ifname: env.ifname.clone() };
-    ipam::Store::new(conf.data_dir()).release(&owner).map_err(ipam_err)?;
+    nl.del_link(&host_veth_name(&env.container_id, &env.ifname))
+        .await
+        .map_err(dp_err("cannot delete the host veth"))?;
+    let owner = Owner {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
+    ipam::Store::new(conf.data_dir())
+        .release(&owner)
+        .map_err(ipam_err)?;
     Ok(())
 }
 
 async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     node_state(conf)?;
-    let owner = Owner { container_id: env.container_id.clone(), ifname: env.ifname.clone() };
+    let owner = Owner {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
     let ip = ipam::Store::new(conf.data_dir())
         .lookup(&owner)
         .map_err(ipam_err)?
-        .ok_or_else(|| CniError::new(code::UNKNOWN_CONTAINER, format!("no address is reserved for {}/{}", env.container_id, env.ifname)))?;
+        .ok_or_else(|| {
+            CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "no address is reserved for {}/{}",
+                    env.container_id, env.ifname
+                ),
+            )
+        })?;
     let netns_path = env.netns.as_ref().expect("validated");
     open_netns(netns_path)?;
     let fail = |m: String| CniError::new(code::CHECK_FAILED, m);
     let nl = Netlink::open().map_err(dp_err("cannot open netlink"))?;
     let host = host_veth_name(&env.container_id, &env.ifname);
-    let h = nl.link(&host).await.map_err(dp_err("host veth"))?.ok_or_else(|| fail(format!("host veth {host} is missing")))?;
+    let h = nl
+        .link(&host)
+        .await
+        .map_err(dp_err("host veth"))?
+        .ok_or_else(|| fail(format!("host veth {host} is missing")))?;
     if !h.up {
         return Err(fail(format!("host veth {host} is down")));
     }
     let pod_ip = Ipv4Net::new(ip, 32).expect("/32");
-    if !nl.has_device_route(pod_ip, h.index).await.map_err(dp_err("routes"))? {
+    if !nl
+        .has_device_route(pod_ip, h.index)
+        .await
+        .map_err(dp_err("routes"))?
+    {
         return Err(fail(format!("host route {pod_ip} dev {host} is missing")));
     }
     let pod = Netlink::open_in(netns_path).map_err(dp_err("cannot enter the pod's namespace"))?;
-    let p = pod.link(&env.ifname).await.map_err(dp_err("pod link"))?.ok_or_else(|| fail(format!("{} is missing in the pod", env.ifname)))?;
-    if !pod.ipv4_addrs(p.index).await.map_err(dp_err("pod addresses"))?.contains(&pod_ip) {
+    let p = pod
+        .link(&env.ifname)
+        .await
+        .map_err(dp_err("pod link"))?
+        .ok_or_else(|| fail(format!("{} is missing in the pod", env.ifname)))?;
+    if !pod
+        .ipv4_addrs(p.index)
+        .await
+        .map_err(dp_err("pod addresses"))?
+        .contains(&pod_ip)
+    {
         return Err(fail(format!("{} does not hold {pod_ip}", env.ifname)));
     }
     Ok(())
@@ -238,7 +341,10 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
             continue;
         }
         // Keep going past one failure: GC should free as much as it can.
-        if let Err(e) = nl.del_link(&host_veth_name(&owner.container_id, &owner.ifname)).await {
+        if let Err(e) = nl
+            .del_link(&host_veth_name(&owner.container_id, &owner.ifname))
+            .await
+        {
             errors.push(e.to_string());
         }
         if let Err(e) = store.release(&owner) {
@@ -248,7 +354,10 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(CniError::new(code::IO_FAILURE, "GC could not release everything").details(errors.join("; ")))
+        Err(
+            CniError::new(code::IO_FAILURE, "GC could not release everything")
+                .details(errors.join("; ")),
+        )
     }
 }
 
@@ -267,23 +376,43 @@ mod tests {
 
     #[test]
     fn version_needs_no_config() {
-        let (rc, out) = main_with(|k| (k == "CNI_COMMAND").then(|| "VERSION".to_string()), &b""[..]);
+        let (rc, out) = main_with(
+            |k| (k == "CNI_COMMAND").then(|| "VERSION".to_string()),
+            &b""[..],
+        );
         assert_eq!(rc, 0);
         let v: Value = serde_json::from_str(&out).unwrap();
-        assert!(v["supportedVersions"].as_array().unwrap().iter().any(|x| x == "1.1.0"));
+        assert!(v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == "1.1.0"));
     }
 
     #[test]
     fn status_before_the_agent_is_ready_is_50() {
         let dir = std::env::temp_dir().join(format!("tweed-status-{}", std::process::id()));
-        let conf = format!(r#"{{"cniVersion":"1.1.0","name":"t","type":"tweed","runDir":"{}"}}"#, dir.display());
-        let (rc, out) = main_with(|k| (k == "CNI_COMMAND").then(|| "STATUS".to_string()), conf.as_bytes());
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"t","type":"tweed","runDir":"{}"}}"#,
+            dir.display()
+        );
+        let (rc, out) = main_with(
+            |k| (k == "CNI_COMMAND").then(|| "STATUS".to_string()),
+            conf.as_bytes(),
+        );
         assert_eq!(rc, 1);
         let e: CniError = serde_json::from_str(&out).unwrap();
         assert_eq!(e.code, 50);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("node.json"), r#"{"node":"n1","subnet":"10.244.1.0/24","mtu":1450}"#).unwrap();
-        let (rc, out) = main_with(|k| (k == "CNI_COMMAND").then(|| "STATUS".to_string()), conf.as_bytes());
+        std::fs::write(
+            dir.join("node.json"),
+            r#"{"node":"n1","subnet":"10.244.1.0/24","mtu":1450}"#,
+        )
+        .unwrap();
+        let (rc, out) = main_with(
+            |k| (k == "CNI_COMMAND").then(|| "STATUS".to_string()),
+            conf.as_bytes(),
+        );
         assert_eq!((rc, out.as_str()), (0, ""));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -41,7 +41,12 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
-        Self { cni_version: CURRENT_VERSION.to_string(), code, msg: msg.into(), details: String::new() }
+        Self {
+            cni_version: CURRENT_VERSION.to_string(),
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 
     pub fn details(mut self, d: impl std::fmt::Display) -> Self {
@@ -70,7 +75,12 @@ impl Command {
             "STATUS" => Command::Status,
             "GC" => Command::Gc,
             "" => return Err(CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set")),
-            other => return Err(CniError::new(code::INVALID_ENV, format!("CNI_COMMAND {other:?} is not a CNI command"))),
+            other => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("CNI_COMMAND {other:?} is not a CNI command"),
+                ))
+            }
         })
     }
 }
@@ -85,12 +95,18 @@ pub struct Env {
 }
 
 fn valid_container_id(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Interface names are at most 15 bytes and may not contain '/', ':' or whitespace.
 fn valid_ifname(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 15 && s != "." && s != ".." && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 impl Env {
@@ -101,27 +117,46 @@ impl Env {
         let needs = |name: &str| -> Result<String, CniError> {
             match get(name) {
                 Some(v) if !v.is_empty() => Ok(v),
-                _ => Err(CniError::new(code::INVALID_ENV, format!("{name} is required for {command:?}"))),
+                _ => Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("{name} is required for {command:?}"),
+                )),
             }
         };
-        let mut env = Env { command, container_id: String::new(), netns: None, ifname: String::new() };
+        let mut env = Env {
+            command,
+            container_id: String::new(),
+            netns: None,
+            ifname: String::new(),
+        };
         if matches!(command, Command::Add | Command::Del | Command::Check) {
             env.container_id = needs("CNI_CONTAINERID")?;
             if !valid_container_id(&env.container_id) {
                 return Err(CniError::new(
                     code::INVALID_ENV,
-                    format!("CNI_CONTAINERID {:?} must be alphanumeric, '_', '.' or '-'", env.container_id),
+                    format!(
+                        "CNI_CONTAINERID {:?} must be alphanumeric, '_', '.' or '-'",
+                        env.container_id
+                    ),
                 ));
             }
             env.ifname = needs("CNI_IFNAME")?;
             if !valid_ifname(&env.ifname) {
-                return Err(CniError::new(code::INVALID_ENV, format!("CNI_IFNAME {:?} is not a valid interface name", env.ifname)));
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("CNI_IFNAME {:?} is not a valid interface name", env.ifname),
+                ));
             }
             // DEL may come after the namespace is gone; ADD and CHECK need it.
             env.netns = match get("CNI_NETNS").filter(|v| !v.is_empty()) {
                 Some(p) => Some(PathBuf::from(p)),
                 None if command == Command::Del => None,
-                None => return Err(CniError::new(code::INVALID_ENV, format!("CNI_NETNS is required for {command:?}"))),
+                None => {
+                    return Err(CniError::new(
+                        code::INVALID_ENV,
+                        format!("CNI_NETNS is required for {command:?}"),
+                    ))
+                }
             };
         }
         Ok(env)
@@ -170,36 +205,59 @@ impl NetConf {
     /// Decode and validate the config. Bad JSON is code 6; JSON that is
     /// not a usable tweed config is code 7; an unsupported version is 1.
     pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
-        let v: Value = serde_json::from_slice(bytes)
-            .map_err(|e| CniError::new(code::DECODE, "network config is not valid JSON").details(e))?;
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(code::DECODE, "network config is not valid JSON").details(e)
+        })?;
         if !v.is_object() {
-            return Err(CniError::new(code::DECODE, "network config must be a JSON object"));
+            return Err(CniError::new(
+                code::DECODE,
+                "network config must be a JSON object",
+            ));
         }
         let version = v.get("cniVersion").and_then(Value::as_str).unwrap_or("");
         if version.is_empty() {
-            return Err(CniError::new(code::INVALID_CONFIG, "network config has no cniVersion"));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "network config has no cniVersion",
+            ));
         }
         if !SUPPORTED_VERSIONS.contains(&version) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("cniVersion {version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", ")),
+                format!(
+                    "cniVersion {version:?} is not supported (supported: {})",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
             ));
         }
-        let conf: NetConf = serde_json::from_value(v)
-            .map_err(|e| CniError::new(code::INVALID_CONFIG, "network config is not a valid tweed config").details(e))?;
+        let conf: NetConf = serde_json::from_value(v).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "network config is not a valid tweed config",
+            )
+            .details(e)
+        })?;
         if conf.name.is_empty() {
-            return Err(CniError::new(code::INVALID_CONFIG, "network config has an empty name"));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "network config has an empty name",
+            ));
         }
         if let Some(m) = conf.mtu {
             if !(576..=65535).contains(&m) {
-                return Err(CniError::new(code::INVALID_CONFIG, format!("mtu {m} is out of range (576..=65535)")));
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("mtu {m} is out of range (576..=65535)"),
+                ));
             }
         }
         Ok(conf)
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/cni/networks").join(&self.name))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cni/networks").join(&self.name))
     }
 
     /// Result versions before 1.0.0 tag each IP with its family.
@@ -253,37 +311,88 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> Result<Env, CniError> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Env::from_vars(|k| m.get(k).cloned())
     }
 
     #[test]
     fn env_validation_codes() {
         assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENV);
-        assert_eq!(env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code, code::INVALID_ENV);
-        let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")]).unwrap_err();
+        assert_eq!(
+            env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code,
+            code::INVALID_ENV
+        );
+        let e = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+        ])
+        .unwrap_err();
         assert!(e.msg.contains("CNI_NETNS"), "{e}");
-        let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "a/b"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]).unwrap_err();
+        let e = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "a/b"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+        ])
+        .unwrap_err();
         assert!(e.msg.contains("CNI_CONTAINERID"), "{e}");
-        let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "waytoolonginterface"), ("CNI_NETNS", "/x")]).unwrap_err();
+        let e = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "a"),
+            ("CNI_IFNAME", "waytoolonginterface"),
+            ("CNI_NETNS", "/x"),
+        ])
+        .unwrap_err();
         assert!(e.msg.contains("CNI_IFNAME"), "{e}");
         // DEL without a namespace is fine: the runtime may have removed it already.
-        let d = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "eth0")]).unwrap();
+        let d = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "a"),
+            ("CNI_IFNAME", "eth0"),
+        ])
+        .unwrap();
         assert_eq!((d.command, d.netns), (Command::Del, None));
-        assert_eq!(env(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        assert_eq!(
+            env(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
+            Command::Version
+        );
     }
 
     #[test]
     fn config_codes() {
         assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, code::DECODE);
         assert_eq!(NetConf::parse(b"[1]").unwrap_err().code, code::DECODE);
-        assert_eq!(NetConf::parse(br#"{"name":"n","type":"tweed"}"#).unwrap_err().code, code::INVALID_CONFIG);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"tweed"}"#).unwrap_err().code, code::INCOMPATIBLE_VERSION);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"tweed","mtu":"big"}"#).unwrap_err().code, code::INVALID_CONFIG);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.1.0","name":"","type":"tweed"}"#).unwrap_err().code, code::INVALID_CONFIG);
+        assert_eq!(
+            NetConf::parse(br#"{"name":"n","type":"tweed"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"tweed"}"#)
+                .unwrap_err()
+                .code,
+            code::INCOMPATIBLE_VERSION
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"tweed","mtu":"big"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"","type":"tweed"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
         let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"n","type":"tweed","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#).unwrap();
         assert!(c.legacy_result());
-        assert_eq!(c.valid_attachments.unwrap()[0].container_id, "c1");
+        assert_eq!(c.valid_attachments.as_ref().unwrap()[0].container_id, "c1");
         assert_eq!(c.data_dir(), PathBuf::from("/var/lib/cni/networks/n"));
     }
 

@@ -50,7 +50,9 @@ pub async fn serve(o: EchoOpts) -> std::io::Result<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
-            let Ok((n, peer)) = udp.recv_from(&mut buf).await else { continue };
+            let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
             let reply = if buf[..n].starts_with(b"whoami") {
                 let local = udp.local_addr().unwrap_or(uo.listen);
                 // A wildcard-bound UDP socket does not know which local
@@ -94,7 +96,10 @@ async fn conn(sock: TcpStream, peer: SocketAddr, o: &EchoOpts) -> std::io::Resul
                 break;
             }
         }
-        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        if let Some(n) = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n");
             w.write_all(head.as_bytes()).await?;
             let chunk = vec![b'x'; 64 * 1024];
@@ -106,7 +111,10 @@ async fn conn(sock: TcpStream, peer: SocketAddr, o: &EchoOpts) -> std::io::Resul
             }
         } else {
             let body = serde_json::to_string(&seen(o, local, peer)).expect("json");
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
             w.write_all(head.as_bytes()).await?;
             w.write_all(body.as_bytes()).await?;
         }

@@ -38,11 +38,23 @@ pub enum LabError {
     #[error("{0}")]
     Invalid(String),
     #[error("{what} did not happen within {secs} s{hint}")]
-    Timeout { what: String, secs: u64, hint: String },
+    Timeout {
+        what: String,
+        secs: u64,
+        hint: String,
+    },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("CNI {command} for pod {pod} failed: {msg}")]
-    Cni { command: String, pod: String, msg: String },
+    Cni {
+        command: String,
+        pod: String,
+        msg: String,
+    },
     #[error("teardown finished with errors:\n  {}", .0.join("\n  "))]
     Teardown(Vec<String>),
 }
@@ -50,7 +62,10 @@ pub enum LabError {
 type Result<T, E = LabError> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
-    move |source| LabError::Io { path: path.to_path_buf(), source }
+    move |source| LabError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,7 +99,10 @@ pub struct LabState {
 
 impl LabState {
     pub fn node(&self, name: &str) -> Result<&NodeState> {
-        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| LabError::Invalid(format!("lab {} has no node {name:?}", self.name)))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| LabError::Invalid(format!("lab {} has no node {name:?}", self.name)))
     }
     pub fn etcd_url(&self) -> String {
         format!("http://{}:{ETCD_PORT}", self.cp_ip)
@@ -94,9 +112,18 @@ impl LabState {
 /// Run a command to completion; an error carries its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| LabError::Cmd { cmd: shown.clone(), msg: e.to_string() })?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LabError::Cmd {
+            cmd: shown.clone(),
+            msg: e.to_string(),
+        })?;
     if !out.status.success() {
-        return Err(LabError::Cmd { cmd: shown, msg: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(LabError::Cmd {
+            cmd: shown,
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
@@ -117,13 +144,23 @@ pub fn wait_for(what: &str, secs: u64, hint: &str, mut cond: impl FnMut() -> boo
     if cond() {
         return Ok(());
     }
-    Err(LabError::Timeout { what: what.into(), secs, hint: hint.into() })
+    Err(LabError::Timeout {
+        what: what.into(),
+        secs,
+        hint: hint.into(),
+    })
 }
 
 /// Is PID alive (not gone, not a zombie) and is its command line ours?
 fn ours_alive(pid: u32, marker: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()).unwrap_or("Z");
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("Z");
     if state == "Z" || state == "X" {
         return false;
     }
@@ -135,7 +172,12 @@ fn ours_alive(pid: u32, marker: &str) -> bool {
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => matches!(stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()), Some("Z" | "X")),
+        Ok(stat) => matches!(
+            stat.rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
     }
 }
 
@@ -151,7 +193,9 @@ fn stop_pid(pid: u32, marker: &str) -> Option<String> {
         return None;
     }
     let _ = kill(p, Signal::SIGKILL);
-    wait_for("", 5, "", || gone(pid)).err().map(|_| format!("process {pid} did not exit after SIGKILL"))
+    wait_for("", 5, "", || gone(pid))
+        .err()
+        .map(|_| format!("process {pid} did not exit after SIGKILL"))
 }
 
 pub struct Lab {
@@ -167,8 +211,14 @@ impl Lab {
             return Err(LabError::Name(name.into()));
         }
         let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
-        let root = std::env::var_os("TWEED_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/tweed/lab"));
-        Ok(Self { name: name.into(), dir: root.join(name), exe })
+        let root = std::env::var_os("TWEED_LAB_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/tweed/lab"));
+        Ok(Self {
+            name: name.into(),
+            dir: root.join(name),
+            exe,
+        })
     }
 
     fn ns(&self, what: &str) -> String {
@@ -198,7 +248,8 @@ impl Lab {
     pub fn state(&self) -> Result<LabState> {
         let p = self.state_path();
         let body = std::fs::read(&p).map_err(|_| LabError::NotUp(self.name.clone()))?;
-        serde_json::from_slice(&body).map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))
+        serde_json::from_slice(&body)
+            .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))
     }
 
     fn save(&self, st: &LabState) -> Result<()> {
@@ -212,32 +263,64 @@ impl Lab {
     fn lock(&self) -> Result<Flock<File>> {
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let p = self.dir.join("lock");
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(io_err(&p))?;
-        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| LabError::Io { path: p, source: e.into() })
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| LabError::Io {
+            path: p,
+            source: e.into(),
+        })
     }
 
     /// Start a long-running process inside `ns`, detached, its output
     /// appended to `log`. Equivalent: `ip netns exec NS CMD... >>LOG 2>&1 &`.
-    fn spawn_in(&self, ns: &str, program: &Path, args: &[String], log: &Path, env: &[(&str, &str)]) -> Result<u32> {
-        let f = OpenOptions::new().create(true).append(true).open(log).map_err(io_err(log))?;
+    fn spawn_in(
+        &self,
+        ns: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<u32> {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_err(log))?;
         let f2 = f.try_clone().map_err(io_err(log))?;
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(program).args(args).stdin(Stdio::null()).stdout(f).stderr(f2).process_group(0);
+        c.args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .process_group(0);
         for (k, v) in env {
             c.env(k, v);
         }
-        let child = c.spawn().map_err(|e| LabError::Cmd { cmd: format!("ip netns exec {ns} {}", program.display()), msg: e.to_string() })?;
+        let child = c.spawn().map_err(|e| LabError::Cmd {
+            cmd: format!("ip netns exec {ns} {}", program.display()),
+            msg: e.to_string(),
+        })?;
         Ok(child.id())
     }
 
     /// Run the `tweed` binary inside `ns` to completion.
     pub fn tweed_in(&self, ns: &str, args: &[&str]) -> Result<String> {
-        run(Command::new("ip").args(["netns", "exec", ns]).arg(&self.exe).args(args))
+        run(Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.exe)
+            .args(args))
     }
 
     /// Build the lab. On any failure everything built so far is removed.
     pub fn up(&self, topo: &Topology) -> Result<LabState> {
-        topo.validate().map_err(|e| LabError::Invalid(e.to_string()))?;
+        topo.validate()
+            .map_err(|e| LabError::Invalid(e.to_string()))?;
         if self.is_up() {
             return Err(LabError::AlreadyUp(self.name.clone()));
         }
@@ -278,15 +361,28 @@ impl Lab {
         // Underlay: one bridge in its own namespace.
         ip(&["netns", "add", &st.ul_ns])?;
         ip(&["-n", &st.ul_ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &st.ul_ns, "link", "add", "br0", "mtu", &mtu, "type", "bridge"])?;
+        ip(&[
+            "-n", &st.ul_ns, "link", "add", "br0", "mtu", &mtu, "type", "bridge",
+        ])?;
         ip(&["-n", &st.ul_ns, "link", "set", "br0", "up"])?;
         let attach = |port: &str, ns: &str, addr: Ipv4Addr| -> Result<()> {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             // Born in the underlay namespace with its peer born in `ns`: never in the root namespace.
-            ip(&["-n", &st.ul_ns, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", ns, "mtu", &mtu])?;
+            ip(&[
+                "-n", &st.ul_ns, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "netns", ns, "mtu", &mtu,
+            ])?;
             ip(&["-n", &st.ul_ns, "link", "set", port, "master", "br0", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/{plen}"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/{plen}"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             Ok(())
         };
@@ -298,15 +394,25 @@ impl Lab {
         self.wait_etcd(&st)?;
 
         let cfg_path = self.dir.join("cluster.json");
-        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&topo.cluster).expect("json")).map_err(io_err(&cfg_path))?;
+        std::fs::write(
+            &cfg_path,
+            serde_json::to_vec_pretty(&topo.cluster).expect("json"),
+        )
+        .map_err(io_err(&cfg_path))?;
 
         // Nodes, each with its agent.
         for (i, n) in topo.nodes.iter().enumerate() {
-            let node = NodeState { name: n.name.clone(), ns: self.node_ns(&n.name), ip: topo.node_ip(i), agent_pid: None };
+            let node = NodeState {
+                name: n.name.clone(),
+                ns: self.node_ns(&n.name),
+                ip: topo.node_ip(i),
+                agent_pid: None,
+            };
             st.nodes.push(node.clone());
             self.save(&st)?;
             attach(&format!("n{i}"), &node.ns, node.ip)?;
-            std::fs::create_dir_all(self.node_dir(&n.name)).map_err(io_err(&self.node_dir(&n.name)))?;
+            std::fs::create_dir_all(self.node_dir(&n.name))
+                .map_err(io_err(&self.node_dir(&n.name)))?;
         }
         for i in 0..st.nodes.len() {
             let pid = self.start_agent(&st, &st.nodes[i].name)?;
@@ -331,14 +437,22 @@ impl Lab {
             &st.cp_ns,
             Path::new("etcd"),
             &[
-                "--name".into(), "tweed-lab".into(),
-                "--data-dir".into(), etcd_dir.display().to_string(),
-                "--listen-client-urls".into(), url.clone(),
-                "--advertise-client-urls".into(), url,
-                "--listen-peer-urls".into(), peer.clone(),
-                "--initial-advertise-peer-urls".into(), peer.clone(),
-                "--initial-cluster".into(), format!("tweed-lab={peer}"),
-                "--initial-cluster-state".into(), "new".into(),
+                "--name".into(),
+                "tweed-lab".into(),
+                "--data-dir".into(),
+                etcd_dir.display().to_string(),
+                "--listen-client-urls".into(),
+                url.clone(),
+                "--advertise-client-urls".into(),
+                url,
+                "--listen-peer-urls".into(),
+                peer.clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer.clone(),
+                "--initial-cluster".into(),
+                format!("tweed-lab={peer}"),
+                "--initial-cluster-state".into(),
+                "new".into(),
             ],
             &self.dir.join("etcd.log"),
             &[],
@@ -347,9 +461,17 @@ impl Lab {
 
     fn wait_etcd(&self, st: &LabState) -> Result<()> {
         let etcd_addr = format!("{}:{ETCD_PORT}", st.cp_ip);
-        self.tweed_in(&st.cp_ns, &["probe", "tcp-wait", &etcd_addr, "--timeout", "30"])
-            .map(|_| ())
-            .map_err(|e| LabError::Invalid(format!("etcd did not start (see {}): {e}", self.dir.join("etcd.log").display())))
+        self.tweed_in(
+            &st.cp_ns,
+            &["probe", "tcp-wait", &etcd_addr, "--timeout", "30"],
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            LabError::Invalid(format!(
+                "etcd did not start (see {}): {e}",
+                self.dir.join("etcd.log").display()
+            ))
+        })
     }
 
     /// Stop the lab's etcd (the datastore vanishing), keeping its data.
@@ -380,22 +502,37 @@ impl Lab {
         let d = self.node_dir(node);
         vec![
             "agent".into(),
-            "--node-name".into(), node.into(),
-            "--etcd-endpoints".into(), st.etcd_url(),
-            "--iface".into(), "eth0".into(),
-            "--cni-conf-dir".into(), d.join("net.d").display().to_string(),
-            "--run-dir".into(), d.join("run").display().to_string(),
-            "--data-dir".into(), d.join("data").display().to_string(),
-            "--lease-ttl".into(), st.topology.agent.lease_ttl.to_string(),
-            "--resync".into(), st.topology.agent.resync.to_string(),
-            "--cluster-config".into(), self.dir.join("cluster.json").display().to_string(),
+            "--node-name".into(),
+            node.into(),
+            "--etcd-endpoints".into(),
+            st.etcd_url(),
+            "--iface".into(),
+            "eth0".into(),
+            "--cni-conf-dir".into(),
+            d.join("net.d").display().to_string(),
+            "--run-dir".into(),
+            d.join("run").display().to_string(),
+            "--data-dir".into(),
+            d.join("data").display().to_string(),
+            "--lease-ttl".into(),
+            st.topology.agent.lease_ttl.to_string(),
+            "--resync".into(),
+            st.topology.agent.resync.to_string(),
+            "--cluster-config".into(),
+            self.dir.join("cluster.json").display().to_string(),
         ]
     }
 
     fn start_agent(&self, st: &LabState, node: &str) -> Result<u32> {
         let ns = st.node(node)?.ns.clone();
         let log = self.node_dir(node).join("agent.log");
-        self.spawn_in(&ns, &self.exe, &self.agent_args(st, node), &log, &[("RUST_LOG", "info")])
+        self.spawn_in(
+            &ns,
+            &self.exe,
+            &self.agent_args(st, node),
+            &log,
+            &[("RUST_LOG", "info")],
+        )
     }
 
     pub fn conflist_path(&self, node: &str) -> PathBuf {
@@ -405,14 +542,23 @@ impl Lab {
     fn wait_node_ready(&self, node: &str, secs: u64) -> Result<()> {
         let p = self.conflist_path(node);
         let log = self.node_dir(node).join("agent.log");
-        wait_for(&format!("node {node} ready ({} written)", p.display()), secs, &format!("; see {}", log.display()), || p.exists())
+        wait_for(
+            &format!("node {node} ready ({} written)", p.display()),
+            secs,
+            &format!("; see {}", log.display()),
+            || p.exists(),
+        )
     }
 
     /// Stop a node's agent (SIGTERM); its data plane stays.
     pub fn agent_stop(&self, node: &str) -> Result<()> {
         let _l = self.lock()?;
         let mut st = self.state()?;
-        let n = st.nodes.iter_mut().find(|n| n.name == node).ok_or_else(|| LabError::Invalid(format!("no node {node:?}")))?;
+        let n = st
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .ok_or_else(|| LabError::Invalid(format!("no node {node:?}")))?;
         if let Some(pid) = n.agent_pid.take() {
             if let Some(e) = stop_pid(pid, &self.marker()) {
                 return Err(LabError::Invalid(e));
@@ -426,11 +572,21 @@ impl Lab {
     pub fn agent_start(&self, node: &str, wait: bool) -> Result<()> {
         let _l = self.lock()?;
         let mut st = self.state()?;
-        if st.node(node)?.agent_pid.is_some_and(|p| ours_alive(p, &self.marker())) {
-            return Err(LabError::Invalid(format!("the agent on {node} is already running")));
+        if st
+            .node(node)?
+            .agent_pid
+            .is_some_and(|p| ours_alive(p, &self.marker()))
+        {
+            return Err(LabError::Invalid(format!(
+                "the agent on {node} is already running"
+            )));
         }
         let pid = self.start_agent(&st, node)?;
-        st.nodes.iter_mut().find(|n| n.name == node).expect("checked").agent_pid = Some(pid);
+        st.nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("checked")
+            .agent_pid = Some(pid);
         self.save(&st)?;
         if !wait {
             return Ok(());
@@ -438,27 +594,48 @@ impl Lab {
         let status = self.node_dir(node).join("run").join("status.json");
         let since = std::time::SystemTime::now();
         wait_for(&format!("agent on {node} to reconnect"), 30, "", || {
-            std::fs::metadata(&status).and_then(|m| m.modified()).is_ok_and(|t| t >= since)
+            std::fs::metadata(&status)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
                 && std::fs::read_to_string(&status).is_ok_and(|s| s.contains("\"connected\""))
         })
     }
 
     /// The plugin config a runtime would pass for the node's network: the
-    /// conflist's plugin entry with the list's name and version added.
+    /// conflist's plugin entry with the list's name and version added. The
+    /// lab acts as a CNI 1.1 runtime: the highest of `cniVersions` wins.
     pub fn plugin_conf(&self, node: &str) -> Result<String> {
         let p = self.conflist_path(node);
-        let body = std::fs::read(&p).map_err(|_| LabError::Invalid(format!("cni plugin not initialized on node {node} ({} missing)", p.display())))?;
-        let list: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))?;
+        let body = std::fs::read(&p).map_err(|_| {
+            LabError::Invalid(format!(
+                "cni plugin not initialized on node {node} ({} missing)",
+                p.display()
+            ))
+        })?;
+        let list: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))?;
         let mut conf = list["plugins"][0].clone();
         conf["name"] = list["name"].clone();
-        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["cniVersion"] = list["cniVersions"]
+            .as_array()
+            .and_then(|v| v.last())
+            .unwrap_or(&list["cniVersion"])
+            .clone();
         Ok(conf.to_string())
     }
 
     /// Invoke the CNI plugin inside a node's namespace exactly as a runtime
     /// does: CNI_* in the environment, the config on stdin. Returns (exit
     /// status success, stdout).
-    pub fn cni(&self, node_ns: &str, command: &str, container_id: &str, netns: Option<&str>, ifname: &str, conf: &str) -> Result<(bool, String)> {
+    pub fn cni(
+        &self,
+        node_ns: &str,
+        command: &str,
+        container_id: &str,
+        netns: Option<&str>,
+        ifname: &str,
+        conf: &str,
+    ) -> Result<(bool, String)> {
         use std::io::Write;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", node_ns]).arg(&self.exe);
@@ -476,17 +653,33 @@ impl Lab {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| LabError::Cmd { cmd: format!("CNI {command}"), msg: e.to_string() })?;
-        child.stdin.take().expect("piped").write_all(conf.as_bytes()).map_err(io_err(Path::new("cni stdin")))?;
-        let out = child.wait_with_output().map_err(|e| LabError::Cmd { cmd: format!("CNI {command}"), msg: e.to_string() })?;
-        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).to_string()))
+            .map_err(|e| LabError::Cmd {
+                cmd: format!("CNI {command}"),
+                msg: e.to_string(),
+            })?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(conf.as_bytes())
+            .map_err(io_err(Path::new("cni stdin")))?;
+        let out = child.wait_with_output().map_err(|e| LabError::Cmd {
+            cmd: format!("CNI {command}"),
+            msg: e.to_string(),
+        })?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ))
     }
 
     /// Create a pod on `node`: its namespace, its wiring through the CNI
     /// plugin, and its echo server.
     pub fn pod_add(&self, pod: &str, node: &str) -> Result<PodState> {
         if !valid_name(pod) {
-            return Err(LabError::Invalid(format!("pod name {pod:?} must be 1-20 of [a-z0-9-]")));
+            return Err(LabError::Invalid(format!(
+                "pod name {pod:?} must be 1-20 of [a-z0-9-]"
+            )));
         }
         let _l = self.lock()?;
         let mut st = self.state()?;
@@ -504,29 +697,68 @@ impl Lab {
             let _ = ip(&["netns", "del", &ns]);
             why
         };
-        let (ok, out) = self.cni(&node_ns, "ADD", &cid, Some(&netns), "eth0", &conf).map_err(undo)?;
+        let (ok, out) = self
+            .cni(&node_ns, "ADD", &cid, Some(&netns), "eth0", &conf)
+            .map_err(undo)?;
         if !ok {
-            return Err(undo(LabError::Cni { command: "ADD".into(), pod: pod.into(), msg: out }));
+            return Err(undo(LabError::Cni {
+                command: "ADD".into(),
+                pod: pod.into(),
+                msg: out,
+            }));
         }
-        let res: serde_json::Value = serde_json::from_str(&out).map_err(|e| undo(LabError::Invalid(format!("CNI result does not decode: {e}: {out}"))))?;
+        let res: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
+            undo(LabError::Invalid(format!(
+                "CNI result does not decode: {e}: {out}"
+            )))
+        })?;
         let addr = res["ips"][0]["address"].as_str().unwrap_or_default();
-        let pod_ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse().map_err(|_| undo(LabError::Invalid(format!("CNI result has no address: {out}"))))?;
+        let pod_ip: Ipv4Addr =
+            addr.split('/')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|_| {
+                    undo(LabError::Invalid(format!(
+                        "CNI result has no address: {out}"
+                    )))
+                })?;
         let pods_dir = self.dir.join("pods");
         std::fs::create_dir_all(&pods_dir).map_err(io_err(&pods_dir))?;
         let ready = pods_dir.join(format!("{pod}.ready"));
         let _ = std::fs::remove_file(&ready);
         let args = vec![
             "echo".into(),
-            "--pod".into(), pod.into(),
-            "--node".into(), node.into(),
-            "--listen".into(), format!("0.0.0.0:{ECHO_PORT}"),
-            "--ready-file".into(), ready.display().to_string(),
+            "--pod".into(),
+            pod.into(),
+            "--node".into(),
+            node.into(),
+            "--listen".into(),
+            format!("0.0.0.0:{ECHO_PORT}"),
+            "--ready-file".into(),
+            ready.display().to_string(),
         ];
-        let pid = self.spawn_in(&ns, &self.exe, &args, &pods_dir.join(format!("{pod}.log")), &[]).map_err(undo)?;
-        let ps = PodState { name: pod.into(), node: node.into(), ns, ip: pod_ip, echo_pid: Some(pid) };
+        let pid = self
+            .spawn_in(
+                &ns,
+                &self.exe,
+                &args,
+                &pods_dir.join(format!("{pod}.log")),
+                &[],
+            )
+            .map_err(undo)?;
+        let ps = PodState {
+            name: pod.into(),
+            node: node.into(),
+            ns,
+            ip: pod_ip,
+            echo_pid: Some(pid),
+        };
         st.pods.insert(pod.into(), ps.clone());
         self.save(&st)?;
-        wait_for(&format!("echo server in pod {pod}"), 10, "", || ready.exists())?;
+        wait_for(&format!("echo server in pod {pod}"), 10, "", || {
+            ready.exists()
+        })?;
         Ok(ps)
     }
 
@@ -534,14 +766,25 @@ impl Lab {
     pub fn pod_del(&self, pod: &str) -> Result<()> {
         let _l = self.lock()?;
         let mut st = self.state()?;
-        let p = st.pods.get(pod).cloned().ok_or_else(|| LabError::Invalid(format!("no pod {pod:?}")))?;
+        let p = st
+            .pods
+            .get(pod)
+            .cloned()
+            .ok_or_else(|| LabError::Invalid(format!("no pod {pod:?}")))?;
         let mut errs = Vec::new();
         if let Some(pid) = p.echo_pid {
             errs.extend(stop_pid(pid, &self.marker()));
         }
         let node_ns = st.node(&p.node)?.ns.clone();
         match self.plugin_conf(&p.node).and_then(|conf| {
-            self.cni(&node_ns, "DEL", &format!("{}-{pod}", self.name), Some(&format!("/run/netns/{}", p.ns)), "eth0", &conf)
+            self.cni(
+                &node_ns,
+                "DEL",
+                &format!("{}-{pod}", self.name),
+                Some(&format!("/run/netns/{}", p.ns)),
+                "eth0",
+                &conf,
+            )
         }) {
             Ok((true, _)) => {}
             Ok((false, out)) => errs.push(format!("CNI DEL: {out}")),
@@ -571,7 +814,10 @@ impl Lab {
         match target {
             "cp" => Ok(st.cp_ns),
             "underlay" => Ok(st.ul_ns),
-            _ => Err(LabError::Invalid(format!("lab {} has no node or pod {target:?} (also: cp, underlay)", self.name))),
+            _ => Err(LabError::Invalid(format!(
+                "lab {} has no node or pod {target:?} (also: cp, underlay)",
+                self.name
+            ))),
         }
     }
 
@@ -579,7 +825,12 @@ impl Lab {
     pub fn namespaces(&self) -> Vec<String> {
         let prefix = format!("tw-{}_", self.name);
         let mut out: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
             .unwrap_or_default();
         out.sort();
         out
@@ -592,7 +843,10 @@ impl Lab {
         let mut errs = Vec::new();
         let marker = self.marker();
         if let Ok(st) = self.state() {
-            let pids = st.pods.values().filter_map(|p| p.echo_pid)
+            let pids = st
+                .pods
+                .values()
+                .filter_map(|p| p.echo_pid)
                 .chain(st.nodes.iter().filter_map(|n| n.agent_pid))
                 .chain(st.etcd_pid);
             for pid in pids {
@@ -631,8 +885,12 @@ impl Lab {
     /// `secs` (routes to a new node take a moment to propagate).
     pub fn http_from(&self, from_ns: &str, to: Ipv4Addr, secs: u64) -> Result<Seen> {
         let addr = SocketAddr::from((to, ECHO_PORT)).to_string();
-        let out = self.tweed_in(from_ns, &["probe", "http", &addr, "--retry-for", &secs.to_string()])?;
-        serde_json::from_str(&out).map_err(|e| LabError::Invalid(format!("echo answer does not decode: {e}: {out}")))
+        let out = self.tweed_in(
+            from_ns,
+            &["probe", "http", &addr, "--retry-for", &secs.to_string()],
+        )?;
+        serde_json::from_str(&out)
+            .map_err(|e| LabError::Invalid(format!("echo answer does not decode: {e}: {out}")))
     }
 
     /// Every pod to every pod over HTTP: (from, to, result).
@@ -641,7 +899,11 @@ impl Lab {
         let mut out = Vec::new();
         for from in st.pods.values() {
             for to in st.pods.values() {
-                out.push((from.name.clone(), to.name.clone(), self.http_from(&from.ns, to.ip, 5)));
+                out.push((
+                    from.name.clone(),
+                    to.name.clone(),
+                    self.http_from(&from.ns, to.ip, 5),
+                ));
             }
         }
         Ok(out)
@@ -652,13 +914,24 @@ impl Lab {
         let st = self.state()?;
         let mut s = String::new();
         let etcd = st.etcd_pid.is_some_and(|p| ours_alive(p, &self.marker()));
-        let _ = writeln!(s, "lab {}  etcd {} ({})", st.name, st.etcd_url(), if etcd { "running" } else { "DOWN" });
-        let _ = writeln!(s, "\n{:<12} {:<16} {:<18} {:<8} {}", "NODE", "UNDERLAY", "SUBNET", "AGENT", "DATASTORE");
+        let _ = writeln!(
+            s,
+            "lab {}  etcd {} ({})",
+            st.name,
+            st.etcd_url(),
+            if etcd { "running" } else { "DOWN" }
+        );
+        let _ = writeln!(
+            s,
+            "\n{:<12} {:<16} {:<18} {:<8} DATASTORE",
+            "NODE", "UNDERLAY", "SUBNET", "AGENT"
+        );
         for n in &st.nodes {
-            let status: serde_json::Value = std::fs::read(self.node_dir(&n.name).join("run/status.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
+            let status: serde_json::Value =
+                std::fs::read(self.node_dir(&n.name).join("run/status.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
             let alive = n.agent_pid.is_some_and(|p| ours_alive(p, &self.marker()));
             let _ = writeln!(
                 s,
@@ -670,10 +943,19 @@ impl Lab {
                 status["datastore"].as_str().unwrap_or("-"),
             );
         }
-        let _ = writeln!(s, "\n{:<20} {:<12} {:<16} {}", "POD", "NODE", "IP", "ECHO");
+        let _ = writeln!(s, "\n{:<20} {:<12} {:<16} ECHO", "POD", "NODE", "IP");
         for p in st.pods.values() {
-            let alive = p.echo_pid.is_some_and(|pid| ours_alive(pid, &self.marker()));
-            let _ = writeln!(s, "{:<20} {:<12} {:<16} {}", p.name, p.node, p.ip, if alive { "running" } else { "DOWN" });
+            let alive = p
+                .echo_pid
+                .is_some_and(|pid| ours_alive(pid, &self.marker()));
+            let _ = writeln!(
+                s,
+                "{:<20} {:<12} {:<16} {}",
+                p.name,
+                p.node,
+                p.ip,
+                if alive { "running" } else { "DOWN" }
+            );
         }
         Ok(s)
     }

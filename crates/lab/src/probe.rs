@@ -24,7 +24,10 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
             return Err(std::io::Error::other("connection closed in headers"));
         }
         if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().map_err(|_| std::io::Error::other("bad content-length"))?;
+            len = v
+                .trim()
+                .parse()
+                .map_err(|_| std::io::Error::other("bad content-length"))?;
         }
         if h == "\r\n" {
             break;
@@ -40,7 +43,9 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    (&s).write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    (&s).write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     read_response(&mut BufReader::new(s))
 }
 
@@ -50,7 +55,11 @@ pub fn tcp_wait(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
             Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(timeout_err(format!("{addr} did not accept within {timeout:?}: {e}"))),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(timeout_err(format!(
+                    "{addr} did not accept within {timeout:?}: {e}"
+                )))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -68,7 +77,12 @@ pub fn hold(addr: SocketAddr, interval: Duration, duration: Duration) -> std::io
     let mut n = 0;
     while Instant::now() < end {
         w.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        read_response(&mut r).map_err(|e| std::io::Error::other(format!("request {} on the held connection failed: {e}", n + 1)))?;
+        read_response(&mut r).map_err(|e| {
+            std::io::Error::other(format!(
+                "request {} on the held connection failed: {e}",
+                n + 1
+            ))
+        })?;
         n += 1;
         std::thread::sleep(interval);
     }

@@ -39,7 +39,10 @@ pub struct Underlay {
 
 impl Default for Underlay {
     fn default() -> Self {
-        Self { cidr: "198.51.100.0/24".parse().expect("literal"), mtu: 1500 }
+        Self {
+            cidr: "198.51.100.0/24".parse().expect("literal"),
+            mtu: 1500,
+        }
     }
 }
 
@@ -67,26 +70,35 @@ pub struct AgentSpec {
 
 impl Default for AgentSpec {
     fn default() -> Self {
-        Self { lease_ttl: 15, resync: 5 }
+        Self {
+            lease_ttl: 15,
+            resync: 5,
+        }
     }
 }
 
 /// Names that become parts of namespace and file names.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 20 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    !s.is_empty()
+        && s.len() <= 20
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
 }
 
 impl Topology {
     pub fn parse(text: &str) -> Result<Self, TopologyError> {
-        let t: Topology = serde_saphyr::from_str(text).map_err(|e| TopologyError::Decode(e.to_string()))?;
+        let t: Topology =
+            serde_saphyr::from_str(text).map_err(|e| TopologyError::Decode(e.to_string()))?;
         t.validate()?;
         Ok(t)
     }
 
     pub fn validate(&self) -> Result<(), TopologyError> {
         let bad = |m: String| Err(TopologyError::Invalid(m));
-        self.cluster.validate().map_err(|e| TopologyError::Invalid(format!("cluster: {e}")))?;
+        self.cluster
+            .validate()
+            .map_err(|e| TopologyError::Invalid(format!("cluster: {e}")))?;
         if let Some(n) = &self.name {
             if !valid_name(n) || n.len() > 12 {
                 return bad(format!("name {n:?} must be 1-12 of [a-z0-9-]"));
@@ -95,24 +107,35 @@ impl Topology {
         let u = self.underlay.cidr.trunc();
         let forbidden: Ipv4Net = "192.0.2.0/24".parse().expect("literal");
         if u.contains(&forbidden.network()) || forbidden.contains(&u.network()) {
-            return bad(format!("underlay.cidr {u} overlaps 192.0.2.0/24, the test machines' own network"));
+            return bad(format!(
+                "underlay.cidr {u} overlaps 192.0.2.0/24, the test machines' own network"
+            ));
         }
         if u.prefix_len() > 26 {
             return bad(format!("underlay.cidr {u} is too small (at most /26)"));
         }
         if !(576..=9000).contains(&self.underlay.mtu) {
-            return bad(format!("underlay.mtu {} is out of range (576..=9000)", self.underlay.mtu));
+            return bad(format!(
+                "underlay.mtu {} is out of range (576..=9000)",
+                self.underlay.mtu
+            ));
         }
         if self.nodes.is_empty() {
             return bad("nodes: at least one node is required".into());
         }
         if self.nodes.len() > 50 {
-            return bad(format!("nodes: {} nodes is more than the lab's 50", self.nodes.len()));
+            return bad(format!(
+                "nodes: {} nodes is more than the lab's 50",
+                self.nodes.len()
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for n in &self.nodes {
             if !valid_name(&n.name) {
-                return bad(format!("nodes: name {:?} must be 1-20 of [a-z0-9-]", n.name));
+                return bad(format!(
+                    "nodes: name {:?} must be 1-20 of [a-z0-9-]",
+                    n.name
+                ));
             }
             if !seen.insert(n.name.clone()) {
                 return bad(format!("nodes: {:?} appears twice", n.name));
@@ -124,10 +147,16 @@ impl Topology {
                 return bad(format!("pods: name {:?} must be 1-20 of [a-z0-9-]", p.name));
             }
             if !pods.insert(p.name.clone()) || seen.contains(&p.name) {
-                return bad(format!("pods: {:?} appears twice or is also a node name", p.name));
+                return bad(format!(
+                    "pods: {:?} appears twice or is also a node name",
+                    p.name
+                ));
             }
             if !seen.contains(&p.node) {
-                return bad(format!("pods: {:?} names node {:?}, which is not in nodes", p.name, p.node));
+                return bad(format!(
+                    "pods: {:?} names node {:?}, which is not in nodes",
+                    p.name, p.node
+                ));
             }
         }
         if self.agent.lease_ttl < 2 || self.agent.resync == 0 {
@@ -175,11 +204,20 @@ pods:
         let cases = [
             ("nodes: []", "at least one node"),
             ("nodes: [{name: a}, {name: a}]", "appears twice"),
-            ("nodes: [{name: a}]\npods: [{name: p, node: zz}]", "not in nodes"),
+            (
+                "nodes: [{name: a}]\npods: [{name: p, node: zz}]",
+                "not in nodes",
+            ),
             ("nodes: [{name: A_B}]", "must be 1-20"),
-            ("underlay: {cidr: 192.0.2.0/24}\nnodes: [{name: a}]", "192.0.2.0/24"),
+            (
+                "underlay: {cidr: 192.0.2.0/24}\nnodes: [{name: a}]",
+                "192.0.2.0/24",
+            ),
             ("nodes: [{name: a}]\nwat: 1", "does not decode"),
-            ("cluster: {nodeSubnetLen: 8}\nnodes: [{name: a}]", "cluster:"),
+            (
+                "cluster: {nodeSubnetLen: 8}\nnodes: [{name: a}]",
+                "cluster:",
+            ),
         ];
         for (text, want) in cases {
             let e = Topology::parse(text).unwrap_err().to_string();

@@ -101,7 +101,10 @@ impl ClusterConfig {
         }
         let s = self.service_cidr.trunc();
         if c.contains(&s.network()) || s.contains(&c.network()) {
-            return Err(ConfigError::Overlap { cluster: c, service: s });
+            return Err(ConfigError::Overlap {
+                cluster: c,
+                service: s,
+            });
         }
         if self.vni == 0 || self.vni > 0x00ff_ffff {
             return Err(ConfigError::Vni(self.vni));
@@ -164,13 +167,33 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_field() {
-        let mut c = ClusterConfig { node_subnet_len: 16, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("subnet length 16"));
-        c = ClusterConfig { service_cidr: "10.244.128.0/20".parse().unwrap(), ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("serviceCIDR"));
-        c = ClusterConfig { vni: 0, ..Default::default() };
+        let mut c = ClusterConfig {
+            node_subnet_len: 16,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("subnet length 16"));
+        c = ClusterConfig {
+            service_cidr: "10.244.128.0/20".parse().unwrap(),
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("serviceCIDR"));
+        c = ClusterConfig {
+            vni: 0,
+            ..Default::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Vni(0)));
-        c = ClusterConfig { mtu: Mtu::Fixed(100), ..Default::default() };
+        c = ClusterConfig {
+            mtu: Mtu::Fixed(100),
+            ..Default::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
         assert!(ClusterConfig::from_json(br#"{"backend":"carrier-pigeon"}"#).is_err());
     }

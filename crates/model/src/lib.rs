@@ -11,4 +11,4 @@ mod subnet;
 
 pub use config::{Backend, ClusterConfig, ConfigError, Mtu};
 pub use node::{vtep_mac_for, MacAddr, NodeRecord, NodeState};
-pub use subnet::{first_free_subnet, subnet_count, subnet_key, subnet_from_key, SubnetError};
+pub use subnet::{first_free_subnet, subnet_count, subnet_from_key, subnet_key, SubnetError};

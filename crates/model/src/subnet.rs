@@ -5,7 +5,11 @@ use ipnet::Ipv4Net;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubnetError {
     #[error("every /{len} subnet of {cidr} is taken ({count} nodes)")]
-    Exhausted { cidr: Ipv4Net, len: u8, count: usize },
+    Exhausted {
+        cidr: Ipv4Net,
+        len: u8,
+        count: usize,
+    },
     #[error("{0:?} is not a subnet key (expected like 10.244.1.0-24)")]
     BadKey(String),
 }
@@ -23,8 +27,11 @@ pub fn subnet_key(net: Ipv4Net) -> String {
 pub fn subnet_from_key(key: &str) -> Result<Ipv4Net, SubnetError> {
     let bad = || SubnetError::BadKey(key.to_string());
     let (ip, len) = key.rsplit_once('-').ok_or_else(bad)?;
-    let net = Ipv4Net::new(ip.parse().map_err(|_| bad())?, len.parse().map_err(|_| bad())?)
-        .map_err(|_| bad())?;
+    let net = Ipv4Net::new(
+        ip.parse().map_err(|_| bad())?,
+        len.parse().map_err(|_| bad())?,
+    )
+    .map_err(|_| bad())?;
     if net.trunc() != net {
         return Err(bad());
     }
@@ -47,9 +54,16 @@ pub fn first_free_subnet(
             return Ok(p);
         }
     }
-    let exhausted = || SubnetError::Exhausted { cidr: cluster, len, count: taken.len() };
+    let exhausted = || SubnetError::Exhausted {
+        cidr: cluster,
+        len,
+        count: taken.len(),
+    };
     let subnets = cluster.subnets(len).map_err(|_| exhausted())?;
-    subnets.into_iter().find(|s| !taken.contains(s)).ok_or_else(exhausted)
+    subnets
+        .into_iter()
+        .find(|s| !taken.contains(s))
+        .ok_or_else(exhausted)
 }
 
 #[cfg(test)]
@@ -64,7 +78,10 @@ mod tests {
     #[test]
     fn keys_round_trip_and_reject_garbage() {
         assert_eq!(subnet_key(net("10.244.7.0/24")), "10.244.7.0-24");
-        assert_eq!(subnet_from_key("10.244.7.0-24").unwrap(), net("10.244.7.0/24"));
+        assert_eq!(
+            subnet_from_key("10.244.7.0-24").unwrap(),
+            net("10.244.7.0/24")
+        );
         for bad in ["10.244.7.0", "10.244.7.1-24", "x-24", "10.244.7.0-33", ""] {
             assert!(subnet_from_key(bad).is_err(), "{bad}");
         }
@@ -74,12 +91,24 @@ mod tests {
     fn preferred_is_used_only_when_valid_and_free() {
         let c = net("10.244.0.0/16");
         let mut taken = BTreeSet::new();
-        assert_eq!(first_free_subnet(c, 24, &taken, Some(net("10.244.9.0/24"))).unwrap(), net("10.244.9.0/24"));
+        assert_eq!(
+            first_free_subnet(c, 24, &taken, Some(net("10.244.9.0/24"))).unwrap(),
+            net("10.244.9.0/24")
+        );
         taken.insert(net("10.244.9.0/24"));
-        assert_eq!(first_free_subnet(c, 24, &taken, Some(net("10.244.9.0/24"))).unwrap(), net("10.244.0.0/24"));
+        assert_eq!(
+            first_free_subnet(c, 24, &taken, Some(net("10.244.9.0/24"))).unwrap(),
+            net("10.244.0.0/24")
+        );
         // Outside the cluster or of the wrong size: ignored.
-        assert_eq!(first_free_subnet(c, 24, &taken, Some(net("10.9.0.0/24"))).unwrap(), net("10.244.0.0/24"));
-        assert_eq!(first_free_subnet(c, 24, &taken, Some(net("10.244.0.0/25"))).unwrap(), net("10.244.0.0/24"));
+        assert_eq!(
+            first_free_subnet(c, 24, &taken, Some(net("10.9.0.0/24"))).unwrap(),
+            net("10.244.0.0/24")
+        );
+        assert_eq!(
+            first_free_subnet(c, 24, &taken, Some(net("10.244.0.0/25"))).unwrap(),
+            net("10.244.0.0/24")
+        );
     }
 
     #[test]

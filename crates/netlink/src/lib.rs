@@ -15,9 +15,15 @@ use std::path::Path;
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use tweed_model::MacAddr;
@@ -38,18 +44,29 @@ pub enum NetlinkError {
     #[error("netlink: cannot open a socket: {0}")]
     Socket(#[source] std::io::Error),
     #[error("{op}: {source}")]
-    Request { op: String, #[source] source: rtnetlink::Error },
+    Request {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("no link named {0}")]
     NoLink(String),
     #[error("network namespace {path}: {source}")]
-    Netns { path: String, #[source] source: nix::Error },
+    Netns {
+        path: String,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 impl NetlinkError {
     /// The errno of a failed request, if it was one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            NetlinkError::Request { source: rtnetlink::Error::NetlinkError(m), .. } => Some(-m.raw_code()),
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(m),
+                ..
+            } => Some(-m.raw_code()),
             _ => None,
         }
     }
@@ -174,11 +191,20 @@ impl Netlink {
     /// `/run/netns/pod1`) and return to the original namespace.
     /// Equivalent: `ip -n NETNS ...`.
     pub fn open_in(netns: &Path) -> Result<Self> {
-        let ns_err = |source| NetlinkError::Netns { path: netns.display().to_string(), source };
-        let target = std::fs::File::open(netns)
-            .map_err(|e| ns_err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc_enoent()))))?;
-        let home = std::fs::File::open("/proc/thread-self/ns/net")
-            .map_err(|e| ns_err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc_enoent()))))?;
+        let ns_err = |source| NetlinkError::Netns {
+            path: netns.display().to_string(),
+            source,
+        };
+        let target = std::fs::File::open(netns).map_err(|e| {
+            ns_err(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc_enoent()),
+            ))
+        })?;
+        let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| {
+            ns_err(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc_enoent()),
+            ))
+        })?;
         nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(ns_err)?;
         let opened = Self::open();
         // Going home must not fail silently: a thread left in the pod's
@@ -190,7 +216,12 @@ impl Netlink {
 
     /// `ip link show NAME`
     pub async fn link(&self, name: &str) -> Result<Option<LinkState>> {
-        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(Some(link_state(&m))),
             Ok(None) => Ok(None),
@@ -200,13 +231,21 @@ impl Netlink {
     }
 
     async fn need_link(&self, name: &str) -> Result<LinkState> {
-        self.link(name).await?.ok_or_else(|| NetlinkError::NoLink(name.to_string()))
+        self.link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoLink(name.to_string()))
     }
 
     /// `ip link show` (every link)
     pub async fn links(&self) -> Result<Vec<LinkState>> {
-        let msgs: Vec<LinkMessage> =
-            self.handle.link().get().execute().try_collect().await.map_err(req("ip link show"))?;
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("ip link show"))?;
         Ok(msgs.iter().map(link_state).collect())
     }
 
@@ -232,7 +271,9 @@ impl Netlink {
 
     /// `ip link del NAME`; a link that is already gone is fine.
     pub async fn del_link(&self, name: &str) -> Result<()> {
-        let Some(l) = self.link(name).await? else { return Ok(()) };
+        let Some(l) = self.link(name).await? else {
+            return Ok(());
+        };
         match self.handle.link().del(l.index).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno_of(&e), ENODEV | ENOENT) => Ok(()),
@@ -334,7 +375,10 @@ impl Netlink {
                     .add(msg)
                     .execute()
                     .await
-                    .map_err(req(format!("ip link add {} type vxlan id {}", spec.name, spec.vni)))?;
+                    .map_err(req(format!(
+                        "ip link add {} type vxlan id {}",
+                        spec.name, spec.vni
+                    )))?;
                 self.need_link(&spec.name).await?
             }
         };
@@ -356,7 +400,9 @@ impl Netlink {
 
     /// `ip -4 route show dev DEV proto 144`: the routes tweed owns on a device.
     pub async fn owned_routes(&self, dev: &str) -> Result<BTreeSet<Route>> {
-        let Some(link) = self.link(dev).await? else { return Ok(BTreeSet::new()) };
+        let Some(link) = self.link(dev).await? else {
+            return Ok(BTreeSet::new());
+        };
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -368,7 +414,7 @@ impl Netlink {
         Ok(msgs
             .iter()
             .filter(|m| m.header.protocol == RouteProtocol::Other(TWEED_RTPROTO))
-            .filter(|m| m.attributes.iter().any(|a| *a == RouteAttribute::Oif(link.index)))
+            .filter(|m| m.attributes.contains(&RouteAttribute::Oif(link.index)))
             .filter_map(|m| route_of(m, dev))
             .collect())
     }
@@ -394,13 +440,24 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(req(format!("ip route replace {} via {} dev {} onlink", r.dst, r.via, r.dev)))
+            .map_err(req(format!(
+                "ip route replace {} via {} dev {} onlink",
+                r.dst, r.via, r.dev
+            )))
     }
 
     /// `ip route del DST via VIA dev DEV`; a route already gone is fine.
     pub async fn del_route(&self, r: &Route) -> Result<()> {
-        let Some(link) = self.link(&r.dev).await? else { return Ok(()) };
-        match self.handle.route().del(self.route_msg(r, link.index)).execute().await {
+        let Some(link) = self.link(&r.dev).await? else {
+            return Ok(());
+        };
+        match self
+            .handle
+            .route()
+            .del(self.route_msg(r, link.index))
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno_of(&e), ESRCH | ENOENT) => Ok(()),
             Err(e) => Err(req(format!("ip route del {} dev {}", r.dst, r.dev))(e)),
@@ -421,7 +478,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(req(format!("ip route replace {dst} dev {index} scope link")))
+            .map_err(req(format!(
+                "ip route replace {dst} dev {index} scope link"
+            )))
     }
 
     /// `ip route replace default via GW dev DEV onlink` (inside a pod).
@@ -437,7 +496,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(req(format!("ip route replace default via {gw} dev {index} onlink")))
+            .map_err(req(format!(
+                "ip route replace default via {gw} dev {index} onlink"
+            )))
     }
 
     /// Does `ip route show DST dev DEV` find the host route?
@@ -452,7 +513,10 @@ impl Netlink {
             .map_err(req("ip route show"))?;
         Ok(msgs.iter().any(|m| {
             m.header.destination_prefix_length == dst.prefix_len()
-                && m.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(dst.network())))
+                && m.attributes
+                    .contains(&RouteAttribute::Destination(RouteAddress::Inet(
+                        dst.network(),
+                    )))
                 && m.attributes.contains(&RouteAttribute::Oif(index))
         }))
     }
@@ -460,14 +524,22 @@ impl Netlink {
     async fn neigh_dump(&self, family: AddressFamily, index: u32) -> Result<Vec<NeighbourMessage>> {
         let mut get = self.handle.neighbours().get();
         get = get.set_address_family(family);
-        let msgs: Vec<NeighbourMessage> =
-            get.execute().try_collect().await.map_err(req("ip neigh show"))?;
-        Ok(msgs.into_iter().filter(|m| m.header.ifindex == index).collect())
+        let msgs: Vec<NeighbourMessage> = get
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("ip neigh show"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .collect())
     }
 
     /// `ip neigh show dev DEV nud permanent`
     pub async fn permanent_neighs(&self, dev: &str) -> Result<BTreeSet<Neigh>> {
-        let Some(link) = self.link(dev).await? else { return Ok(BTreeSet::new()) };
+        let Some(link) = self.link(dev).await? else {
+            return Ok(BTreeSet::new());
+        };
         let mut out = BTreeSet::new();
         for m in self.neigh_dump(AddressFamily::Inet, link.index).await? {
             if m.header.state != NeighbourState::Permanent {
@@ -484,7 +556,11 @@ impl Netlink {
                 }
             }
             if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.insert(Neigh { ip, mac, dev: dev.to_string() });
+                out.insert(Neigh {
+                    ip,
+                    mac,
+                    dev: dev.to_string(),
+                });
             }
         }
         Ok(out)
@@ -506,14 +582,22 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(req(format!("ip neigh replace {ip} lladdr {mac} dev {index}")))
+            .map_err(req(format!(
+                "ip neigh replace {ip} lladdr {mac} dev {index}"
+            )))
     }
 
     /// `ip neigh del IP dev DEV`; an entry already gone is fine.
     pub async fn del_neigh(&self, n: &Neigh) -> Result<()> {
-        let Some(link) = self.link(&n.dev).await? else { return Ok(()) };
+        let Some(link) = self.link(&n.dev).await? else {
+            return Ok(());
+        };
         for m in self.neigh_dump(AddressFamily::Inet, link.index).await? {
-            if m.attributes.contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(n.ip))) {
+            if m.attributes
+                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                    n.ip,
+                )))
+            {
                 match self.handle.neighbours().del(m).execute().await {
                     Ok(()) => {}
                     Err(e) if matches!(errno_of(&e), ENOENT | ESRCH) => {}
@@ -526,7 +610,9 @@ impl Netlink {
 
     /// `bridge fdb show dev DEV` (the permanent unicast entries with a dst)
     pub async fn fdb(&self, dev: &str) -> Result<BTreeSet<Fdb>> {
-        let Some(link) = self.link(dev).await? else { return Ok(BTreeSet::new()) };
+        let Some(link) = self.link(dev).await? else {
+            return Ok(BTreeSet::new());
+        };
         let mut out = BTreeSet::new();
         for m in self.neigh_dump(AddressFamily::Bridge, link.index).await? {
             let (mut dst, mut mac) = (None, None);
@@ -541,7 +627,11 @@ impl Netlink {
             }
             if let (Some(dst), Some(mac)) = (dst, mac) {
                 if mac.0 != [0; 6] {
-                    out.insert(Fdb { mac, dst, dev: dev.to_string() });
+                    out.insert(Fdb {
+                        mac,
+                        dst,
+                        dev: dev.to_string(),
+                    });
                 }
             }
         }
@@ -560,23 +650,32 @@ impl Netlink {
             .replace();
         r.message_mut()
             .attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(f.dst)));
-        r.execute()
-            .await
-            .map_err(req(format!("bridge fdb replace {} dev {} dst {}", f.mac, f.dev, f.dst)))
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                f.dst,
+            )));
+        r.execute().await.map_err(req(format!(
+            "bridge fdb replace {} dev {} dst {}",
+            f.mac, f.dev, f.dst
+        )))
     }
 
     /// `bridge fdb del MAC dev DEV dst DST self`; an entry already gone is fine.
     pub async fn del_fdb(&self, f: &Fdb) -> Result<()> {
-        let Some(link) = self.link(&f.dev).await? else { return Ok(()) };
+        let Some(link) = self.link(&f.dev).await? else {
+            return Ok(());
+        };
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = link.index;
         m.header.flags = NeighbourFlags::Own;
         m.header.state = NeighbourState::Permanent;
         m.header.kind = RouteType::Unspec;
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
-        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(f.dst)));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                f.dst,
+            )));
         match self.handle.neighbours().del(m).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno_of(&e), ENOENT | ESRCH) => Ok(()),
@@ -587,7 +686,13 @@ impl Netlink {
     /// Create a veth pair whose peer is born inside another namespace, so
     /// the peer's name (usually `eth0`) never clashes with this one's links.
     /// Equivalent: `ip link add HOST mtu MTU type veth peer name PEER netns NETNS mtu MTU`.
-    pub async fn add_veth_into(&self, host: &str, peer: &str, netns: &std::fs::File, mtu: u32) -> Result<()> {
+    pub async fn add_veth_into(
+        &self,
+        host: &str,
+        peer: &str,
+        netns: &std::fs::File,
+        mtu: u32,
+    ) -> Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .mtu(mtu)
@@ -600,7 +705,11 @@ impl Netlink {
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) => {
-                let what = if errno_of(&e) == EEXIST { " (a link of that name exists)" } else { "" };
+                let what = if errno_of(&e) == EEXIST {
+                    " (a link of that name exists)"
+                } else {
+                    ""
+                };
                 Err(NetlinkError::Request {
                     op: format!("ip link add {host} type veth peer name {peer} netns ...{what}"),
                     source: e,

@@ -111,9 +111,13 @@ pub fn plan_node(cfg: &ClusterConfig, me: &LocalNode, nodes: &[NodeRecord]) -> N
         if peer.name == me.record.name {
             continue;
         }
-        let skip = |reason: String| Skipped { node: peer.name.clone(), reason };
+        let skip = |reason: String| Skipped {
+            node: peer.name.clone(),
+            reason,
+        };
         if peer.subnet == me.record.subnet {
-            plan.skipped.push(skip(format!("claims our own subnet {}", peer.subnet)));
+            plan.skipped
+                .push(skip(format!("claims our own subnet {}", peer.subnet)));
             continue;
         }
         if !cluster.contains(&peer.subnet) || peer.subnet.prefix_len() != cfg.node_subnet_len {
@@ -131,8 +135,16 @@ pub fn plan_node(cfg: &ClusterConfig, me: &LocalNode, nodes: &[NodeRecord]) -> N
                     dev: dev.clone(),
                     onlink: true,
                 });
-                plan.neighs.insert(Neigh { ip: peer.vtep_ip(), mac: peer.vtep_mac, dev: dev.clone() });
-                plan.fdb.insert(Fdb { mac: peer.vtep_mac, dst: peer.public_ip, dev: dev.clone() });
+                plan.neighs.insert(Neigh {
+                    ip: peer.vtep_ip(),
+                    mac: peer.vtep_mac,
+                    dev: dev.clone(),
+                });
+                plan.fdb.insert(Fdb {
+                    mac: peer.vtep_mac,
+                    dst: peer.public_ip,
+                    dev: dev.clone(),
+                });
             }
         }
     }
@@ -181,11 +193,20 @@ mod tests {
         assert_eq!(p.vxlan.port, 8472);
         let r: Vec<_> = p.routes.iter().collect();
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].dst.to_string(), r[0].via.to_string(), r[0].onlink), ("10.244.2.0/24".into(), "10.244.2.0".into(), true));
+        assert_eq!(
+            (r[0].dst.to_string(), r[0].via.to_string(), r[0].onlink),
+            ("10.244.2.0/24".into(), "10.244.2.0".into(), true)
+        );
         let n = p.neighs.iter().next().unwrap();
-        assert_eq!((n.ip.to_string(), n.mac), ("10.244.2.0".into(), vtep_mac_for("n2")));
+        assert_eq!(
+            (n.ip.to_string(), n.mac),
+            ("10.244.2.0".into(), vtep_mac_for("n2"))
+        );
         let f = p.fdb.iter().next().unwrap();
-        assert_eq!((f.mac, f.dst.to_string()), (vtep_mac_for("n2"), "198.51.100.11".into()));
+        assert_eq!(
+            (f.mac, f.dst.to_string()),
+            (vtep_mac_for("n2"), "198.51.100.11".into())
+        );
         assert!(p.skipped.is_empty());
     }
 
@@ -207,7 +228,14 @@ mod tests {
     #[test]
     fn peer_gone_means_its_entries_are_deleted() {
         let cfg = ClusterConfig::default();
-        let two = plan_node(&cfg, &me(), &[rec("n2", "10.244.2.0/24", "198.51.100.11"), rec("n3", "10.244.3.0/24", "198.51.100.12")]);
+        let two = plan_node(
+            &cfg,
+            &me(),
+            &[
+                rec("n2", "10.244.2.0/24", "198.51.100.11"),
+                rec("n3", "10.244.3.0/24", "198.51.100.12"),
+            ],
+        );
         let one = plan_node(&cfg, &me(), &[rec("n2", "10.244.2.0/24", "198.51.100.11")]);
         let (add, del) = diff(&one.routes, &two.routes);
         assert!(add.is_empty());
@@ -219,7 +247,10 @@ mod tests {
 
     #[test]
     fn fixed_mtu_wins() {
-        let cfg = ClusterConfig { mtu: tweed_model::Mtu::Fixed(1300), ..Default::default() };
+        let cfg = ClusterConfig {
+            mtu: tweed_model::Mtu::Fixed(1300),
+            ..Default::default()
+        };
         assert_eq!(plan_node(&cfg, &me(), &[]).vxlan.mtu, 1300);
     }
 }

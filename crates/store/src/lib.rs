@@ -24,9 +24,17 @@ pub use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("etcd at {endpoints}: {source}")]
-    Etcd { endpoints: String, #[source] source: etcd_client::Error },
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
     #[error("cluster config at {key}: {source}")]
-    Config { key: String, #[source] source: tweed_model::ConfigError },
+    Config {
+        key: String,
+        #[source]
+        source: tweed_model::ConfigError,
+    },
     #[error(transparent)]
     Subnet(#[from] tweed_model::SubnetError),
     #[error("could not claim a subnet for {node} after {tries} tries (too much contention)")]
@@ -73,15 +81,25 @@ impl Store {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
-        let mut s = Self { client, endpoints: joined, prefix: prefix.trim_end_matches('/').to_string() };
+            .map_err(|source| StoreError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
+        let mut s = Self {
+            client,
+            endpoints: joined,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        };
         // Connecting is lazy; ask for something so an absent etcd shows now.
         s.client.status().await.map_err(|e| s.err(e))?;
         Ok(s)
     }
 
     fn err(&self, source: etcd_client::Error) -> StoreError {
-        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
     }
 
     pub fn config_key(&self) -> String {
@@ -95,7 +113,11 @@ impl Store {
     /// The cluster config; `None` if nobody has written one.
     pub async fn config(&mut self) -> Result<Option<ClusterConfig>> {
         let key = self.config_key();
-        let r = self.client.get(key.clone(), None).await.map_err(|e| self.err(e))?;
+        let r = self
+            .client
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| self.err(e))?;
         match r.kvs().first() {
             None => Ok(None),
             Some(kv) => ClusterConfig::from_json(kv.value())
@@ -106,7 +128,10 @@ impl Store {
 
     /// Write the cluster config unless one exists; returns the one in force.
     pub async fn init_config(&mut self, cfg: &ClusterConfig) -> Result<ClusterConfig> {
-        cfg.validate().map_err(|source| StoreError::Config { key: self.config_key(), source })?;
+        cfg.validate().map_err(|source| StoreError::Config {
+            key: self.config_key(),
+            source,
+        })?;
         let key = self.config_key();
         let body = serde_json::to_vec(cfg).expect("config serialises");
         let txn = Txn::new()
@@ -118,9 +143,15 @@ impl Store {
 
     /// Replace the cluster config (administrative; agents pick it up on restart).
     pub async fn put_config(&mut self, cfg: &ClusterConfig) -> Result<()> {
-        cfg.validate().map_err(|source| StoreError::Config { key: self.config_key(), source })?;
+        cfg.validate().map_err(|source| StoreError::Config {
+            key: self.config_key(),
+            source,
+        })?;
         let body = serde_json::to_vec(cfg).expect("config serialises");
-        self.client.put(self.config_key(), body, None).await.map_err(|e| self.err(e))?;
+        self.client
+            .put(self.config_key(), body, None)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -155,7 +186,9 @@ impl Store {
                     mod_revision: kv.mod_revision(),
                     lease: kv.lease(),
                 }),
-                Err(e) => tracing::warn!(%key, error = %e, "node record does not decode; its subnet stays taken"),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "node record does not decode; its subnet stays taken")
+                }
             }
         }
         Ok((nodes, taken, rev))
@@ -165,48 +198,87 @@ impl Store {
     /// seconds. Re-uses the node's existing record if there is one, else
     /// `want.subnet` if it is free (an agent's memory of its last subnet),
     /// else the first free subnet. Returns the record and the lease id.
-    pub async fn claim(&mut self, cfg: &ClusterConfig, want: &NodeRecord, ttl: i64) -> Result<(NodeRecord, i64)> {
+    pub async fn claim(
+        &mut self,
+        cfg: &ClusterConfig,
+        want: &NodeRecord,
+        ttl: i64,
+    ) -> Result<(NodeRecord, i64)> {
         const TRIES: u32 = 50;
-        let lease = self.client.lease_grant(ttl, None).await.map_err(|e| self.err(e))?.id();
+        let lease = self
+            .client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.err(e))?
+            .id();
         for _ in 0..TRIES {
             let (nodes, taken, _) = self.nodes().await?;
             let (key, record, cmp) = match nodes.iter().find(|n| n.record.name == want.name) {
                 Some(mine) => {
                     let mut rec = want.clone();
                     rec.subnet = mine.record.subnet;
-                    let cmp = Compare::mod_revision(mine.key.clone(), CompareOp::Equal, mine.mod_revision);
+                    let cmp = Compare::mod_revision(
+                        mine.key.clone(),
+                        CompareOp::Equal,
+                        mine.mod_revision,
+                    );
                     (mine.key.clone(), rec, cmp)
                 }
                 None => {
                     let pref = (cfg.cluster_cidr.trunc().contains(&want.subnet)
                         && want.subnet.prefix_len() == cfg.node_subnet_len)
                         .then_some(want.subnet);
-                    let subnet = first_free_subnet(cfg.cluster_cidr, cfg.node_subnet_len, &taken, pref)?;
+                    let subnet =
+                        first_free_subnet(cfg.cluster_cidr, cfg.node_subnet_len, &taken, pref)?;
                     let key = format!("{}{}", self.subnets_prefix(), subnet_key(subnet));
                     let cmp = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
-                    (key, NodeRecord { subnet, ..want.clone() }, cmp)
+                    (
+                        key,
+                        NodeRecord {
+                            subnet,
+                            ..want.clone()
+                        },
+                        cmp,
+                    )
                 }
             };
             let body = serde_json::to_vec(&record).expect("record serialises");
-            let txn = Txn::new()
-                .when([cmp])
-                .and_then([TxnOp::put(key, body, Some(PutOptions::new().with_lease(lease)))]);
-            if self.client.txn(txn).await.map_err(|e| self.err(e))?.succeeded() {
+            let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+                key,
+                body,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+            if self
+                .client
+                .txn(txn)
+                .await
+                .map_err(|e| self.err(e))?
+                .succeeded()
+            {
                 return Ok((record, lease));
             }
         }
-        Err(StoreError::Contention { node: want.name.clone(), tries: TRIES })
+        Err(StoreError::Contention {
+            node: want.name.clone(),
+            tries: TRIES,
+        })
     }
 
     /// Start keeping `lease` alive; the caller sends a keep-alive at least
     /// every TTL/3 through the [`LeaseKeeper`] and reads the replies.
     pub async fn keep_alive(&mut self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
-        self.client.lease_keep_alive(lease).await.map_err(|e| self.err(e))
+        self.client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Give a subnet back at once (used when a node is removed for good).
     pub async fn release(&mut self, lease: i64) -> Result<()> {
-        self.client.lease_revoke(lease).await.map_err(|e| self.err(e))?;
+        self.client
+            .lease_revoke(lease)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -215,10 +287,21 @@ impl Store {
         let prefix = self.subnets_prefix();
         let stream = self
             .client
-            .watch(prefix.clone(), Some(WatchOptions::new().with_prefix().with_start_revision(after_rev + 1)))
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(after_rev + 1),
+                ),
+            )
             .await
             .map_err(|e| self.err(e))?;
-        Ok(NodeWatch { stream, prefix, endpoints: self.endpoints.clone() })
+        Ok(NodeWatch {
+            stream,
+            prefix,
+            endpoints: self.endpoints.clone(),
+        })
     }
 }
 
@@ -237,16 +320,26 @@ impl NodeWatch {
                 .stream
                 .message()
                 .await
-                .map_err(|source| StoreError::Etcd { endpoints: self.endpoints.clone(), source })?
+                .map_err(|source| StoreError::Etcd {
+                    endpoints: self.endpoints.clone(),
+                    source,
+                })?
                 .ok_or_else(|| StoreError::WatchEnded(self.prefix.clone()))?;
             if msg.canceled() {
-                return Err(StoreError::WatchEnded(format!("{} ({})", self.prefix, msg.cancel_reason())));
+                return Err(StoreError::WatchEnded(format!(
+                    "{} ({})",
+                    self.prefix,
+                    msg.cancel_reason()
+                )));
             }
             let mut out = Vec::new();
             for ev in msg.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).to_string();
-                let Ok(subnet) = subnet_from_key(key.strip_prefix(&self.prefix).unwrap_or(&key)) else { continue };
+                let Ok(subnet) = subnet_from_key(key.strip_prefix(&self.prefix).unwrap_or(&key))
+                else {
+                    continue;
+                };
                 match ev.event_type() {
                     EventType::Delete => out.push(NodeEvent::Gone(subnet)),
                     EventType::Put => match serde_json::from_slice::<NodeRecord>(kv.value()) {

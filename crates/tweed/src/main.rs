@@ -14,7 +14,11 @@ use tweed_lab::{probe, Lab, Topology};
 use tweed_model::ClusterConfig;
 
 #[derive(Parser)]
-#[command(name = "tweed", version, about = "Kubernetes cluster networking: pod network, agent, lab")]
+#[command(
+    name = "tweed",
+    version,
+    about = "Kubernetes cluster networking: pod network, agent, lab"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -236,7 +240,9 @@ fn main() -> ExitCode {
         return ExitCode::from(code as u8);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -254,13 +260,27 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Cmd::Agent(a) => agent(a)?,
         Cmd::Status { run_dir } => {
             let p = run_dir.join("status.json");
-            let body = std::fs::read_to_string(&p).with_context(|| format!("no agent status at {}", p.display()))?;
+            let body = std::fs::read_to_string(&p)
+                .with_context(|| format!("no agent status at {}", p.display()))?;
             println!("{body}");
         }
         Cmd::Lab { cmd } => return lab(cmd),
-        Cmd::Echo { pod, node, listen, ready_file } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(tweed_lab::echo::serve(tweed_lab::echo::EchoOpts { pod, node, listen, ready_file }))?;
+        Cmd::Echo {
+            pod,
+            node,
+            listen,
+            ready_file,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(tweed_lab::echo::serve(tweed_lab::echo::EchoOpts {
+                pod,
+                node,
+                listen,
+                ready_file,
+            }))?;
         }
         Cmd::Probe { cmd } => probe_cmd(cmd)?,
     }
@@ -270,11 +290,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
 fn agent(a: AgentArgs) -> Result<()> {
     let node_name = match a.node_name {
         Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
     };
     let default_config = match &a.cluster_config {
-        Some(p) => ClusterConfig::from_json(&std::fs::read(p).with_context(|| p.display().to_string())?)
-            .with_context(|| format!("cluster config {}", p.display()))?,
+        Some(p) => {
+            ClusterConfig::from_json(&std::fs::read(p).with_context(|| p.display().to_string())?)
+                .with_context(|| format!("cluster config {}", p.display()))?
+        }
         None => ClusterConfig::default(),
     };
     if a.lease_ttl < 2 {
@@ -293,7 +317,10 @@ fn agent(a: AgentArgs) -> Result<()> {
         resync: Duration::from_secs(a.resync),
         default_config,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(tweed_agent::run(opts))?;
     Ok(())
 }
@@ -313,9 +340,14 @@ fn print_matrix(lab: &Lab) -> Result<bool> {
     for from in &pods {
         print!("{:<w$}", format!("{} {}", from.name, ""), w = w + 2);
         for to in &pods {
-            let cell = m.iter().find(|(f, t, _)| *f == from.name && *t == to.name).map(|(_, _, r)| r);
+            let cell = m
+                .iter()
+                .find(|(f, t, _)| *f == from.name && *t == to.name)
+                .map(|(_, _, r)| r);
             let text = match cell {
-                Some(Ok(seen)) if seen.client == from.ip.to_string() && seen.pod == to.name => seen.client.clone(),
+                Some(Ok(seen)) if seen.client == from.ip.to_string() && seen.pod == to.name => {
+                    seen.client.clone()
+                }
                 Some(Ok(seen)) => {
                     all_ok = false;
                     format!("NAT:{}", seen.client)
@@ -342,14 +374,23 @@ fn print_matrix(lab: &Lab) -> Result<bool> {
 
 fn lab(cmd: LabCmd) -> Result<ExitCode> {
     match cmd {
-        LabCmd::Up { file, name, no_matrix } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("topology {}", file.display()))?;
-            let topo = Topology::parse(&text).with_context(|| format!("topology {}", file.display()))?;
+        LabCmd::Up {
+            file,
+            name,
+            no_matrix,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("topology {}", file.display()))?;
+            let topo =
+                Topology::parse(&text).with_context(|| format!("topology {}", file.display()))?;
             let name = name.or(topo.name.clone()).unwrap_or_else(|| "demo".into());
             let lab = Lab::new(&name)?;
             let started = Instant::now();
             lab.up(&topo)?;
-            println!("lab {name} is up in {:.1} s\n", started.elapsed().as_secs_f64());
+            println!(
+                "lab {name} is up in {:.1} s\n",
+                started.elapsed().as_secs_f64()
+            );
             print!("{}", lab.status_text()?);
             if !no_matrix && !lab.state()?.pods.is_empty() && !print_matrix(&lab)? {
                 return Ok(ExitCode::FAILURE);
@@ -366,28 +407,43 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        LabCmd::Pod { cmd: PodCmd::Add { pod, node, name } } => {
+        LabCmd::Pod {
+            cmd: PodCmd::Add { pod, node, name },
+        } => {
             let p = Lab::new(&name)?.pod_add(&pod, &node)?;
             println!("pod {} on {} has {}", p.name, p.node, p.ip);
         }
-        LabCmd::Pod { cmd: PodCmd::Del { pod, name } } => {
+        LabCmd::Pod {
+            cmd: PodCmd::Del { pod, name },
+        } => {
             Lab::new(&name)?.pod_del(&pod)?;
             println!("pod {pod} deleted");
         }
         LabCmd::Agent { cmd } => match cmd {
             AgentCmd::Stop { node, name } => Lab::new(&name)?.agent_stop(&node)?,
-            AgentCmd::Start { node, name, no_wait } => Lab::new(&name)?.agent_start(&node, !no_wait)?,
+            AgentCmd::Start {
+                node,
+                name,
+                no_wait,
+            } => Lab::new(&name)?.agent_start(&node, !no_wait)?,
             AgentCmd::Restart { node, name } => {
                 let lab = Lab::new(&name)?;
                 lab.agent_stop(&node)?;
                 lab.agent_start(&node, true)?;
             }
         },
-        LabCmd::Etcd { cmd: EtcdCmd::Stop { name } } => Lab::new(&name)?.etcd_stop()?,
-        LabCmd::Etcd { cmd: EtcdCmd::Start { name } } => Lab::new(&name)?.etcd_start()?,
+        LabCmd::Etcd {
+            cmd: EtcdCmd::Stop { name },
+        } => Lab::new(&name)?.etcd_stop()?,
+        LabCmd::Etcd {
+            cmd: EtcdCmd::Start { name },
+        } => Lab::new(&name)?.etcd_start()?,
         LabCmd::Exec { name, target, cmd } => {
             let ns = Lab::new(&name)?.target_ns(&target)?;
-            let status = std::process::Command::new("ip").args(["netns", "exec", &ns]).args(&cmd).status()?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&cmd)
+                .status()?;
             return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
         }
     }
@@ -396,7 +452,13 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
 
 fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
     match cmd {
-        ProbeCmd::Http { addr, path, timeout, retry_for, count } => {
+        ProbeCmd::Http {
+            addr,
+            path,
+            timeout,
+            retry_for,
+            count,
+        } => {
             let deadline = Instant::now() + Duration::from_secs(retry_for);
             loop {
                 match probe::http_get(addr, &path, Duration::from_secs(timeout)) {
@@ -414,11 +476,23 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
             }
         }
         ProbeCmd::TcpWait { addr, timeout } => probe::tcp_wait(addr, Duration::from_secs(timeout))?,
-        ProbeCmd::Hold { addr, interval_ms, duration } => {
-            let n = probe::hold(addr, Duration::from_millis(interval_ms), Duration::from_secs(duration))?;
+        ProbeCmd::Hold {
+            addr,
+            interval_ms,
+            duration,
+        } => {
+            let n = probe::hold(
+                addr,
+                Duration::from_millis(interval_ms),
+                Duration::from_secs(duration),
+            )?;
             println!("{n}");
         }
-        ProbeCmd::Udp { addr, payload, timeout } => {
+        ProbeCmd::Udp {
+            addr,
+            payload,
+            timeout,
+        } => {
             let r = probe::udp(addr, payload.as_bytes(), Duration::from_secs(timeout))?;
             println!("{}", String::from_utf8_lossy(&r));
         }

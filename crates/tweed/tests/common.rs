@@ -12,12 +12,22 @@ pub const TWEED: &str = env!("CARGO_BIN_EXE_tweed");
 pub fn require_lab_prereqs() {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1).unwrap_or("1").to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("1").to_string())
+        })
         .unwrap_or_default();
     assert_eq!(uid, "0", "lab end-to-end tests need root (they build network namespaces); run `sudo scripts/test.sh`");
     for bin in ["etcd", "ip"] {
-        let found = std::env::var("PATH").unwrap_or_default().split(':').any(|d| std::path::Path::new(d).join(bin).exists());
-        assert!(found, "lab end-to-end tests need `{bin}` on PATH: run scripts/install-deps.sh");
+        let found = std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .any(|d| std::path::Path::new(d).join(bin).exists());
+        assert!(
+            found,
+            "lab end-to-end tests need `{bin}` on PATH: run scripts/install-deps.sh"
+        );
     }
 }
 
@@ -27,7 +37,12 @@ pub fn tweed(args: &[&str]) -> Output {
 
 pub fn ok(args: &[&str]) -> String {
     let o = tweed(args);
-    assert!(o.status.success(), "tweed {args:?} failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "tweed {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -58,8 +73,19 @@ impl LabGuard {
         let _ = tweed(&["lab", "down", "--name", name]);
         let file = std::env::temp_dir().join(format!("tweed-topo-{name}.yaml"));
         std::fs::write(&file, topology).unwrap();
-        let g = LabGuard { name: name.into(), dir };
-        ok(&["lab", "up", "-f", file.to_str().unwrap(), "--name", name, "--no-matrix"]);
+        let g = LabGuard {
+            name: name.into(),
+            dir,
+        };
+        ok(&[
+            "lab",
+            "up",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--no-matrix",
+        ]);
         g
     }
 
@@ -68,7 +94,10 @@ impl LabGuard {
     }
 
     pub fn pod_ip(&self, pod: &str) -> String {
-        self.state()["pods"][pod]["ip"].as_str().unwrap().to_string()
+        self.state()["pods"][pod]["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn node_ns(&self, node: &str) -> String {
@@ -81,34 +110,65 @@ impl LabGuard {
 
     /// Run a command inside a namespace of this lab.
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().unwrap()
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(cmd)
+            .output()
+            .unwrap()
     }
 
     pub fn exec_ok(&self, ns: &str, cmd: &[&str]) -> String {
         let o = self.exec(ns, cmd);
-        assert!(o.status.success(), "{cmd:?} in {ns} failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{cmd:?} in {ns} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).to_string()
     }
 
     /// HTTP GET to a pod's echo server from inside `ns`; the JSON it returns.
     pub fn get(&self, ns: &str, ip: &str) -> Option<serde_json::Value> {
-        let o = self.exec(ns, &[TWEED, "probe", "http", &format!("{ip}:8080"), "--timeout", "2"]);
-        o.status.success().then(|| serde_json::from_slice(&o.stdout).unwrap())
+        let o = self.exec(
+            ns,
+            &[
+                TWEED,
+                "probe",
+                "http",
+                &format!("{ip}:8080"),
+                "--timeout",
+                "2",
+            ],
+        );
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
     }
 
     pub fn node_subnet(&self, node: &str) -> String {
-        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(self.dir.join("nodes").join(node).join("run/status.json")).unwrap()).unwrap();
+        let s: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.dir.join("nodes").join(node).join("run/status.json")).unwrap(),
+        )
+        .unwrap();
         s["subnet"].as_str().unwrap().to_string()
     }
 
     pub fn routes(&self, node: &str) -> String {
-        self.exec_ok(&self.node_ns(node), &["ip", "route", "show", "proto", "144"])
+        self.exec_ok(
+            &self.node_ns(node),
+            &["ip", "route", "show", "proto", "144"],
+        )
     }
 
     pub fn namespaces(&self) -> Vec<String> {
         let prefix = format!("tw-{}_", self.name);
         std::fs::read_dir("/run/netns")
-            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -120,8 +180,15 @@ impl LabGuard {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let zombie = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()) == Some("Z");
-                !zombie && std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(&marker)).unwrap_or(false)
+                let zombie = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|s| s.split_whitespace().next())
+                    == Some("Z");
+                !zombie
+                    && std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                        .unwrap_or(false)
             })
             .collect()
     }
@@ -134,9 +201,21 @@ impl Drop for LabGuard {
             // Keep the original failure visible; still clean up.
             return;
         }
-        assert!(o.status.success(), "lab down failed: {}", String::from_utf8_lossy(&o.stderr));
-        assert!(self.namespaces().is_empty(), "lab down left namespaces: {:?}", self.namespaces());
-        assert!(self.processes().is_empty(), "lab down left processes: {:?}", self.processes());
+        assert!(
+            o.status.success(),
+            "lab down failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            self.namespaces().is_empty(),
+            "lab down left namespaces: {:?}",
+            self.namespaces()
+        );
+        assert!(
+            self.processes().is_empty(),
+            "lab down left processes: {:?}",
+            self.processes()
+        );
         assert!(!self.dir.exists(), "lab down left {}", self.dir.display());
     }
 }

@@ -10,13 +10,27 @@ use std::process::{Command, Stdio};
 fn every_pod_reaches_every_pod_with_its_true_ip_and_nodes_reach_pods() {
     let lab = LabGuard::up(
         "mesh",
-        &topology(&["n1", "n2", "n3"], &[("a1", "n1"), ("a2", "n1"), ("b1", "n2"), ("b2", "n2"), ("c1", "n3"), ("c2", "n3")], ""),
+        &topology(
+            &["n1", "n2", "n3"],
+            &[
+                ("a1", "n1"),
+                ("a2", "n1"),
+                ("b1", "n2"),
+                ("b2", "n2"),
+                ("c1", "n3"),
+                ("c2", "n3"),
+            ],
+            "",
+        ),
     );
     let st = lab.state();
     let pods: Vec<String> = st["pods"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(pods.len(), 6);
     // Subnets are distinct /24s of the cluster CIDR.
-    let subnets: std::collections::BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|n| lab.node_subnet(n)).collect();
+    let subnets: std::collections::BTreeSet<String> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| lab.node_subnet(n))
+        .collect();
     assert_eq!(subnets.len(), 3, "{subnets:?}");
     for s in &subnets {
         assert!(s.starts_with("10.244.") && s.ends_with(".0/24"), "{s}");
@@ -24,30 +38,60 @@ fn every_pod_reaches_every_pod_with_its_true_ip_and_nodes_reach_pods() {
     for from in &pods {
         for to in &pods {
             let to_ip = lab.pod_ip(to);
-            let seen = lab.get(&lab.pod_ns(from), &to_ip).unwrap_or_else(|| panic!("{from} cannot reach {to} at {to_ip}"));
+            let seen = lab
+                .get(&lab.pod_ns(from), &to_ip)
+                .unwrap_or_else(|| panic!("{from} cannot reach {to} at {to_ip}"));
             assert_eq!(seen["pod"], to.as_str());
-            assert_eq!(seen["client"], lab.pod_ip(from).as_str(), "{to} saw {from} as {} (NAT between pods?)", seen["client"]);
+            assert_eq!(
+                seen["client"],
+                lab.pod_ip(from).as_str(),
+                "{to} saw {from} as {} (NAT between pods?)",
+                seen["client"]
+            );
         }
     }
     // A process on a node reaches pods on other nodes (and its own).
     for (node, pod) in [("n1", "b1"), ("n1", "c2"), ("n2", "a1"), ("n3", "c1")] {
-        let seen = lab.get(&lab.node_ns(node), &lab.pod_ip(pod)).unwrap_or_else(|| panic!("node {node} cannot reach {pod}"));
+        let seen = lab
+            .get(&lab.node_ns(node), &lab.pod_ip(pod))
+            .unwrap_or_else(|| panic!("node {node} cannot reach {pod}"));
         assert_eq!(seen["pod"], pod);
     }
     // UDP too.
-    let out = lab.exec_ok(&lab.pod_ns("a1"), &[TWEED, "probe", "udp", &format!("{}:8080", lab.pod_ip("c1"))]);
+    let out = lab.exec_ok(
+        &lab.pod_ns("a1"),
+        &[TWEED, "probe", "udp", &format!("{}:8080", lab.pod_ip("c1"))],
+    );
     let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!((seen["pod"].as_str(), seen["client"].as_str()), (Some("c1"), Some(lab.pod_ip("a1").as_str())));
+    assert_eq!(
+        (seen["pod"].as_str(), seen["client"].as_str()),
+        (Some("c1"), Some(lab.pod_ip("a1").as_str()))
+    );
 }
 
 #[test]
 fn restarting_an_agent_keeps_connections_and_its_subnet() {
-    let lab = LabGuard::up("restart", &topology(&["n1", "n2"], &[("a", "n1"), ("b", "n2")], ""));
+    let lab = LabGuard::up(
+        "restart",
+        &topology(&["n1", "n2"], &[("a", "n1"), ("b", "n2")], ""),
+    );
     let subnet = lab.node_subnet("n1");
     let routes_before = lab.routes("n1");
     // One TCP connection from a (on n1) to b (on n2), a request every 100 ms for 8 s.
     let hold = Command::new("ip")
-        .args(["netns", "exec", &lab.pod_ns("a"), TWEED, "probe", "hold", &format!("{}:8080", lab.pod_ip("b")), "--interval-ms", "100", "--duration", "8"])
+        .args([
+            "netns",
+            "exec",
+            &lab.pod_ns("a"),
+            TWEED,
+            "probe",
+            "hold",
+            &format!("{}:8080", lab.pod_ip("b")),
+            "--interval-ms",
+            "100",
+            "--duration",
+            "8",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -58,44 +102,105 @@ fn restarting_an_agent_keeps_connections_and_its_subnet() {
     });
     ok(&["lab", "agent", "restart", "n1", "--name", "restart"]);
     let out = hold.wait_with_output().unwrap();
-    assert!(out.status.success(), "the connection broke during the restart: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the connection broke during the restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert!(n >= 20, "only {n} requests went through the held connection");
-    assert_eq!(lab.node_subnet("n1"), subnet, "the agent did not get its subnet back");
-    assert_eq!(lab.routes("n1"), routes_before, "the restart changed the routes");
+    assert!(
+        n >= 20,
+        "only {n} requests went through the held connection"
+    );
+    assert_eq!(
+        lab.node_subnet("n1"),
+        subnet,
+        "the agent did not get its subnet back"
+    );
+    assert_eq!(
+        lab.routes("n1"),
+        routes_before,
+        "the restart changed the routes"
+    );
     assert!(lab.get(&lab.pod_ns("b"), &lab.pod_ip("a")).is_some());
 }
 
 #[test]
 fn a_stopped_agent_past_its_lease_frees_its_subnet_and_peers_drop_its_routes() {
-    let lab = LabGuard::up("expire", &topology(&["n1", "n2", "n3"], &[], "agent: {leaseTtl: 3, resync: 2}\n"));
+    let lab = LabGuard::up(
+        "expire",
+        &topology(
+            &["n1", "n2", "n3"],
+            &[],
+            "agent: {leaseTtl: 3, resync: 2}\n",
+        ),
+    );
     let gone = lab.node_subnet("n3");
-    eventually("n1 to have a route to n3's subnet", 10, || lab.routes("n1").contains(&gone));
-    ok(&["lab", "agent", "stop", "n3", "--name", "expire"]);
-    eventually("n1 and n2 to drop n3's route after its lease expired", 20, || {
-        !lab.routes("n1").contains(&gone) && !lab.routes("n2").contains(&gone)
+    eventually("n1 to have a route to n3's subnet", 10, || {
+        lab.routes("n1").contains(&gone)
     });
+    ok(&["lab", "agent", "stop", "n3", "--name", "expire"]);
+    eventually(
+        "n1 and n2 to drop n3's route after its lease expired",
+        20,
+        || !lab.routes("n1").contains(&gone) && !lab.routes("n2").contains(&gone),
+    );
     // The subnet is free in the datastore.
-    let keys = lab.exec_ok(&format!("tw-expire_cp"), &["etcdctl", "--endpoints", "http://198.51.100.2:2379", "get", "--prefix", "--keys-only", "/tweed/subnets/"]);
-    assert!(!keys.contains(&gone.replace('/', "-")), "{gone} still held: {keys}");
+    let keys = lab.exec_ok(
+        "tw-expire_cp",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://198.51.100.2:2379",
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/tweed/subnets/",
+        ],
+    );
+    assert!(
+        !keys.contains(&gone.replace('/', "-")),
+        "{gone} still held: {keys}"
+    );
     // n1 and n2 keep each other.
     assert!(lab.routes("n1").contains(&lab.node_subnet("n2")));
     // Coming back, n3 gets a subnet again and peers learn it.
     ok(&["lab", "agent", "start", "n3", "--name", "expire"]);
     let again = lab.node_subnet("n3");
-    eventually("n1 to learn n3's subnet again", 10, || lab.routes("n1").contains(&again));
+    eventually("n1 to learn n3's subnet again", 10, || {
+        lab.routes("n1").contains(&again)
+    });
 }
 
 #[test]
 fn a_route_deleted_by_hand_comes_back_and_foreign_routes_are_left_alone() {
-    let lab = LabGuard::up("repair", &topology(&["n1", "n2"], &[("a", "n1"), ("b", "n2")], "agent: {leaseTtl: 10, resync: 2}\n"));
+    let lab = LabGuard::up(
+        "repair",
+        &topology(
+            &["n1", "n2"],
+            &[("a", "n1"), ("b", "n2")],
+            "agent: {leaseTtl: 10, resync: 2}\n",
+        ),
+    );
     let peer = lab.node_subnet("n2");
     let ns = lab.node_ns("n1");
     // Someone else's route in the node: tweed must not touch it.
-    lab.exec_ok(&ns, &["ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.11"]);
+    lab.exec_ok(
+        &ns,
+        &[
+            "ip",
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "198.51.100.11",
+        ],
+    );
     lab.exec_ok(&ns, &["ip", "route", "del", &peer]);
     assert!(!lab.routes("n1").contains(&peer));
-    eventually("the deleted route to come back", 15, || lab.routes("n1").contains(&peer));
+    eventually("the deleted route to come back", 15, || {
+        lab.routes("n1").contains(&peer)
+    });
     assert!(lab.get(&lab.pod_ns("a"), &lab.pod_ip("b")).is_some());
     let all = lab.exec_ok(&ns, &["ip", "route"]);
     assert!(all.contains("203.0.113.0/24 via 198.51.100.11"), "{all}");
@@ -121,14 +226,29 @@ fn two_labs_run_side_by_side_and_bad_topologies_are_refused() {
     // Same name twice: refused, and the running lab is untouched.
     let file = std::env::temp_dir().join("tweed-topo-dup.yaml");
     std::fs::write(&file, topology(&["n1"], &[], "")).unwrap();
-    let o = tweed(&["lab", "up", "-f", file.to_str().unwrap(), "--name", "side-a"]);
+    let o = tweed(&[
+        "lab",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--name",
+        "side-a",
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already up"));
     assert!(a.get(&a.pod_ns("p"), &a.pod_ip("p")).is_some());
     // An impossible topology: refused before anything is built.
-    std::fs::write(&file, "nodes: [{name: n1}]\npods: [{name: p, node: nowhere}]\n").unwrap();
+    std::fs::write(
+        &file,
+        "nodes: [{name: n1}]\npods: [{name: p, node: nowhere}]\n",
+    )
+    .unwrap();
     let o = tweed(&["lab", "up", "-f", file.to_str().unwrap(), "--name", "bad"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("\"nowhere\""), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("\"nowhere\""),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!std::path::Path::new("/run/netns/tw-bad_ul").exists());
 }

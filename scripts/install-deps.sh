@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything tweed's build, demo, tests and benchmarks need on a
+# fresh Debian 12 machine. Idempotent. Run as root.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps.sh: run as root (it uses apt-get)" >&2
+  exit 1
+fi
+
+pkgs=(
+  # data plane and lab
+  iproute2 nftables conntrack iputils-ping util-linux procps
+  # the datastore: a real etcd v3 and etcdctl
+  etcd-server etcd-client
+  # build: etcd-client's gRPC code is generated with protoc
+  protobuf-compiler gcc pkg-config
+  # a real CNI runtime and the reference plugins (for comparison benchmarks)
+  podman runc busybox-static containernetworking-plugins
+  # measurement and debugging
+  iperf3 curl jq socat tcpdump hyperfine
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  # etcd-server's package would start a system etcd on a machine with an init
+  # system; tweed's lab runs its own etcds inside namespaces and needs none.
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps.sh: no Rust toolchain; install Rust >= 1.85 (rustup) and re-run" >&2
+  exit 1
+fi
+echo "dependencies are installed"
