@@ -118,6 +118,8 @@ struct Agent {
     /// The subnet we hold, kept across datastore outages.
     subnet: Option<Ipv4Net>,
     ready: bool,
+    /// What was skipped last time, so a resync does not repeat the warnings.
+    skipped: Vec<tweed_plan::Skipped>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -139,6 +141,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         underlay,
         subnet: remembered,
         ready: false,
+        skipped: Vec::new(),
     };
     let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File {
         path: "SIGTERM".into(),
@@ -257,8 +260,11 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let nodes: Vec<NodeRecord> = map.values().cloned().collect();
         let plan = plan_node(cfg, local, &nodes);
-        for s in &plan.skipped {
-            tracing::warn!(peer = %s.node, reason = %s.reason, "peer skipped");
+        if plan.skipped != self.skipped {
+            for s in &plan.skipped {
+                tracing::warn!(peer = %s.node, reason = %s.reason, "peer skipped");
+            }
+            self.skipped = plan.skipped.clone();
         }
         let err = match reconcile(&self.nl, &plan).await {
             Ok(rep) => {

@@ -619,6 +619,11 @@ impl Netlink {
             for a in &m.attributes {
                 match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => dst = Some(*i),
+                    // In a bridge-family dump the decoder cannot know NDA_DST's
+                    // family and hands over raw bytes; 4 of them are IPv4.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                    }
                     NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
                         mac = Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
                     }

@@ -145,6 +145,27 @@ fn a_stopped_agent_past_its_lease_frees_its_subnet_and_peers_drop_its_routes() {
         20,
         || !lab.routes("n1").contains(&gone) && !lab.routes("n2").contains(&gone),
     );
+    // Its FDB and neighbour entries go too, not only the route.
+    let vtep = gone.split('/').next().unwrap().to_string();
+    eventually("n1 to drop n3's FDB and neighbour entries", 10, || {
+        let fdb = lab.exec_ok(
+            &lab.node_ns("n1"),
+            &["bridge", "fdb", "show", "dev", "tweed.1"],
+        );
+        let neigh = lab.exec_ok(
+            &lab.node_ns("n1"),
+            &["ip", "neigh", "show", "dev", "tweed.1"],
+        );
+        !fdb.contains("dst 198.51.100.12 ") && !neigh.contains(&format!("{vtep} "))
+    });
+    let fdb = lab.exec_ok(
+        &lab.node_ns("n1"),
+        &["bridge", "fdb", "show", "dev", "tweed.1"],
+    );
+    assert!(
+        fdb.contains("dst 198.51.100.11 "),
+        "n2's FDB entry went too: {fdb}"
+    );
     // The subnet is free in the datastore.
     let keys = lab.exec_ok(
         "tw-expire_cp",

@@ -1,0 +1,178 @@
+//! Root tests of the appliers against the real kernel, each in a network
+//! namespace of its own (never the machine's). They need root; without it
+//! they fail saying so.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::process::Command;
+
+use tweed_model::vtep_mac_for;
+use tweed_netlink::{Netlink, TWEED_RTPROTO};
+use tweed_plan::{Fdb, Neigh, Route, VxlanLink};
+
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Self {
+        let name = format!("tw-nltest-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let o = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "needs root to create network namespaces: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ns(name)
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+    /// Run `f` on a thread that has entered this namespace.
+    fn run<F: std::future::Future<Output = ()>>(&self, f: impl FnOnce() -> F + Send + 'static) {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(path).unwrap();
+            nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f());
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn spec(vni: u32, mtu: u32) -> VxlanLink {
+    VxlanLink {
+        name: "tweed.1".into(),
+        vni,
+        port: 8472,
+        local: "198.51.100.10".parse().unwrap(),
+        underlay_dev: "ul0".into(),
+        mtu,
+        mac: vtep_mac_for("n1"),
+        address: "10.244.1.0".parse().unwrap(),
+    }
+}
+
+#[test]
+fn vxlan_device_is_idempotent_and_recreated_only_when_it_must_be() {
+    let ns = Ns::new("vx");
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"]);
+    ns.ip(&["addr", "add", "198.51.100.10/24", "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+    ns.run(|| async {
+        let nl = Netlink::open().unwrap();
+        let i1 = nl.ensure_vxlan(&spec(1, 1450)).await.unwrap();
+        assert_eq!(
+            nl.ensure_vxlan(&spec(1, 1450)).await.unwrap(),
+            i1,
+            "second ensure re-created the device"
+        );
+        // MTU changes in place.
+        assert_eq!(nl.ensure_vxlan(&spec(1, 1400)).await.unwrap(), i1);
+        assert_eq!(nl.link("tweed.1").await.unwrap().unwrap().mtu, 1400);
+        // The VNI cannot change in place: the device is re-created.
+        let i2 = nl.ensure_vxlan(&spec(7, 1400)).await.unwrap();
+        assert_ne!(i2, i1);
+        let l = nl.link("tweed.1").await.unwrap().unwrap();
+        assert_eq!(
+            (l.vxlan.unwrap().vni, l.up, l.mac),
+            (Some(7), true, Some(vtep_mac_for("n1")))
+        );
+        assert_eq!(
+            nl.ipv4_addrs(i2).await.unwrap(),
+            vec!["10.244.1.0/32".parse().unwrap()]
+        );
+    });
+    let d = ns.ip(&["-d", "link", "show", "tweed.1"]);
+    assert!(
+        d.contains("vxlan id 7") && d.contains("dstport 8472") && d.contains("nolearning"),
+        "{d}"
+    );
+}
+
+#[test]
+fn routes_neighbours_and_fdb_round_trip_and_foreign_routes_are_invisible() {
+    let ns = Ns::new("rt");
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"]);
+    ns.ip(&["addr", "add", "198.51.100.10/24", "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+    ns.run(|| async {
+        let nl = Netlink::open().unwrap();
+        nl.ensure_vxlan(&spec(1, 1450)).await.unwrap();
+    });
+    // A route on our device that tweed did not make.
+    ns.ip(&["route", "add", "10.9.0.0/24", "dev", "tweed.1"]);
+    ns.run(|| async {
+        let nl = Netlink::open().unwrap();
+        let r = Route {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            via: "10.244.2.0".parse().unwrap(),
+            dev: "tweed.1".into(),
+            onlink: true,
+        };
+        let n = Neigh {
+            ip: "10.244.2.0".parse().unwrap(),
+            mac: vtep_mac_for("n2"),
+            dev: "tweed.1".into(),
+        };
+        let f = Fdb {
+            mac: vtep_mac_for("n2"),
+            dst: "198.51.100.11".parse().unwrap(),
+            dev: "tweed.1".into(),
+        };
+        for _ in 0..2 {
+            nl.add_fdb(&f).await.unwrap();
+            nl.add_neigh(&n).await.unwrap();
+            nl.add_route(&r).await.unwrap();
+        }
+        assert_eq!(
+            nl.owned_routes("tweed.1").await.unwrap(),
+            BTreeSet::from([r.clone()])
+        );
+        assert_eq!(
+            nl.permanent_neighs("tweed.1").await.unwrap(),
+            BTreeSet::from([n.clone()])
+        );
+        assert!(nl.fdb("tweed.1").await.unwrap().contains(&f));
+        for _ in 0..2 {
+            nl.del_route(&r).await.unwrap();
+            nl.del_neigh(&n).await.unwrap();
+            nl.del_fdb(&f).await.unwrap();
+        }
+        assert!(nl.owned_routes("tweed.1").await.unwrap().is_empty());
+        assert!(nl.permanent_neighs("tweed.1").await.unwrap().is_empty());
+        assert!(!nl.fdb("tweed.1").await.unwrap().contains(&f));
+    });
+    let routes = ns.ip(&["route"]);
+    assert!(
+        routes.contains("10.9.0.0/24 dev tweed.1"),
+        "the foreign route was touched: {routes}"
+    );
+    assert!(
+        !routes.contains(&format!("proto {TWEED_RTPROTO}")),
+        "{routes}"
+    );
+}
