@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: pure unit and property tests, then the lab end-to-end
-# tests (root, network namespaces, a real etcd per lab, podman).
+# Runs every test: pure unit and property tests, root tests of the netlink
+# appliers in their own namespaces, then the lab end-to-end tests (a real
+# etcd per lab, the real CNI plugin, podman). Ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,4 +11,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 ./scripts/install-deps.sh
 cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads 4
+log=$(mktemp)
+set +e
+cargo test --workspace --all-targets --locked -- --test-threads 4 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tweed: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$rc"
