@@ -7,8 +7,13 @@
 
 mod config;
 mod node;
+mod service;
 mod subnet;
 
 pub use config::{Backend, ClusterConfig, ConfigError, Mtu};
 pub use node::{vtep_mac_for, MacAddr, NodeRecord, NodeState};
+pub use service::{
+    allocate_cluster_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints, FieldError,
+    Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy, NODE_PORT_RANGE,
+};
 pub use subnet::{first_free_subnet, subnet_count, subnet_from_key, subnet_key, SubnetError};

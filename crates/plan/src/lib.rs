@@ -4,6 +4,8 @@
 //! root; the appliers in `tweed-netlink` only make the kernel match.
 #![forbid(unsafe_code)]
 
+pub mod services;
+
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
