@@ -27,6 +27,7 @@ pub fn conflist(run_dir: &Path, ipam_dir: &Path) -> serde_json::Value {
             "type": "tweed",
             "runDir": run_dir,
             "dataDir": ipam_dir,
+            "capabilities": { "portMappings": true },
         }]
     })
 }

@@ -9,8 +9,10 @@
 
 mod dataplane;
 mod files;
+mod proxy;
 mod run;
 
 pub use dataplane::{reconcile, Dataplane, ReconcileReport};
 pub use files::{conflist, write_atomic, AgentStatus, PeerStatus};
+pub use proxy::{read_hostports, table_present, Proxy, SyncReport};
 pub use run::{run, AgentError, AgentOpts};

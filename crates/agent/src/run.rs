@@ -6,11 +6,14 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{signal, SignalKind};
 use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
+use tweed_model::{Endpoints, Service};
 use tweed_netlink::{Netlink, NetlinkError};
+use tweed_plan::services::ProxyConfig;
 use tweed_plan::{plan_node, LocalNode};
-use tweed_store::{apply_events, NodeEvent, Store, StoreError};
+use tweed_store::{apply_events, KeyEvent, NodeEvent, Store, StoreError};
 
 use crate::files::{conflist, write_atomic, AgentStatus, PeerStatus};
+use crate::proxy::{table_present, Proxy};
 use crate::reconcile;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,8 @@ pub enum AgentError {
     },
     #[error("our subnet record was removed from the datastore")]
     RecordGone,
+    #[error("service proxy: {0}")]
+    Proxy(#[from] tweed_nft::NftError),
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +54,9 @@ pub struct AgentOpts {
     pub resync: Duration,
     /// Written to the datastore when it holds no cluster config yet.
     pub default_config: ClusterConfig,
+    /// Seconds between full service-proxy syncs (the table is also re-made
+    /// at once if it goes missing, checked every resync).
+    pub proxy_full_sync: Duration,
 }
 
 impl AgentOpts {
@@ -111,6 +119,23 @@ enum Exit {
     Signal,
 }
 
+fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {
+    serde_json::from_slice(v)
+        .map_err(|e| tracing::warn!(%key, error = %e, "ignoring a record that does not decode"))
+        .ok()
+}
+
+fn report(r: Option<crate::proxy::SyncReport>) {
+    if let Some(r) = r {
+        tracing::info!(
+            full = r.full,
+            services = r.services,
+            millis = format!("{:.2}", r.millis),
+            "service proxy: applied"
+        );
+    }
+}
+
 struct Agent {
     opts: AgentOpts,
     nl: Netlink,
@@ -120,6 +145,11 @@ struct Agent {
     ready: bool,
     /// What was skipped last time, so a resync does not repeat the warnings.
     skipped: Vec<tweed_plan::Skipped>,
+    mtu: u32,
+    /// Did the last overlay reconcile succeed? Pods are only admitted then.
+    dataplane_ok: bool,
+    /// Has the service proxy completed a full sync (the table exists)?
+    proxy_synced: bool,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -142,6 +172,9 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         subnet: remembered,
         ready: false,
         skipped: Vec::new(),
+        mtu: 1450,
+        dataplane_ok: false,
+        proxy_synced: false,
     };
     let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File {
         path: "SIGTERM".into(),
@@ -164,7 +197,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
                 tracing::info!("stopping; the data plane stays as it is");
                 return Ok(());
             }
-            Err(e @ (AgentError::Store(_) | AgentError::RecordGone)) => {
+            Err(e @ (AgentError::Store(_) | AgentError::RecordGone | AgentError::Proxy(_))) => {
                 let wait = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?wait, "datastore session ended; keeping the data plane as it is");
                 agent.write_status(None, Some(e.to_string()));
@@ -218,6 +251,42 @@ impl Agent {
             underlay_mtu: self.underlay.mtu,
         };
         self.converge(&cfg, &local, &map).await?;
+
+        // Services: list, full sync, then follow the watches.
+        let proxy_cfg = ProxyConfig {
+            node: me.name.clone(),
+            cluster_cidr: cfg.cluster_cidr,
+            service_cidr: cfg.service_cidr,
+            node_subnet: me.subnet,
+        };
+        let mut proxy = Proxy::new(proxy_cfg, self.opts.run_dir.clone());
+        let svc_prefix = store.services_prefix();
+        let ep_prefix = store.endpoints_prefix();
+        let (svcs, svc_rev) = store.list_prefix(&svc_prefix).await?;
+        let (eps, ep_rev) = store.list_prefix(&ep_prefix).await?;
+        proxy.load(
+            svcs.into_iter()
+                .filter_map(|(k, v)| decode::<Service>(&k, &v).map(|s| (k, s)))
+                .collect(),
+            eps.into_iter()
+                .filter_map(|(k, v)| decode::<Endpoints>(&k, &v).map(|e| (k, e)))
+                .collect(),
+        );
+        let rep = proxy.full_sync()?;
+        self.proxy_synced = true;
+        tracing::info!(
+            services = rep.services,
+            millis = format!("{:.1}", rep.millis),
+            "service proxy: full sync"
+        );
+        if !self.ready && self.dataplane_ok {
+            self.publish_ready(&local, self.mtu)?;
+        }
+        let mut svc_watch = store.watch_prefix(&svc_prefix, svc_rev).await?;
+        let mut ep_watch = store.watch_prefix(&ep_prefix, ep_rev).await?;
+        let mut full_tick = tokio::time::interval(self.opts.proxy_full_sync);
+        full_tick.tick().await;
+
         let mut watch = store.watch_nodes(rev).await?;
         let ka_every = Duration::from_secs((self.opts.lease_ttl as u64 / 3).max(1));
         let mut ka_tick = tokio::time::interval(ka_every);
@@ -245,6 +314,26 @@ impl Agent {
                 }
                 _ = resync.tick() => {
                     self.converge(&cfg, &local, &map).await?;
+                    if !table_present() {
+                        tracing::warn!("the service table is gone; re-making it");
+                        proxy.full_sync()?;
+                    }
+                }
+                evs = svc_watch.next() => {
+                    for (id, v) in evs? {
+                        proxy.set_service(id.clone(), v.and_then(|v| decode::<Service>(&id, &v)));
+                    }
+                    report(proxy.flush()?);
+                }
+                evs = ep_watch.next() => {
+                    let evs: Vec<KeyEvent> = evs?;
+                    for (id, v) in evs {
+                        proxy.set_endpoints(id.clone(), v.and_then(|v| decode::<Endpoints>(&id, &v)));
+                    }
+                    report(proxy.flush()?);
+                }
+                _ = full_tick.tick() => {
+                    report(Some(proxy.full_sync()?));
                 }
             }
         }
@@ -283,8 +372,13 @@ impl Agent {
                 Some(e.to_string())
             }
         };
-        if err.is_none() && !self.ready {
-            self.publish_ready(local, plan.vxlan.mtu)?;
+        self.mtu = plan.vxlan.mtu;
+        self.dataplane_ok = err.is_none();
+        if self.dataplane_ok && !self.ready && self.proxy_synced {
+            self.publish_ready(local, self.mtu)?;
+        }
+        if let Err(e) = self.ensure_service_route(cfg).await {
+            tracing::error!(error = %e, "cannot route the service CIDR");
         }
         let peers = nodes
             .iter()
@@ -303,6 +397,22 @@ impl Agent {
             })
             .collect();
         self.write_status(Some((local, peers)), err);
+        Ok(())
+    }
+
+    /// Node processes need a route for the service CIDR to connect() at
+    /// all before DNAT picks a pod (kube-proxy relies on a default route;
+    /// a node may have none). Equivalent: `ip route replace SERVICE_CIDR dev
+    /// UNDERLAY scope link proto 144`. Traffic that no service claims never
+    /// leaves: the proxy rejects it.
+    async fn ensure_service_route(&self, cfg: &ClusterConfig) -> Result<(), AgentError> {
+        let Some(dev) = self.nl.link(&self.underlay.dev).await? else {
+            return Ok(());
+        };
+        let cidr = cfg.service_cidr.trunc();
+        if !self.nl.has_device_route(cidr, dev.index).await? {
+            self.nl.add_device_route(cidr, dev.index).await?;
+        }
         Ok(())
     }
 

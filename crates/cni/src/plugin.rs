@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use tweed_model::NodeState;
+use tweed_model::{HostPorts, NodeState};
 use tweed_netlink::Netlink;
 
 use crate::ipam::{self, IpamError, Owner};
@@ -131,7 +131,14 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     };
     let ip = store.allocate(node.subnet, &owner).map_err(ipam_err)?;
     let host = host_veth_name(&env.container_id, &env.ifname);
-    match wire(env, conf, &node, &netns, netns_path, ip, &host).await {
+    let wired = match conf.port_mappings() {
+        Ok(maps) => match wire(env, conf, &node, &netns, netns_path, ip, &host).await {
+            Ok(v) => add_hostports(conf, env, ip, &maps).map(|_| v),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    match wired {
         Ok(v) => Ok(v),
         Err(e) => {
             // Leave nothing behind: deleting the host end removes the pair.
@@ -254,8 +261,103 @@ async fn wire(
     Ok(serde_json::to_value(res).expect("json"))
 }
 
+fn hostport_file(conf: &NetConf, container_id: &str, ifname: &str) -> std::path::PathBuf {
+    conf.run_dir
+        .join("hostports")
+        .join(format!("{container_id}-{ifname}.json"))
+}
+
+fn hostport_elements(h: &HostPorts) -> String {
+    h.mappings
+        .iter()
+        .map(|(p, hp, cp)| format!("{} . {hp} : {} . {cp}", p.nft(), h.pod_ip))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Record the pod's host ports for the agent (which includes them in every
+/// full sync) and add them to the live table now. A host port another pod
+/// holds is refused.
+fn add_hostports(
+    conf: &NetConf,
+    env: &Env,
+    ip: Ipv4Addr,
+    maps: &[(tweed_model::Protocol, u16, u16)],
+) -> Result<(), CniError> {
+    if maps.is_empty() {
+        return Ok(());
+    }
+    let dir = conf.run_dir.join("hostports");
+    let mine = hostport_file(conf, &env.container_id, &env.ifname);
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if e.path() == mine {
+            continue;
+        }
+        let Ok(other) = std::fs::read(e.path())
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<HostPorts>(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        for (p, hp, _) in maps {
+            if other.mappings.iter().any(|(q, h, _)| q == p && h == hp) {
+                return Err(CniError::new(
+                    code::HOSTPORT_CONFLICT,
+                    format!(
+                        "hostPort {hp}/{} is already used by {}",
+                        p.nft(),
+                        e.file_name().to_string_lossy().trim_end_matches(".json")
+                    ),
+                ));
+            }
+        }
+    }
+    let h = HostPorts {
+        pod_ip: ip,
+        mappings: maps.to_vec(),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        CniError::new(code::IO_FAILURE, format!("cannot create {}", dir.display())).details(e)
+    })?;
+    std::fs::write(&mine, serde_json::to_vec(&h).expect("json")).map_err(|e| {
+        CniError::new(code::IO_FAILURE, format!("cannot write {}", mine.display())).details(e)
+    })?;
+    let script = format!(
+        "add element ip {} hostports {{ {} }}\n",
+        tweed_plan::services::TABLE,
+        hostport_elements(&h)
+    );
+    if let Err(e) = tweed_nft::apply(&script) {
+        let _ = std::fs::remove_file(&mine);
+        return Err(CniError::new(code::DATAPLANE, "cannot add the host ports").details(e));
+    }
+    Ok(())
+}
+
+/// Undo [`add_hostports`]; absent is fine.
+fn del_hostports(conf: &NetConf, container_id: &str, ifname: &str) {
+    let f = hostport_file(conf, container_id, ifname);
+    if let Ok(h) = std::fs::read(&f)
+        .map_err(|_| ())
+        .and_then(|b| serde_json::from_slice::<HostPorts>(&b).map_err(|_| ()))
+    {
+        let keys = h
+            .mappings
+            .iter()
+            .map(|(p, hp, _)| format!("{} . {hp}", p.nft()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = tweed_nft::apply(&format!(
+            "delete element ip {} hostports {{ {keys} }}\n",
+            tweed_plan::services::TABLE
+        ));
+    }
+    let _ = std::fs::remove_file(&f);
+}
+
 async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // DEL must succeed for things already gone, so every step tolerates absence.
+    del_hostports(conf, &env.container_id, &env.ifname);
     let nl = Netlink::open().map_err(dp_err("cannot open netlink"))?;
     nl.del_link(&host_veth_name(&env.container_id, &env.ifname))
         .await

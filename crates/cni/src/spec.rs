@@ -25,6 +25,7 @@ pub mod code {
     pub const SUBNET_EXHAUSTED: u32 = 100;
     pub const CHECK_FAILED: u32 = 101;
     pub const DATAPLANE: u32 = 102;
+    pub const HOSTPORT_CONFLICT: u32 = 103;
 }
 
 /// A CNI error result, printed on stdout with a non-zero exit.
@@ -299,6 +300,60 @@ pub struct AddResult {
     pub ips: Vec<IpConfig>,
     pub routes: Vec<RouteConfig>,
     pub dns: Value,
+}
+
+/// One `runtimeConfig.portMappings` entry (the `portMappings` capability).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+impl NetConf {
+    /// The port mappings the runtime asked for, validated.
+    pub fn port_mappings(&self) -> Result<Vec<(tweed_model::Protocol, u16, u16)>, CniError> {
+        let Some(v) = self.runtime_config.get("portMappings") else {
+            return Ok(Vec::new());
+        };
+        let maps: Vec<PortMapping> = serde_json::from_value(v.clone()).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "runtimeConfig.portMappings does not decode",
+            )
+            .details(e)
+        })?;
+        maps.iter()
+            .map(|m| {
+                let p = match m.protocol.to_ascii_lowercase().as_str() {
+                    "tcp" => tweed_model::Protocol::TCP,
+                    "udp" => tweed_model::Protocol::UDP,
+                    "sctp" => tweed_model::Protocol::SCTP,
+                    other => {
+                        return Err(CniError::new(
+                            code::INVALID_CONFIG,
+                            format!("runtimeConfig.portMappings: unknown protocol {other:?}"),
+                        ))
+                    }
+                };
+                if m.host_port == 0 || m.container_port == 0 {
+                    return Err(CniError::new(
+                        code::INVALID_CONFIG,
+                        "runtimeConfig.portMappings: hostPort and containerPort must be 1-65535",
+                    ));
+                }
+                Ok((p, m.host_port, m.container_port))
+            })
+            .collect()
+    }
 }
 
 pub fn version_result() -> Value {

@@ -104,6 +104,16 @@ pub struct NodeState {
     pub mtu: u32,
 }
 
+/// A pod's host ports, as the CNI plugin records them for the agent in
+/// `RUN_DIR/hostports/` (one file per attachment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPorts {
+    pub pod_ip: Ipv4Addr,
+    /// (protocol, host port, container port)
+    pub mappings: Vec<(crate::Protocol, u16, u16)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

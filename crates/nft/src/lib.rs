@@ -4,10 +4,8 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use tweed_model::Protocol;
 use tweed_plan::services::Flow;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,25 +94,6 @@ pub fn forget(flow: &Flow) -> Result<(), NftError> {
         })?;
     let err = String::from_utf8_lossy(&out.stderr);
     // conntrack exits 1 with "0 flow entries have been deleted" when there were none.
-    if out.status.success() || err.contains("0 flow entries") {
-        Ok(())
-    } else {
-        Err(NftError::Conntrack(err.trim().to_string()))
-    }
-}
-
-/// Forget every conntrack entry towards `ip` of a protocol (a pod that is gone).
-pub fn forget_backend(proto: Protocol, ip: Ipv4Addr) -> Result<(), NftError> {
-    let out = Command::new("conntrack")
-        .args(["-D", "-p", proto.nft(), "--reply-src", &ip.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| NftError::Spawn {
-            tool: "conntrack",
-            source,
-        })?;
-    let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || err.contains("0 flow entries") {
         Ok(())
     } else {

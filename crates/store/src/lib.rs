@@ -17,7 +17,10 @@ use etcd_client::{
     WatchOptions, WatchStream,
 };
 use ipnet::Ipv4Net;
-use tweed_model::{first_free_subnet, subnet_from_key, subnet_key, ClusterConfig, NodeRecord};
+use tweed_model::{
+    allocate_cluster_ip, allocate_node_port, first_free_subnet, subnet_from_key, subnet_key,
+    ClusterConfig, Endpoints, FieldError, NodeRecord, Service,
+};
 
 pub use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 
@@ -43,6 +46,10 @@ pub enum StoreError {
     LeaseExpired(String),
     #[error("the watch on {0} ended")]
     WatchEnded(String),
+    #[error("service {id}: {err}")]
+    Invalid { id: String, err: FieldError },
+    #[error("{key} does not decode: {msg}")]
+    Decode { key: String, msg: String },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -282,6 +289,304 @@ impl Store {
         Ok(())
     }
 
+    pub fn services_prefix(&self) -> String {
+        format!("{}/services/", self.prefix)
+    }
+
+    pub fn endpoints_prefix(&self) -> String {
+        format!("{}/endpoints/", self.prefix)
+    }
+
+    fn alloc_ip_key(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("{}/alloc/clusterip/{ip}", self.prefix)
+    }
+
+    fn alloc_port_key(&self, port: u16) -> String {
+        format!("{}/alloc/nodeport/{port}", self.prefix)
+    }
+
+    /// Everything under `prefix` (keys without the prefix) and the revision.
+    pub async fn list_prefix(&mut self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64)> {
+        let r = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        let kvs = r
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let k = String::from_utf8_lossy(kv.key());
+                (
+                    k.strip_prefix(prefix).unwrap_or(&k).to_string(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        Ok((kvs, rev))
+    }
+
+    /// Watch everything under `prefix` from `after_rev + 1` on.
+    pub async fn watch_prefix(&mut self, prefix: &str, after_rev: i64) -> Result<PrefixWatch> {
+        let stream = self
+            .client
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(after_rev + 1),
+                ),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(PrefixWatch {
+            stream,
+            prefix: prefix.to_string(),
+            endpoints: self.endpoints.clone(),
+        })
+    }
+
+    /// Every service, by `namespace/name`.
+    pub async fn services(&mut self) -> Result<BTreeMap<String, Service>> {
+        let (kvs, _) = self.list_prefix(&self.services_prefix()).await?;
+        kvs.into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice::<Service>(&v)
+                    .map(|s| (k.clone(), s))
+                    .map_err(|e| StoreError::Decode {
+                        key: k,
+                        msg: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Create or update a service: validate it, keep the addresses it
+    /// already has, allocate a cluster IP and node ports it lacks, and claim
+    /// them with index keys in the same transaction, so two writers can
+    /// never hand out the same address or port.
+    pub async fn apply_service(&mut self, cfg: &ClusterConfig, svc: &Service) -> Result<Service> {
+        let id = svc.id();
+        let invalid = |err: FieldError| StoreError::Invalid {
+            id: id.clone(),
+            err,
+        };
+        svc.validate(cfg.service_cidr.trunc()).map_err(invalid)?;
+        let key = format!("{}{id}", self.services_prefix());
+        for _ in 0..20 {
+            let cur = self
+                .client
+                .get(key.clone(), None)
+                .await
+                .map_err(|e| self.err(e))?;
+            let (old, old_rev): (Option<Service>, i64) = match cur.kvs().first() {
+                Some(kv) => (serde_json::from_slice(kv.value()).ok(), kv.mod_revision()),
+                None => (None, 0),
+            };
+            let (ips, _) = self
+                .list_prefix(&format!("{}/alloc/clusterip/", self.prefix))
+                .await?;
+            let (ports, _) = self
+                .list_prefix(&format!("{}/alloc/nodeport/", self.prefix))
+                .await?;
+            let owner = |v: &Vec<u8>| String::from_utf8_lossy(v).to_string();
+            let ips: BTreeMap<std::net::Ipv4Addr, String> = ips
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, owner(&v))))
+                .collect();
+            let ports: BTreeMap<u16, String> = ports
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, owner(&v))))
+                .collect();
+            let mut new = svc.clone();
+            // Addresses: the one asked for, else the one it had, else a fresh one.
+            let ip = match (svc.cluster_ip, old.as_ref().and_then(|o| o.cluster_ip)) {
+                (Some(want), _) => {
+                    if ips.get(&want).is_some_and(|o| *o != id) {
+                        return Err(invalid(FieldError {
+                            field: "spec.clusterIP".into(),
+                            msg: format!("{want} is already allocated to {}", ips[&want]),
+                        }));
+                    }
+                    want
+                }
+                (None, Some(had)) => had,
+                (None, None) => {
+                    allocate_cluster_ip(cfg.service_cidr.trunc(), &ips.keys().copied().collect())
+                        .ok_or_else(|| {
+                            invalid(FieldError {
+                                field: "spec.clusterIP".into(),
+                                msg: format!("the service CIDR {} is full", cfg.service_cidr),
+                            })
+                        })?
+                }
+            };
+            new.cluster_ip = Some(ip);
+            let mut taken: BTreeSet<u16> = ports.keys().copied().collect();
+            let needs_ports = matches!(
+                svc.service_type,
+                tweed_model::ServiceType::NodePort | tweed_model::ServiceType::LoadBalancer
+            );
+            for (i, p) in new.ports.iter_mut().enumerate() {
+                if !needs_ports {
+                    p.node_port = None;
+                    continue;
+                }
+                let had = old
+                    .as_ref()
+                    .and_then(|o| {
+                        o.ports
+                            .iter()
+                            .find(|q| q.name == p.name && q.protocol == p.protocol)
+                    })
+                    .and_then(|q| q.node_port);
+                let port = match (p.node_port, had) {
+                    (Some(want), _) => {
+                        if ports.get(&want).is_some_and(|o| *o != id) {
+                            return Err(invalid(FieldError {
+                                field: format!("spec.ports[{i}].nodePort"),
+                                msg: format!("{want} is already allocated to {}", ports[&want]),
+                            }));
+                        }
+                        want
+                    }
+                    (None, Some(h)) => h,
+                    (None, None) => allocate_node_port(&taken).ok_or_else(|| {
+                        invalid(FieldError {
+                            field: format!("spec.ports[{i}].nodePort"),
+                            msg: "no node port is free".into(),
+                        })
+                    })?,
+                };
+                taken.insert(port);
+                p.node_port = Some(port);
+            }
+            let mut cmps = vec![if old_rev == 0 {
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, old_rev)
+            }];
+            let mut ops = vec![TxnOp::put(
+                key.clone(),
+                serde_json::to_vec(&new).expect("json"),
+                None,
+            )];
+            let claim = |cmps: &mut Vec<Compare>, ops: &mut Vec<TxnOp>, k: String, mine: bool| {
+                if !mine {
+                    cmps.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                    ops.push(TxnOp::put(k, id.clone(), None));
+                }
+            };
+            claim(
+                &mut cmps,
+                &mut ops,
+                self.alloc_ip_key(ip),
+                ips.get(&ip) == Some(&id),
+            );
+            let new_ports: BTreeSet<u16> = new.ports.iter().filter_map(|p| p.node_port).collect();
+            for p in &new_ports {
+                claim(
+                    &mut cmps,
+                    &mut ops,
+                    self.alloc_port_key(*p),
+                    ports.get(p) == Some(&id),
+                );
+            }
+            // Give back what the previous version held and this one does not.
+            for (old_ip, o) in &ips {
+                if *o == id && *old_ip != ip {
+                    ops.push(TxnOp::delete(self.alloc_ip_key(*old_ip), None));
+                }
+            }
+            for (old_port, o) in &ports {
+                if *o == id && !new_ports.contains(old_port) {
+                    ops.push(TxnOp::delete(self.alloc_port_key(*old_port), None));
+                }
+            }
+            if self
+                .client
+                .txn(Txn::new().when(cmps).and_then(ops))
+                .await
+                .map_err(|e| self.err(e))?
+                .succeeded()
+            {
+                return Ok(new);
+            }
+        }
+        Err(StoreError::Contention {
+            node: id,
+            tries: 20,
+        })
+    }
+
+    /// Delete a service, its endpoints and its allocations. Absent is fine.
+    pub async fn delete_service(&mut self, id: &str) -> Result<bool> {
+        let (ips, _) = self
+            .list_prefix(&format!("{}/alloc/clusterip/", self.prefix))
+            .await?;
+        let (ports, _) = self
+            .list_prefix(&format!("{}/alloc/nodeport/", self.prefix))
+            .await?;
+        let mut ops = vec![
+            TxnOp::delete(format!("{}{id}", self.services_prefix()), None),
+            TxnOp::delete(format!("{}{id}", self.endpoints_prefix()), None),
+        ];
+        for (k, v) in ips {
+            if v == id.as_bytes() {
+                ops.push(TxnOp::delete(
+                    format!("{}/alloc/clusterip/{k}", self.prefix),
+                    None,
+                ));
+            }
+        }
+        for (k, v) in ports {
+            if v == id.as_bytes() {
+                ops.push(TxnOp::delete(
+                    format!("{}/alloc/nodeport/{k}", self.prefix),
+                    None,
+                ));
+            }
+        }
+        let r = self
+            .client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(r.succeeded())
+    }
+
+    /// Write a service's endpoints.
+    pub async fn put_endpoints(&mut self, eps: &Endpoints) -> Result<()> {
+        let key = format!("{}{}/{}", self.endpoints_prefix(), eps.namespace, eps.name);
+        self.client
+            .put(key, serde_json::to_vec(eps).expect("json"), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Write many keys in as few transactions as etcd allows (128 ops each);
+    /// used to load benchmarks.
+    pub async fn put_many(&mut self, kvs: Vec<(String, Vec<u8>)>) -> Result<()> {
+        for chunk in kvs.chunks(128) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None))
+                .collect();
+            self.client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Watch node records from `after_rev + 1` on.
     pub async fn watch_nodes(&mut self, after_rev: i64) -> Result<NodeWatch> {
         let prefix = self.subnets_prefix();
@@ -302,6 +607,56 @@ impl Store {
             prefix,
             endpoints: self.endpoints.clone(),
         })
+    }
+}
+
+/// A change under a watched prefix: the key (without the prefix) and its
+/// new value, or `None` when it was deleted.
+pub type KeyEvent = (String, Option<Vec<u8>>);
+
+pub struct PrefixWatch {
+    stream: WatchStream,
+    prefix: String,
+    endpoints: String,
+}
+
+impl PrefixWatch {
+    /// The next batch of changes; an error means the caller must re-list.
+    pub async fn next(&mut self) -> Result<Vec<KeyEvent>> {
+        loop {
+            let msg = self
+                .stream
+                .message()
+                .await
+                .map_err(|source| StoreError::Etcd {
+                    endpoints: self.endpoints.clone(),
+                    source,
+                })?
+                .ok_or_else(|| StoreError::WatchEnded(self.prefix.clone()))?;
+            if msg.canceled() {
+                return Err(StoreError::WatchEnded(format!(
+                    "{} ({})",
+                    self.prefix,
+                    msg.cancel_reason()
+                )));
+            }
+            let out: Vec<KeyEvent> = msg
+                .events()
+                .iter()
+                .filter_map(|ev| {
+                    let kv = ev.kv()?;
+                    let key = String::from_utf8_lossy(kv.key());
+                    let key = key.strip_prefix(&self.prefix).unwrap_or(&key).to_string();
+                    Some(match ev.event_type() {
+                        EventType::Delete => (key, None),
+                        EventType::Put => (key, Some(kv.value().to_vec())),
+                    })
+                })
+                .collect();
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
     }
 }
 

@@ -86,6 +86,9 @@ struct AgentArgs {
     /// Cluster config (JSON) to write to the datastore if it holds none yet.
     #[arg(long)]
     cluster_config: Option<PathBuf>,
+    /// Seconds between full service-proxy syncs.
+    #[arg(long, default_value_t = 600)]
+    proxy_full_sync: u64,
 }
 
 #[derive(Subcommand)]
@@ -316,6 +319,7 @@ fn agent(a: AgentArgs) -> Result<()> {
         lease_ttl: a.lease_ttl,
         resync: Duration::from_secs(a.resync),
         default_config,
+        proxy_full_sync: Duration::from_secs(a.proxy_full_sync.max(1)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

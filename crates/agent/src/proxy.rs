@@ -1,0 +1,222 @@
+//! The service proxy: kube-proxy's job on nftables. It keeps what it
+//! committed to the kernel in memory, per service, and turns each change
+//! into a small transaction of element updates; it never lists the ruleset
+//! in steady state. A failed transaction, or a change the ruleset's shape
+//! cannot take, falls back to a full sync that replaces the table
+//! atomically (conntrack keeps established connections flowing through it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tweed_model::{Endpoints, HostPorts, Service};
+use tweed_nft::NftError;
+use tweed_plan::services::{
+    plan_hostports, plan_service, render_delta, render_full, stale_flows, union, Contribution,
+    Flow, ProxyConfig, Shape,
+};
+
+fn hostport_contribution(h: &HostPorts) -> Contribution {
+    let m: Vec<_> = h
+        .mappings
+        .iter()
+        .map(|(p, hp, cp)| (*p, *hp, h.pod_ip, *cp))
+        .collect();
+    plan_hostports(&m)
+}
+
+/// Read every host-port record (ids are `hostport/FILE`).
+pub fn read_hostports(run_dir: &std::path::Path) -> BTreeMap<String, Contribution> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(run_dir.join("hostports")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match std::fs::read(e.path())
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<HostPorts>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(h) => {
+                    out.insert(format!("hostport/{name}"), hostport_contribution(&h));
+                }
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), %err, "ignoring a host-port record")
+                }
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub full: bool,
+    pub services: usize,
+    pub millis: f64,
+}
+
+pub struct Proxy {
+    cfg: ProxyConfig,
+    run_dir: PathBuf,
+    services: BTreeMap<String, Service>,
+    endpoints: BTreeMap<String, Endpoints>,
+    /// What the kernel holds, per service id (and per host-port record).
+    committed: BTreeMap<String, Contribution>,
+    /// `None` until a full sync has succeeded.
+    shape: Option<Shape>,
+    dirty: BTreeSet<String>,
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, run_dir: PathBuf) -> Self {
+        Self {
+            cfg,
+            run_dir,
+            services: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            shape: None,
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    /// Replace the whole model (after a fresh list from the datastore).
+    pub fn load(
+        &mut self,
+        services: BTreeMap<String, Service>,
+        endpoints: BTreeMap<String, Endpoints>,
+    ) {
+        self.services = services;
+        self.endpoints = endpoints;
+        self.shape = None;
+    }
+
+    pub fn set_service(&mut self, id: String, svc: Option<Service>) {
+        match svc {
+            Some(s) => self.services.insert(id.clone(), s),
+            None => self.services.remove(&id),
+        };
+        self.dirty.insert(id);
+    }
+
+    pub fn set_endpoints(&mut self, id: String, eps: Option<Endpoints>) {
+        match eps {
+            Some(e) => self.endpoints.insert(id.clone(), e),
+            None => self.endpoints.remove(&id),
+        };
+        self.dirty.insert(id);
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    fn plan(&self, id: &str) -> Contribution {
+        self.services
+            .get(id)
+            .map(|s| plan_service(&self.cfg, s, self.endpoints.get(id)))
+            .unwrap_or_default()
+    }
+
+    /// Plan everything and replace the table in one transaction.
+    pub fn full_sync(&mut self) -> Result<SyncReport, NftError> {
+        let t = Instant::now();
+        let mut planned: BTreeMap<String, Contribution> = self
+            .services
+            .keys()
+            .map(|id| (id.clone(), self.plan(id)))
+            .collect();
+        planned.extend(read_hostports(&self.run_dir));
+        let (script, shape) = render_full(&self.cfg, &union(planned.values()));
+        tweed_nft::apply(&script)?;
+        let stale: Vec<Flow> = planned
+            .iter()
+            .flat_map(|(id, new)| {
+                self.committed
+                    .get(id)
+                    .map(|old| stale_flows(old, new))
+                    .unwrap_or_default()
+            })
+            .collect();
+        self.committed = planned;
+        self.shape = Some(shape);
+        self.dirty.clear();
+        forget(&stale);
+        Ok(SyncReport {
+            full: true,
+            services: self.services.len(),
+            millis: t.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Apply what changed since the last call, as one small transaction;
+    /// falls back to a full sync when that is impossible or fails.
+    pub fn flush(&mut self) -> Result<Option<SyncReport>, NftError> {
+        if self.dirty.is_empty() {
+            return Ok(None);
+        }
+        let Some(shape) = self.shape.clone() else {
+            return self.full_sync().map(Some);
+        };
+        let t = Instant::now();
+        let dirty: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let empty = Contribution::default();
+        let mut script = String::new();
+        let mut planned = Vec::new();
+        for id in &dirty {
+            let new = self.plan(id);
+            let old = self.committed.get(id).unwrap_or(&empty);
+            match render_delta(old, &new, &shape) {
+                Some(d) => script.push_str(&d),
+                None => {
+                    tracing::info!(service = %id, "a new endpoint count needs a full sync");
+                    return self.full_sync().map(Some);
+                }
+            }
+            planned.push((id.clone(), new));
+        }
+        if let Err(e) = tweed_nft::apply(&script) {
+            tracing::warn!(error = %e, "incremental update failed; doing a full sync");
+            return self.full_sync().map(Some);
+        }
+        let mut stale = Vec::new();
+        for (id, new) in planned {
+            let old = self.committed.remove(&id).unwrap_or_default();
+            stale.extend(stale_flows(&old, &new));
+            if self.services.contains_key(&id) {
+                self.committed.insert(id, new);
+            }
+        }
+        forget(&stale);
+        Ok(Some(SyncReport {
+            full: false,
+            services: dirty.len(),
+            millis: t.elapsed().as_secs_f64() * 1000.0,
+        }))
+    }
+}
+
+/// Delete conntrack entries of flows that lost their backend; failures are
+/// logged, not fatal (the entries time out on their own).
+fn forget(flows: &[Flow]) {
+    for f in flows {
+        if let Err(e) = tweed_nft::forget(f) {
+            tracing::warn!(error = %e, "conntrack clean-up failed");
+        }
+    }
+}
+
+/// Is tweed's table in the kernel? (`nft list tables`: names only, cheap.)
+pub fn table_present() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == format!("table ip {}", tweed_plan::services::TABLE))
+        })
+        .unwrap_or(false)
+}
