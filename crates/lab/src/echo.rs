@@ -25,7 +25,8 @@ pub struct Seen {
 pub struct EchoOpts {
     pub pod: String,
     pub node: String,
-    pub listen: SocketAddr,
+    /// TCP (HTTP) and UDP on each of these.
+    pub listen: Vec<SocketAddr>,
     /// Written once both sockets are bound, so a caller can wait on it.
     pub ready_file: Option<PathBuf>,
 }
@@ -41,36 +42,46 @@ fn seen(o: &EchoOpts, local: SocketAddr, peer: SocketAddr) -> Seen {
 }
 
 pub async fn serve(o: EchoOpts) -> std::io::Result<()> {
-    let tcp = TcpListener::bind(o.listen).await?;
-    let udp = UdpSocket::bind(o.listen).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in o.listen.clone() {
+        let tcp = TcpListener::bind(addr).await?;
+        let udp = UdpSocket::bind(addr).await?;
+        let uo = o.clone();
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                    continue;
+                };
+                let reply = if buf[..n].starts_with(b"whoami") {
+                    let local = udp.local_addr().unwrap_or(addr);
+                    // A wildcard-bound UDP socket does not know which local
+                    // address the datagram was for; the pod name tells.
+                    serde_json::to_vec(&seen(&uo, local, peer)).expect("json")
+                } else {
+                    buf[..n].to_vec()
+                };
+                let _ = udp.send_to(&reply, peer).await;
+            }
+        });
+        let to = o.clone();
+        tasks.spawn(async move {
+            loop {
+                let Ok((sock, peer)) = tcp.accept().await else {
+                    continue;
+                };
+                let o = to.clone();
+                tokio::spawn(async move {
+                    let _ = conn(sock, peer, &o).await;
+                });
+            }
+        });
+    }
     if let Some(f) = &o.ready_file {
         std::fs::write(f, std::process::id().to_string())?;
     }
-    let uo = o.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
-                continue;
-            };
-            let reply = if buf[..n].starts_with(b"whoami") {
-                let local = udp.local_addr().unwrap_or(uo.listen);
-                // A wildcard-bound UDP socket does not know which local
-                // address the datagram was for; report the pod's name instead.
-                serde_json::to_vec(&seen(&uo, local, peer)).expect("json")
-            } else {
-                buf[..n].to_vec()
-            };
-            let _ = udp.send_to(&reply, peer).await;
-        }
-    });
-    loop {
-        let (sock, peer) = tcp.accept().await?;
-        let o = o.clone();
-        tokio::spawn(async move {
-            let _ = conn(sock, peer, &o).await;
-        });
-    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn conn(sock: TcpStream, peer: SocketAddr, o: &EchoOpts) -> std::io::Result<()> {

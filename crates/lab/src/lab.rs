@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::echo::Seen;
+use crate::manifest::{ContainerPort, Workload};
 use crate::topology::{valid_name, Topology};
 
 pub const ECHO_PORT: u16 = 8080;
@@ -57,6 +58,11 @@ pub enum LabError {
     },
     #[error("teardown finished with errors:\n  {}", .0.join("\n  "))]
     Teardown(Vec<String>),
+    #[error("{}rejected:\n  {}", if done.is_empty() { String::new() } else { format!("applied:\n  {}\n", done.join("\n  ")) }, errors.join("\n  "))]
+    Manifest {
+        done: Vec<String>,
+        errors: Vec<String>,
+    },
 }
 
 type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -83,6 +89,39 @@ pub struct PodState {
     pub ns: String,
     pub ip: Ipv4Addr,
     pub echo_pid: Option<u32>,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    /// The workload (Deployment or Pod manifest) that owns it.
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub seq: u64,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostState {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What a new pod is to be.
+#[derive(Debug, Clone, Default)]
+pub struct NewPod {
+    pub name: String,
+    pub node: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<ContainerPort>,
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +134,18 @@ pub struct LabState {
     pub etcd_pid: Option<u32>,
     pub nodes: Vec<NodeState>,
     pub pods: BTreeMap<String, PodState>,
+    #[serde(default)]
+    pub hosts: Vec<HostState>,
+    #[serde(default)]
+    pub workloads: BTreeMap<String, Workload>,
+    /// Services as stored (with their allocated addresses).
+    #[serde(default)]
+    pub services: BTreeMap<String, tweed_model::Service>,
+    /// Endpoints as last written.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, tweed_model::Endpoints>,
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl LabState {
@@ -128,7 +179,7 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-fn ip(args: &[&str]) -> Result<String> {
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
@@ -237,7 +288,7 @@ impl Lab {
         self.dir.join("nodes").join(node)
     }
     /// The marker every lab process carries on its command line.
-    fn marker(&self) -> String {
+    pub(crate) fn marker(&self) -> String {
         self.dir.display().to_string()
     }
 
@@ -252,7 +303,7 @@ impl Lab {
             .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))
     }
 
-    fn save(&self, st: &LabState) -> Result<()> {
+    pub(crate) fn save(&self, st: &LabState) -> Result<()> {
         let p = self.state_path();
         let tmp = self.dir.join("state.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(st).expect("json")).map_err(io_err(&tmp))?;
@@ -260,7 +311,7 @@ impl Lab {
     }
 
     /// Serialise changes to the state between concurrent `tweed lab` calls.
-    fn lock(&self) -> Result<Flock<File>> {
+    pub(crate) fn lock(&self) -> Result<Flock<File>> {
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let p = self.dir.join("lock");
         let f = OpenOptions::new()
@@ -354,6 +405,11 @@ impl Lab {
             etcd_pid: None,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
+            hosts: Vec::new(),
+            workloads: BTreeMap::new(),
+            services: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            seq: 0,
         };
         // The state file exists from the first step on, so `down` can undo a partial build.
         self.save(&st)?;
@@ -419,13 +475,29 @@ impl Lab {
             st.nodes[i].agent_pid = Some(pid);
             self.save(&st)?;
         }
+        for (i, h) in topo.hosts.iter().enumerate() {
+            let host = HostState {
+                name: h.name.clone(),
+                ns: self.ns(&format!("h-{}", h.name)),
+                ip: topo.host_ip(i),
+            };
+            st.hosts.push(host.clone());
+            self.save(&st)?;
+            attach(&format!("h{i}"), &host.ns, host.ip)?;
+        }
         for n in &st.nodes {
             self.wait_node_ready(&n.name, 60)?;
         }
-        drop(_l);
         for p in &topo.pods {
-            self.pod_add(&p.name, &p.node)?;
+            let spec = NewPod {
+                name: p.name.clone(),
+                node: p.node.clone(),
+                namespace: "default".into(),
+                ..Default::default()
+            };
+            self.pod_add_locked(&mut st, spec)?;
         }
+        drop(_l);
         self.state()
     }
 
@@ -676,18 +748,43 @@ impl Lab {
     /// Create a pod on `node`: its namespace, its wiring through the CNI
     /// plugin, and its echo server.
     pub fn pod_add(&self, pod: &str, node: &str) -> Result<PodState> {
-        if !valid_name(pod) {
-            return Err(LabError::Invalid(format!(
-                "pod name {pod:?} must be 1-20 of [a-z0-9-]"
-            )));
-        }
         let _l = self.lock()?;
         let mut st = self.state()?;
+        self.pod_add_locked(
+            &mut st,
+            NewPod {
+                name: pod.into(),
+                node: node.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Lab::pod_add`] with the lab's lock already held; saves the state.
+    pub(crate) fn pod_add_locked(&self, st: &mut LabState, spec: NewPod) -> Result<PodState> {
+        let pod = spec.name.as_str();
+        if !valid_name(pod) {
+            return Err(LabError::Invalid(format!(
+                "pod name {pod:?} must be 1-40 of [a-z0-9-]"
+            )));
+        }
         if st.pods.contains_key(pod) {
             return Err(LabError::Invalid(format!("pod {pod} exists")));
         }
-        let node_ns = st.node(node)?.ns.clone();
-        let conf = self.plugin_conf(node)?;
+        let node_ns = st.node(&spec.node)?.ns.clone();
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&self.plugin_conf(&spec.node)?).expect("json");
+        // The runtime's part of the portMappings capability.
+        let maps: Vec<serde_json::Value> = spec
+            .ports
+            .iter()
+            .filter_map(|p| p.host_port.map(|h| serde_json::json!({"hostPort": h, "containerPort": p.port, "protocol": p.protocol.nft()})))
+            .collect();
+        if !maps.is_empty() {
+            conf["runtimeConfig"] = serde_json::json!({ "portMappings": maps });
+        }
+        let conf = conf.to_string();
         let ns = self.pod_ns(pod);
         ip(&["netns", "add", &ns])?;
         let netns = format!("/run/netns/{ns}");
@@ -727,17 +824,25 @@ impl Lab {
         std::fs::create_dir_all(&pods_dir).map_err(io_err(&pods_dir))?;
         let ready = pods_dir.join(format!("{pod}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "echo".into(),
             "--pod".into(),
             pod.into(),
             "--node".into(),
-            node.into(),
-            "--listen".into(),
-            format!("0.0.0.0:{ECHO_PORT}"),
+            spec.node.clone(),
             "--ready-file".into(),
             ready.display().to_string(),
         ];
+        let mut listen: Vec<u16> = spec.ports.iter().map(|p| p.port).collect();
+        listen.sort();
+        listen.dedup();
+        if listen.is_empty() {
+            listen.push(ECHO_PORT);
+        }
+        for p in listen {
+            args.push("--listen".into());
+            args.push(format!("0.0.0.0:{p}"));
+        }
         let pid = self
             .spawn_in(
                 &ns,
@@ -747,15 +852,21 @@ impl Lab {
                 &[],
             )
             .map_err(undo)?;
+        st.seq += 1;
         let ps = PodState {
             name: pod.into(),
-            node: node.into(),
+            node: spec.node.clone(),
             ns,
             ip: pod_ip,
             echo_pid: Some(pid),
+            namespace: spec.namespace.clone(),
+            labels: spec.labels.clone(),
+            ports: spec.ports.clone(),
+            owner: spec.owner.clone(),
+            seq: st.seq,
         };
         st.pods.insert(pod.into(), ps.clone());
-        self.save(&st)?;
+        self.save(st)?;
         wait_for(&format!("echo server in pod {pod}"), 10, "", || {
             ready.exists()
         })?;
@@ -766,6 +877,10 @@ impl Lab {
     pub fn pod_del(&self, pod: &str) -> Result<()> {
         let _l = self.lock()?;
         let mut st = self.state()?;
+        self.pod_del_locked(&mut st, pod)
+    }
+
+    pub(crate) fn pod_del_locked(&self, st: &mut LabState, pod: &str) -> Result<()> {
         let p = st
             .pods
             .get(pod)
@@ -794,7 +909,7 @@ impl Lab {
             errs.push(e.to_string());
         }
         st.pods.remove(pod);
-        self.save(&st)?;
+        self.save(st)?;
         if errs.is_empty() {
             Ok(())
         } else {
@@ -810,6 +925,9 @@ impl Lab {
         }
         if let Ok(n) = st.node(target) {
             return Ok(n.ns.clone());
+        }
+        if let Some(h) = st.hosts.iter().find(|h| h.name == target) {
+            return Ok(h.ns.clone());
         }
         match target {
             "cp" => Ok(st.cp_ns),

@@ -9,8 +9,10 @@
 
 pub mod echo;
 pub mod lab;
+pub mod manifest;
 pub mod probe;
 pub mod topology;
+pub mod workloads;
 
 pub use lab::{Lab, LabError};
 pub use topology::Topology;

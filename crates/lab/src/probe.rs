@@ -99,3 +99,54 @@ pub fn udp(addr: SocketAddr, payload: &[u8], timeout: Duration) -> std::io::Resu
     buf.truncate(n);
     Ok(buf)
 }
+
+/// Open `count` separate connections (one request each) and count which
+/// pod answered each; failures are counted under "error".
+pub fn http_many(
+    addr: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let who = http_get(addr, "/", timeout)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::echo::Seen>(&b).ok())
+            .map(|s| s.pod)
+            .unwrap_or_else(|| "error".into());
+        *out.entry(who).or_default() += 1;
+    }
+    out
+}
+
+/// From one UDP socket (one conntrack flow), send `whoami` every
+/// `interval` for `duration` and return who answered each time ("-" when
+/// nobody did within the interval).
+pub fn udp_watch(
+    addr: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+) -> std::io::Result<Vec<String>> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(interval))?;
+    let end = Instant::now() + duration;
+    let mut out = Vec::new();
+    let mut buf = vec![0; 65536];
+    while Instant::now() < end {
+        let sent = Instant::now();
+        // A rejected datagram comes back as ICMP, which a later send reports; ignore it.
+        let _ = s.send_to(b"whoami", addr);
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) => out.push(
+                serde_json::from_slice::<crate::echo::Seen>(&buf[..n])
+                    .map(|s| s.pod)
+                    .unwrap_or_else(|_| "?".into()),
+            ),
+            Err(_) => out.push("-".into()),
+        }
+        if let Some(rest) = interval.checked_sub(sent.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    Ok(out)
+}

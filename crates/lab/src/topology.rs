@@ -26,8 +26,17 @@ pub struct Topology {
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Hosts outside the cluster, on the underlay (external clients).
+    #[serde(default)]
+    pub hosts: Vec<HostSpec>,
     #[serde(default)]
     pub agent: AgentSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSpec {
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,7 +142,7 @@ impl Topology {
         for n in &self.nodes {
             if !valid_name(&n.name) {
                 return bad(format!(
-                    "nodes: name {:?} must be 1-20 of [a-z0-9-]",
+                    "nodes: name {:?} must be 1-40 of [a-z0-9-]",
                     n.name
                 ));
             }
@@ -144,7 +153,7 @@ impl Topology {
         let mut pods = std::collections::BTreeSet::new();
         for p in &self.pods {
             if !valid_name(&p.name) {
-                return bad(format!("pods: name {:?} must be 1-20 of [a-z0-9-]", p.name));
+                return bad(format!("pods: name {:?} must be 1-40 of [a-z0-9-]", p.name));
             }
             if !pods.insert(p.name.clone()) || seen.contains(&p.name) {
                 return bad(format!(
@@ -159,6 +168,23 @@ impl Topology {
                 ));
             }
         }
+        for h in &self.hosts {
+            if !valid_name(&h.name) {
+                return bad(format!(
+                    "hosts: name {:?} must be 1-40 of [a-z0-9-]",
+                    h.name
+                ));
+            }
+            if seen.contains(&h.name) || pods.contains(&h.name) || !seen.insert(h.name.clone()) {
+                return bad(format!(
+                    "hosts: {:?} appears twice or is also a node or pod name",
+                    h.name
+                ));
+            }
+        }
+        if self.hosts.len() > 40 {
+            return bad("hosts: at most 40".into());
+        }
         if self.agent.lease_ttl < 2 || self.agent.resync == 0 {
             return bad("agent: leaseTtl must be at least 2 and resync at least 1".into());
         }
@@ -172,6 +198,12 @@ impl Topology {
 
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
         nth(self.underlay.cidr, 10 + i as u32)
+    }
+
+    /// Hosts outside the cluster from .200 (a /24 underlay) or the upper part.
+    pub fn host_ip(&self, i: usize) -> Ipv4Addr {
+        let size = 1u32 << (32 - self.underlay.cidr.prefix_len());
+        nth(self.underlay.cidr, size - 56 + i as u32)
     }
 }
 
@@ -208,7 +240,7 @@ pods:
                 "nodes: [{name: a}]\npods: [{name: p, node: zz}]",
                 "not in nodes",
             ),
-            ("nodes: [{name: A_B}]", "must be 1-20"),
+            ("nodes: [{name: A_B}]", "must be 1-40"),
             (
                 "underlay: {cidr: 192.0.2.0/24}\nnodes: [{name: a}]",
                 "192.0.2.0/24",

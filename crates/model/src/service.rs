@@ -335,7 +335,8 @@ mod tests {
 
     #[test]
     fn every_error_names_its_field() {
-        let cases: Vec<(Box<dyn Fn(&mut Service)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Service)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.name = "My_App".into()), "metadata.name"),
             (Box::new(|s| s.ports.clear()), "spec.ports"),
             (Box::new(|s| s.ports[0].port = 0), "spec.ports[0].port"),

@@ -44,8 +44,9 @@ enum Cmd {
         pod: String,
         #[arg(long)]
         node: String,
+        /// Where to serve (repeatable): HTTP on TCP and echo on UDP.
         #[arg(long, default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        listen: Vec<SocketAddr>,
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
@@ -54,6 +55,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ProbeCmd,
     },
+    /// Datastore writes (JSON on stdin, JSON on stdout); the lab runs these
+    /// inside its control-plane namespace.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:2379",
+            global = true
+        )]
+        etcd_endpoints: Vec<String>,
+        #[arg(long, default_value = "/tweed", global = true)]
+        etcd_prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Create or update Services (a JSON list); prints [{"ok": stored} | {"error": why}].
+    ApplyServices,
+    /// Delete Services by "namespace/name" (a JSON list).
+    DeleteServices,
+    /// Write Endpoints (a JSON list).
+    PutEndpoints,
+    /// Print every Service.
+    GetServices,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +160,28 @@ enum LabCmd {
     Etcd {
         #[command(subcommand)]
         cmd: EtcdCmd,
+    },
+    /// Apply Deployment, Pod and Service manifests (like kubectl apply -f).
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Delete what a manifest file describes.
+    Delete {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Scale a Deployment: `tweed lab scale deployment/NAME --replicas N`.
+    Scale {
+        target: String,
+        #[arg(long)]
+        replicas: u32,
+        #[arg(long, default_value = "demo")]
+        name: String,
     },
     /// Run a command inside a node's or pod's namespace (also: cp, underlay).
     Exec {
@@ -223,6 +273,22 @@ enum ProbeCmd {
         #[arg(long, default_value_t = 10)]
         duration: u64,
     },
+    /// COUNT separate connections; prints how many each pod answered (JSON).
+    HttpMany {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
+    /// One UDP socket: whoami every --interval-ms for --duration s; prints who answered, one per line.
+    UdpWatch {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+    },
     /// Send a UDP datagram and print the reply.
     Udp {
         addr: SocketAddr,
@@ -286,6 +352,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }))?;
         }
         Cmd::Probe { cmd } => probe_cmd(cmd)?,
+        Cmd::Store {
+            cmd,
+            etcd_endpoints,
+            etcd_prefix,
+        } => store_cmd(cmd, etcd_endpoints, etcd_prefix)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -436,6 +507,32 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
                 lab.agent_start(&node, true)?;
             }
         },
+        LabCmd::Apply { file, name } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("manifest {}", file.display()))?;
+            for line in Lab::new(&name)?.apply(&text)? {
+                println!("{line}");
+            }
+        }
+        LabCmd::Delete { file, name } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("manifest {}", file.display()))?;
+            for line in Lab::new(&name)?.delete(&text)? {
+                println!("{line}");
+            }
+        }
+        LabCmd::Scale {
+            target,
+            replicas,
+            name,
+        } => {
+            let d = target
+                .strip_prefix("deployment/")
+                .or_else(|| target.strip_prefix("deploy/"))
+                .unwrap_or(&target);
+            Lab::new(&name)?.scale(d, replicas)?;
+            println!("deployment/{d} scaled to {replicas}");
+        }
         LabCmd::Etcd {
             cmd: EtcdCmd::Stop { name },
         } => Lab::new(&name)?.etcd_stop()?,
@@ -452,6 +549,56 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn store_cmd(cmd: StoreCmd, endpoints: Vec<String>, prefix: String) -> Result<()> {
+    use std::io::Read;
+    let mut input = String::new();
+    if !matches!(cmd, StoreCmd::GetServices) {
+        std::io::stdin().read_to_string(&mut input)?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        let mut store = tweed_store::Store::connect(&endpoints, &prefix).await?;
+        let cfg = store.config().await?.unwrap_or_default();
+        Ok::<_, anyhow::Error>(match cmd {
+            StoreCmd::ApplyServices => {
+                let svcs: Vec<tweed_model::Service> =
+                    serde_json::from_str(&input).context("services do not decode")?;
+                let mut out = Vec::new();
+                for s in svcs {
+                    out.push(match store.apply_service(&cfg, &s).await {
+                        Ok(stored) => serde_json::json!({ "ok": stored }),
+                        Err(tweed_store::StoreError::Invalid { err, .. }) => {
+                            serde_json::json!({ "error": err.to_string() })
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
+                }
+                serde_json::Value::Array(out)
+            }
+            StoreCmd::DeleteServices => {
+                let ids: Vec<String> = serde_json::from_str(&input).context("ids do not decode")?;
+                for id in &ids {
+                    store.delete_service(id).await?;
+                }
+                serde_json::json!(ids)
+            }
+            StoreCmd::PutEndpoints => {
+                let eps: Vec<tweed_model::Endpoints> =
+                    serde_json::from_str(&input).context("endpoints do not decode")?;
+                for e in &eps {
+                    store.put_endpoints(e).await?;
+                }
+                serde_json::json!(eps.len())
+            }
+            StoreCmd::GetServices => serde_json::to_value(store.services().await?)?,
+        })
+    })?;
+    println!("{out}");
+    Ok(())
 }
 
 fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
@@ -491,6 +638,33 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
                 Duration::from_secs(duration),
             )?;
             println!("{n}");
+        }
+        ProbeCmd::HttpMany {
+            addr,
+            count,
+            timeout,
+        } => {
+            println!(
+                "{}",
+                serde_json::to_string(&probe::http_many(
+                    addr,
+                    count,
+                    Duration::from_secs(timeout)
+                ))?
+            );
+        }
+        ProbeCmd::UdpWatch {
+            addr,
+            interval_ms,
+            duration,
+        } => {
+            for who in probe::udp_watch(
+                addr,
+                Duration::from_millis(interval_ms),
+                Duration::from_secs(duration),
+            )? {
+                println!("{who}");
+            }
         }
         ProbeCmd::Udp {
             addr,
