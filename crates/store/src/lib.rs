@@ -590,23 +590,7 @@ impl Store {
     /// Watch node records from `after_rev + 1` on.
     pub async fn watch_nodes(&mut self, after_rev: i64) -> Result<NodeWatch> {
         let prefix = self.subnets_prefix();
-        let stream = self
-            .client
-            .watch(
-                prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(after_rev + 1),
-                ),
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(NodeWatch {
-            stream,
-            prefix,
-            endpoints: self.endpoints.clone(),
-        })
+        self.watch_prefix(&prefix, after_rev).await.map(NodeWatch)
     }
 }
 
@@ -660,44 +644,22 @@ impl PrefixWatch {
     }
 }
 
-pub struct NodeWatch {
-    stream: WatchStream,
-    prefix: String,
-    endpoints: String,
-}
+/// A watch on node records, decoded.
+pub struct NodeWatch(PrefixWatch);
 
 impl NodeWatch {
     /// The next batch of node changes. An error means the watch is broken
     /// and the caller must re-list and watch again.
     pub async fn next(&mut self) -> Result<Vec<NodeEvent>> {
         loop {
-            let msg = self
-                .stream
-                .message()
-                .await
-                .map_err(|source| StoreError::Etcd {
-                    endpoints: self.endpoints.clone(),
-                    source,
-                })?
-                .ok_or_else(|| StoreError::WatchEnded(self.prefix.clone()))?;
-            if msg.canceled() {
-                return Err(StoreError::WatchEnded(format!(
-                    "{} ({})",
-                    self.prefix,
-                    msg.cancel_reason()
-                )));
-            }
             let mut out = Vec::new();
-            for ev in msg.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).to_string();
-                let Ok(subnet) = subnet_from_key(key.strip_prefix(&self.prefix).unwrap_or(&key))
-                else {
+            for (key, value) in self.0.next().await? {
+                let Ok(subnet) = subnet_from_key(&key) else {
                     continue;
                 };
-                match ev.event_type() {
-                    EventType::Delete => out.push(NodeEvent::Gone(subnet)),
-                    EventType::Put => match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                match value {
+                    None => out.push(NodeEvent::Gone(subnet)),
+                    Some(v) => match serde_json::from_slice::<NodeRecord>(&v) {
                         Ok(r) => out.push(NodeEvent::Put(r)),
                         Err(e) => tracing::warn!(%key, error = %e, "node record does not decode"),
                     },
