@@ -10,7 +10,7 @@ fi
 
 pkgs=(
   # data plane and lab
-  iproute2 nftables conntrack iputils-ping util-linux procps
+  iproute2 nftables iptables conntrack iputils-ping util-linux procps ethtool
   # the datastore: a real etcd v3 and etcdctl
   etcd-server etcd-client
   # build: etcd-client's gRPC code is generated with protoc

@@ -12,8 +12,8 @@ use std::time::Instant;
 use tweed_model::{Endpoints, HostPorts, Service};
 use tweed_nft::NftError;
 use tweed_plan::services::{
-    plan_hostports, plan_service, render_delta, render_full, stale_flows, union, Contribution,
-    Flow, ProxyConfig, Shape,
+    plan_hostports, plan_service, render_delta, render_full, stale_flows, Contribution, Flow,
+    ProxyConfig, Shape,
 };
 
 fn hostport_contribution(h: &HostPorts) -> Contribution {
@@ -129,8 +129,15 @@ impl Proxy {
             .map(|id| (id.clone(), self.plan(id)))
             .collect();
         planned.extend(read_hostports(&self.run_dir));
-        let (script, shape) = render_full(&self.cfg, &union(planned.values()));
+        let (script, shape) = render_full(&self.cfg, planned.values());
+        let rendered = t.elapsed();
         tweed_nft::apply(&script)?;
+        tracing::debug!(
+            render_ms = rendered.as_secs_f64() * 1000.0,
+            nft_ms = (t.elapsed() - rendered).as_secs_f64() * 1000.0,
+            bytes = script.len(),
+            "full sync"
+        );
         let stale: Vec<Flow> = planned
             .iter()
             .flat_map(|(id, new)| {
@@ -198,14 +205,22 @@ impl Proxy {
     }
 }
 
-/// Delete conntrack entries of flows that lost their backend; failures are
-/// logged, not fatal (the entries time out on their own).
+/// Delete conntrack entries of flows that lost their backend, on a thread
+/// of its own right after the rules changed: each deletion is a
+/// `conntrack` process, and the rule update must not wait for them.
+/// Failures are logged, not fatal (the entries time out on their own).
 fn forget(flows: &[Flow]) {
-    for f in flows {
-        if let Err(e) = tweed_nft::forget(f) {
-            tracing::warn!(error = %e, "conntrack clean-up failed");
-        }
+    if flows.is_empty() {
+        return;
     }
+    let flows = flows.to_vec();
+    std::thread::spawn(move || {
+        for f in &flows {
+            if let Err(e) = tweed_nft::forget(f) {
+                tracing::warn!(error = %e, "conntrack clean-up failed");
+            }
+        }
+    });
 }
 
 /// Is tweed's table in the kernel? (`nft list tables`: names only, cheap.)

@@ -150,3 +150,18 @@ pub fn udp_watch(
     }
     Ok(out)
 }
+
+/// Time `count` TCP handshakes to ADDR (connect, then close); returns
+/// (p50, p99) in microseconds.
+pub fn connect_latency(addr: SocketAddr, count: usize) -> std::io::Result<(f64, f64)> {
+    let mut us = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(s);
+    }
+    us.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| us[((p / 100.0) * (us.len() - 1) as f64).round() as usize];
+    Ok((pct(50.0), pct(99.0)))
+}

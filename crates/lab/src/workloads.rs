@@ -294,7 +294,7 @@ impl Lab {
                     .filter(|c| !c.name.is_empty())
                     .map(|c| (c.name.clone(), c.port))
                     .collect();
-                let ports: BTreeMap<String, u16> = svc
+                let ports: Vec<(String, u16)> = svc
                     .ports
                     .iter()
                     .filter_map(|sp| {

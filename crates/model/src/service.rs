@@ -109,8 +109,9 @@ pub struct Service {
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub node: String,
-    /// Service port name ("" for a single unnamed port) → target port.
-    pub ports: BTreeMap<String, u16>,
+    /// (service port name, "" for a single unnamed port; target port). A
+    /// short list, not a map: an agent holds 100k of these at 10k services.
+    pub ports: Vec<(String, u16)>,
     #[serde(default = "yes")]
     pub ready: bool,
     #[serde(default = "yes")]
@@ -124,6 +125,13 @@ pub struct Endpoint {
 
 fn yes() -> bool {
     true
+}
+
+impl Endpoint {
+    /// The target port for the service port named `name`.
+    pub fn port(&self, name: &str) -> Option<u16> {
+        self.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p)
+    }
 }
 
 /// A service's endpoints (an EndpointSlice, flattened).

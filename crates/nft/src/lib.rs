@@ -27,6 +27,15 @@ pub fn apply(script: &str) -> Result<(), NftError> {
     if script.is_empty() {
         return Ok(());
     }
+    // For debugging a ruleset by hand: TWEED_NFT_DUMP=DIR keeps every transaction.
+    if let Some(dir) = std::env::var_os("TWEED_NFT_DUMP") {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::write(
+            std::path::Path::new(&dir).join(format!("{}-{n}.nft", std::process::id())),
+            script,
+        );
+    }
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

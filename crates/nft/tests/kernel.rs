@@ -8,7 +8,7 @@ use std::process::Command;
 use tweed_model::{
     Endpoint, Endpoints, Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
-use tweed_plan::services::{plan_service, render_delta, render_full, union, ProxyConfig};
+use tweed_plan::services::{plan_service, render_delta, render_full, ProxyConfig};
 
 fn in_new_netns<T: Send + 'static>(tag: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let name = format!("tw-nfttest-{tag}-{}", std::process::id());
@@ -91,7 +91,7 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
         );
         let b = plan_service(&cfg, &svc("b", "10.96.0.11", None, None), Some(&eps(0)));
         let c = plan_service(&cfg, &svc("c", "10.96.0.12", None, Some(60)), Some(&eps(2)));
-        let (script, shape) = render_full(&cfg, &union([a.clone(), b.clone(), c.clone()].iter()));
+        let (script, shape) = render_full(&cfg, [&a, &b, &c].into_iter());
         tweed_nft::apply(&script).unwrap_or_else(|e| panic!("{e}\n{script}"));
         // Applying the full ruleset again replaces it atomically.
         tweed_nft::apply(&script).unwrap();
@@ -136,7 +136,7 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
         )
         .unwrap();
         assert!(
-            listing.contains("10.96.0.11 . tcp . 80 . 19 : 10.244.1.21 . 8080"),
+            listing.contains("10.96.0.11 . 80 . 19 : 10.244.1.21 . 8080"),
             "{listing}"
         );
         assert!(
@@ -148,7 +148,7 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
             "{listing}"
         );
         assert!(
-            listing.contains("10.96.0.11 . tcp . 80 : goto lb-20"),
+            listing.contains("set lb-tcp-20") && listing.contains("10.96.0.11 . 80"),
             "{listing}"
         );
         // A bad transaction changes nothing.

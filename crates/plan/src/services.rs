@@ -7,17 +7,31 @@
 //! sets make a large transaction quadratic). The exception is ClientIP
 //! affinity, which gets kube-proxy's per-endpoint dynamic sets and chains.
 //!
-//! Load balancing: see [`render_full`]; a service key with K backends maps
-//! to chain `lb-K`, whose rule does
-//! `dnat to ip daddr . meta l4proto . th dport . numgen random mod K map @be`,
-//! so each backend has probability exactly 1/K. Node ports work the same
-//! with (proto . port) keys, matched on any local address.
+//! Load balancing: a service key (ip . proto . port) with K backends is in
+//! set `lb-all` and in set `lb-PROTO-K` (keyed ip . port); the rule for
+//! (PROTO, K) does `dnat to ip daddr . th dport . numgen random mod K map
+//! @be-PROTO`, so each backend has probability exactly 1/K. New connections
+//! that are not for a service pay one lookup (`lb-all`). Node ports work the
+//! same with port keys (`np-all`, `np-PROTO-K`, `npbe-PROTO`), matched on
+//! any local address. Rules exist for K up to [`PRESET_K`] and any larger
+//! K in use; a change that needs a new K is applied as a full (atomic)
+//! resync, because nft 1.0.6 cannot add a rule that uses a `typeof` map to
+//! a table that already exists.
+//!
+//! No element an endpoint change touches is a verdict (jump/goto): the
+//! kernel re-validates the whole table on any commit that changes one,
+//! which costs time in proportion to the number of services. Only
+//! affinity services are reached through a verdict map (`lb`).
 //!
 //! Each node plans its own view: "Local" traffic policies just mean the
 //! node's own endpoints. Masquerade marking follows kube-proxy: sources
 //! outside the cluster CIDR reaching a service IP, external traffic under
 //! policy Cluster, and hairpin (a pod reaching itself, caught after DNAT
 //! by source == destination).
+//!
+//! Elements are small fixed-size values, not text, so the agent can hold
+//! what it committed for 10k services in a few MiB; text exists only while
+//! a transaction is being written.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -29,9 +43,10 @@ use tweed_model::{Endpoints, Protocol, Service, ServiceType, TrafficPolicy};
 pub const TABLE: &str = "tweed";
 /// kube-proxy's masquerade mark bit.
 pub const MASQ_MARK: u32 = 0x4000;
-/// Endpoint counts that always have a set and a rule, so common changes
-/// never need to touch the ruleset's shape.
-pub const PRESET_K: usize = 32;
+/// Endpoint counts that always have chains, so common changes never need
+/// to touch the ruleset's shape.
+pub const PRESET_K: u16 = 32;
+const PROTOS: [Protocol; 3] = [Protocol::TCP, Protocol::UDP, Protocol::SCTP];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -42,58 +57,198 @@ pub struct ProxyConfig {
     pub node_subnet: Ipv4Net,
 }
 
+/// (service or external IP, protocol, port)
+pub type SvcKey = (Ipv4Addr, Protocol, u16);
+/// (protocol, node port or host port)
+pub type PortKey = (Protocol, u16);
+/// (pod IP, port)
+pub type Backend = (Ipv4Addr, u16);
+
+/// One element of the ruleset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Elem {
+    /// `lb-PROTO-K`: the key has K backends.
+    Lb(SvcKey, u16),
+    /// `lb-all`: the key is load-balanced (by some K).
+    LbAll(SvcKey),
+    /// `lb`: key → `goto aff-…` (ClientIP affinity with this timeout).
+    LbAffinity(SvcKey, u32),
+    /// `be-PROTO`: (ip . port . slot) → backend.
+    Be(SvcKey, u16, Backend),
+    /// A backend reached through affinity chains (no element of its own;
+    /// kept so conntrack clean-up knows about it).
+    AffinityBackend(SvcKey, Backend),
+    /// `np-PROTO-K`: the node port has K backends.
+    Np(PortKey, u16),
+    /// `np-all`: the node port is load-balanced.
+    NpAll(PortKey),
+    /// `npbe-PROTO`: (port . slot) → backend.
+    NpBe(PortKey, u16, Backend),
+    MasqLb(SvcKey),
+    MasqNp(PortKey),
+    RejLb(SvcKey),
+    RejNp(PortKey),
+    /// `hostports`: (proto . port) → pod.
+    HostPort(PortKey, Backend),
+}
+
 /// A flow conntrack may hold towards a backend: (protocol, service IP or
 /// None for a node port, port, backend IP or None for "no backend").
 pub type Flow = (Protocol, Option<Ipv4Addr>, u16, Option<Ipv4Addr>);
 
-/// One service's share of the ruleset, as nft set and map elements.
+impl Elem {
+    /// The set or map it lives in (`None`: no element of its own).
+    fn group(&self) -> Option<Group> {
+        Some(match self {
+            Elem::Lb((_, p, _), n) => Group::LbK(*p, *n),
+            Elem::LbAll(_) => Group::LbAll,
+            Elem::LbAffinity(..) => Group::Lb,
+            Elem::Be((_, p, _), ..) => Group::Be(*p),
+            Elem::AffinityBackend(..) => return None,
+            Elem::Np((p, _), n) => Group::NpK(*p, *n),
+            Elem::NpAll(_) => Group::NpAll,
+            Elem::NpBe((p, _), ..) => Group::NpBe(*p),
+            Elem::MasqLb(_) => Group::MasqLb,
+            Elem::MasqNp(_) => Group::MasqNp,
+            Elem::RejLb(_) => Group::RejLb,
+            Elem::RejNp(_) => Group::RejNp,
+            Elem::HostPort(..) => Group::HostPorts,
+        })
+    }
+
+    /// Write the element's key (and, for maps, `: value`) as nft reads it.
+    fn write(&self, s: &mut String, with_value: bool) {
+        let _ = match self {
+            Elem::Lb((ip, _, port), _) => write!(s, "{ip} . {port}"),
+            Elem::LbAll((ip, p, port)) => write!(s, "{ip} . {} . {port}", p.nft()),
+            Elem::LbAffinity(k @ (ip, p, port), t) => write!(s, "{ip} . {} . {port}", p.nft())
+                .and_then(|_| {
+                    if with_value {
+                        write!(s, " : goto {}", affinity_chain(k, *t))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Elem::Be((ip, _, port), slot, (bip, bport)) => write!(s, "{ip} . {port} . {slot}")
+                .and_then(|_| {
+                    if with_value {
+                        write!(s, " : {bip} . {bport}")
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Elem::AffinityBackend(..) => Ok(()),
+            Elem::Np((_, port), _) => write!(s, "{port}"),
+            Elem::NpAll((p, port)) => write!(s, "{} . {port}", p.nft()),
+            Elem::NpBe((_, port), slot, (bip, bport)) => {
+                write!(s, "{port} . {slot}").and_then(|_| {
+                    if with_value {
+                        write!(s, " : {bip} . {bport}")
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            Elem::MasqLb((ip, p, port)) | Elem::RejLb((ip, p, port)) => {
+                write!(s, "{ip} . {} . {port}", p.nft())
+            }
+            Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) => write!(s, "{} . {port}", p.nft()),
+            Elem::HostPort((p, port), (ip, cport)) => {
+                write!(s, "{} . {port}", p.nft()).and_then(|_| {
+                    if with_value {
+                        write!(s, " : {ip} . {cport}")
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+        };
+    }
+
+    fn flow(&self) -> Option<Flow> {
+        match *self {
+            Elem::Be((ip, p, port), _, (b, _)) | Elem::AffinityBackend((ip, p, port), (b, _)) => {
+                Some((p, Some(ip), port, Some(b)))
+            }
+            Elem::NpBe((p, port), _, (b, _)) => Some((p, None, port, Some(b))),
+            Elem::RejLb((ip, p, port)) => Some((p, Some(ip), port, None)),
+            Elem::RejNp((p, port)) => Some((p, None, port, None)),
+            _ => None,
+        }
+    }
+
+    fn k(&self) -> Option<u16> {
+        match self {
+            Elem::Lb(_, n) | Elem::Np(_, n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// The sets and maps elements live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    Lb,
+    LbAll,
+    LbK(Protocol, u16),
+    Be(Protocol),
+    NpAll,
+    NpK(Protocol, u16),
+    NpBe(Protocol),
+    MasqLb,
+    MasqNp,
+    RejLb,
+    RejNp,
+    HostPorts,
+}
+
+impl Group {
+    fn name(self) -> String {
+        match self {
+            Group::Lb => "lb".into(),
+            Group::LbAll => "lb-all".into(),
+            Group::LbK(p, k) => format!("lb-{}-{k}", p.nft()),
+            Group::Be(p) => format!("be-{}", p.nft()),
+            Group::NpAll => "np-all".into(),
+            Group::NpK(p, k) => format!("np-{}-{k}", p.nft()),
+            Group::NpBe(p) => format!("npbe-{}", p.nft()),
+            Group::MasqLb => "masq-lb".into(),
+            Group::MasqNp => "masq-np".into(),
+            Group::RejLb => "rej-lb".into(),
+            Group::RejNp => "rej-np".into(),
+            Group::HostPorts => "hostports".into(),
+        }
+    }
+}
+
+/// One service's share of the ruleset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Contribution {
-    pub sets: BTreeMap<String, BTreeSet<String>>,
-    pub maps: BTreeMap<String, BTreeMap<String, String>>,
+    /// Sorted, without duplicates.
+    pub elems: Vec<Elem>,
     /// Sets of this service's own (affinity), by name → definition body.
     pub own_sets: BTreeMap<String, String>,
     /// Chains of this service's own (affinity), by name → rules.
     pub chains: BTreeMap<String, Vec<String>>,
-    pub flows: BTreeSet<Flow>,
 }
 
 impl Contribution {
-    fn set(&mut self, name: impl Into<String>, elem: String) {
-        self.sets.entry(name.into()).or_default().insert(elem);
+    fn finish(mut self) -> Self {
+        self.elems.sort_unstable();
+        self.elems.dedup();
+        self.elems.shrink_to_fit();
+        self
     }
-    fn map(&mut self, name: &str, key: String, value: String) {
-        self.maps
-            .entry(name.to_string())
-            .or_default()
-            .insert(key, value);
-    }
-    /// The endpoint counts (K) this contribution uses.
-    fn shape(&self) -> Shape {
-        let mut s = Shape::default();
-        for name in self.sets.keys() {
-            let _ = name;
-        }
-        for (name, els) in &self.maps {
-            if name == "lb" || name == "np" {
-                s.ks.extend(
-                    els.values()
-                        .filter_map(|v| {
-                            v.strip_prefix("goto lb-")
-                                .or_else(|| v.strip_prefix("goto np-"))
-                        })
-                        .filter_map(|k| k.parse::<usize>().ok()),
-                );
-            }
-        }
-        s
+
+    pub fn flows(&self) -> BTreeSet<Flow> {
+        self.elems.iter().filter_map(Elem::flow).collect()
     }
 }
 
-/// Which per-K sets and rules the ruleset has.
+/// Which endpoint counts have chains.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shape {
-    pub ks: BTreeSet<usize>,
+    pub ks: BTreeSet<u16>,
 }
 
 impl Shape {
@@ -104,14 +259,6 @@ impl Shape {
     }
 }
 
-fn key(ip: Ipv4Addr, p: Protocol, port: u16) -> String {
-    format!("{ip} . {} . {port}", p.nft())
-}
-
-fn npkey(p: Protocol, port: u16) -> String {
-    format!("{} . {port}", p.nft())
-}
-
 /// Plan one service on one node.
 pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -> Contribution {
     let mut c = Contribution::default();
@@ -120,13 +267,13 @@ pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -
         .map(|e| e.endpoints.iter().filter(|e| e.ready).collect())
         .unwrap_or_default();
     for p in &svc.ports {
-        let mut all: Vec<(Ipv4Addr, u16)> = Vec::new();
-        let mut local: Vec<(Ipv4Addr, u16)> = Vec::new();
+        let mut all: Vec<Backend> = Vec::new();
+        let mut local: Vec<Backend> = Vec::new();
         for e in &ready {
-            if let Some(port) = e.ports.get(&p.name) {
-                all.push((e.ip, *port));
+            if let Some(port) = e.port(&p.name) {
+                all.push((e.ip, port));
                 if e.node == cfg.node {
-                    local.push((e.ip, *port));
+                    local.push((e.ip, port));
                 }
             }
         }
@@ -145,51 +292,60 @@ pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -
         let ext_masq = svc.external_traffic_policy == TrafficPolicy::Cluster;
         lb(
             &mut c,
-            key(cip, p.protocol, p.port),
+            (cip, p.protocol, p.port),
             internal,
             svc.affinity_timeout,
         );
-        flows(&mut c, p.protocol, Some(cip), p.port, internal);
         for eip in &svc.external_ips {
-            let k = key(*eip, p.protocol, p.port);
+            let k = (*eip, p.protocol, p.port);
             if ext_masq {
-                c.set("masq-lb", k.clone());
+                c.elems.push(Elem::MasqLb(k));
             }
             lb(&mut c, k, external, svc.affinity_timeout);
-            flows(&mut c, p.protocol, Some(*eip), p.port, external);
         }
         if let (Some(np), ServiceType::NodePort | ServiceType::LoadBalancer) =
             (p.node_port, svc.service_type)
         {
-            let k = npkey(p.protocol, np);
+            let k = (p.protocol, np);
             if ext_masq {
-                c.set("masq-np", k.clone());
+                c.elems.push(Elem::MasqNp(k));
             }
             if external.is_empty() {
-                c.set("rej-np", k);
+                c.elems.push(Elem::RejNp(k));
             } else {
-                c.map("np", k.clone(), format!("goto np-{}", external.len()));
-                for (i, (ip, port)) in external.iter().enumerate() {
-                    c.map("npbe", format!("{k} . {i}"), format!("{ip} . {port}"));
-                }
+                c.elems.push(Elem::Np(k, external.len() as u16));
+                c.elems.push(Elem::NpAll(k));
+                c.elems.extend(
+                    external
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| Elem::NpBe(k, i as u16, *b)),
+                );
             }
-            flows(&mut c, p.protocol, None, np, external);
         }
     }
-    c
+    c.finish()
 }
 
-fn lb(c: &mut Contribution, k: String, backends: &[(Ipv4Addr, u16)], affinity: Option<u32>) {
+/// The chain a ClientIP-affinity service key goes to. The timeout is part of
+/// the name, so a set's definition never changes in place.
+fn affinity_chain(k: &SvcKey, timeout: u32) -> String {
+    format!(
+        "aff-{}",
+        short_hash(&format!("{} {} {} {timeout}", k.0, k.1.nft(), k.2))
+    )
+}
+
+fn lb(c: &mut Contribution, k: SvcKey, backends: &[Backend], affinity: Option<u32>) {
     if backends.is_empty() {
-        c.set("rej-lb", k);
+        c.elems.push(Elem::RejLb(k));
         return;
     }
     if let Some(t) = affinity {
         // ClientIP affinity, as kube-proxy's nftables mode does it: one
         // dynamic set of recent clients per endpoint, checked first, and a
         // random pick that records the client in the chosen endpoint's set.
-        // The timeout is part of the name, so a set's definition never changes in place.
-        let chain = format!("aff-{}", short_hash(&format!("{k} {t}")));
+        let chain = affinity_chain(&k, t);
         let mut rules = Vec::new();
         let mut picks = Vec::new();
         for (i, (ip, port)) in backends.iter().enumerate() {
@@ -202,25 +358,30 @@ fn lb(c: &mut Contribution, k: String, backends: &[(Ipv4Addr, u16)], affinity: O
                 ep.clone(),
                 vec![
                     format!("update @{ep} {{ ip saddr }}"),
-                    format!("meta l4proto {{ tcp, udp, sctp }} dnat ip to {ip}:{port}"),
+                    format!("meta l4proto {} dnat ip to {ip}:{port}", k.1.nft()),
                 ],
             );
             rules.push(format!("ip saddr @{ep} goto {ep}"));
             picks.push(format!("{i} : goto {ep}"));
+            c.elems.push(Elem::AffinityBackend(k, (*ip, *port)));
         }
         rules.push(format!(
             "numgen random mod {} vmap {{ {} }}",
             backends.len(),
             picks.join(", ")
         ));
-        c.chains.insert(chain.clone(), rules);
-        c.map("lb", k, format!("goto {chain}"));
+        c.chains.insert(chain, rules);
+        c.elems.push(Elem::LbAffinity(k, t));
         return;
     }
-    c.map("lb", k.clone(), format!("goto lb-{}", backends.len()));
-    for (i, (ip, port)) in backends.iter().enumerate() {
-        c.map("be", format!("{k} . {i}"), format!("{ip} . {port}"));
-    }
+    c.elems.push(Elem::Lb(k, backends.len() as u16));
+    c.elems.push(Elem::LbAll(k));
+    c.elems.extend(
+        backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Elem::Be(k, i as u16, *b)),
+    );
 }
 
 /// A short stable name part (FNV-1a, 64 bits, hex).
@@ -233,28 +394,17 @@ fn short_hash(s: &str) -> String {
     format!("{h:016x}")
 }
 
-fn flows(
-    c: &mut Contribution,
-    p: Protocol,
-    dst: Option<Ipv4Addr>,
-    port: u16,
-    backends: &[(Ipv4Addr, u16)],
-) {
-    if backends.is_empty() {
-        c.flows.insert((p, dst, port, None));
-    }
-    for (ip, _) in backends {
-        c.flows.insert((p, dst, port, Some(*ip)));
-    }
-}
-
 /// hostPort mappings of one pod: (protocol, host port) → (pod IP, container port).
 pub fn plan_hostports(maps: &[(Protocol, u16, Ipv4Addr, u16)]) -> Contribution {
-    let mut c = Contribution::default();
-    for (p, hp, ip, cp) in maps {
-        c.map("hostports", npkey(*p, *hp), format!("{ip} . {cp}"));
+    let elems = maps
+        .iter()
+        .map(|(p, hp, ip, cp)| Elem::HostPort((*p, *hp), (*ip, *cp)))
+        .collect();
+    Contribution {
+        elems,
+        ..Default::default()
     }
-    c
+    .finish()
 }
 
 /// The conntrack entries to delete when a contribution changes from `old`
@@ -262,9 +412,9 @@ pub fn plan_hostports(maps: &[(Protocol, u16, Ipv4Addr, u16)]) -> Contribution {
 /// nowhere, once there is somewhere to go), and TCP flows towards endpoint
 /// IPs the service no longer has at all.
 pub fn stale_flows(old: &Contribution, new: &Contribution) -> Vec<Flow> {
-    let still: BTreeSet<Ipv4Addr> = new.flows.iter().filter_map(|f| f.3).collect();
-    old.flows
-        .difference(&new.flows)
+    let (old, new) = (old.flows(), new.flows());
+    let still: BTreeSet<Ipv4Addr> = new.iter().filter_map(|f| f.3).collect();
+    old.difference(&new)
         .filter(|(p, _, _, b)| match (p, b) {
             (Protocol::UDP, _) => true,
             (_, Some(ip)) => !still.contains(ip),
@@ -275,89 +425,141 @@ pub fn stale_flows(old: &Contribution, new: &Contribution) -> Vec<Flow> {
 }
 
 /// The whole ruleset, as one `nft -f` transaction that atomically replaces
-/// the table. `union` is every contribution's elements merged.
-pub fn render_full(cfg: &ProxyConfig, union: &Contribution) -> (String, Shape) {
+/// the table.
+pub fn render_full<'a>(
+    cfg: &ProxyConfig,
+    parts: impl Iterator<Item = &'a Contribution> + Clone,
+) -> (String, Shape) {
     let mut shape = Shape::preset();
-    shape.ks.extend(union.shape().ks);
-    let mut s =
-        String::with_capacity(64 + union.maps.values().map(|m| m.len() * 48).sum::<usize>());
+    let mut counts: BTreeMap<Group, usize> = BTreeMap::new();
+    let mut own_sets = BTreeMap::new();
+    let mut chains = BTreeMap::new();
+    let mut bytes = 0;
+    for c in parts.clone() {
+        shape.ks.extend(c.elems.iter().filter_map(Elem::k));
+        for g in c.elems.iter().filter_map(Elem::group) {
+            *counts.entry(g).or_default() += 1;
+        }
+        bytes += c.elems.len() * 48;
+        own_sets.extend(c.own_sets.iter());
+        chains.extend(c.chains.iter());
+    }
+    let mut s = String::with_capacity(16384 + bytes);
     let _ = writeln!(
         s,
         "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{"
     );
+    // One pass over the elements per set, written straight into the script.
+    let decl = |s: &mut String, kind: &str, g: Group, ty: &str| {
+        let n = counts.get(&g).copied().unwrap_or(0);
+        let _ = write!(s, "  {kind} {} {{ {ty}", g.name());
+        if kind == "map" {
+            // A size hint lets the kernel use a fixed hash table instead of
+            // growing one while 100k elements go in (about a third faster).
+            // Outgrowing it makes an update fail, and the full sync that
+            // follows sizes it again.
+            let _ = write!(s, " size {};", (n * 2).next_power_of_two().max(65536));
+        }
+        if n > 0 {
+            s.push_str(" elements = { ");
+            let mut first = true;
+            for e in parts
+                .clone()
+                .flat_map(|c| c.elems.iter())
+                .filter(|e| e.group() == Some(g))
+            {
+                if !first {
+                    s.push_str(", ");
+                }
+                first = false;
+                e.write(s, true);
+            }
+            s.push_str(" }");
+        }
+        s.push_str(" }\n");
+    };
     let svc_key = "type ipv4_addr . inet_proto . inet_service;";
-    let np_key = "type inet_proto . inet_service;";
-    let set = |s: &mut String, name: &str, ty: &str| {
-        let _ = write!(s, "  set {name} {{ {ty}");
-        if let Some(els) = union.sets.get(name).filter(|e| !e.is_empty()) {
-            s.push_str(" elements = { ");
-            join(s, els.iter().map(String::as_str));
-            s.push_str(" }");
+    let port_key = "type inet_proto . inet_service;";
+    decl(&mut s, "set", Group::LbAll, svc_key);
+    decl(&mut s, "set", Group::NpAll, port_key);
+    for p in PROTOS {
+        for k in &shape.ks {
+            decl(
+                &mut s,
+                "set",
+                Group::LbK(p, *k),
+                "type ipv4_addr . inet_service;",
+            );
+            decl(&mut s, "set", Group::NpK(p, *k), "type inet_service;");
         }
-        s.push_str(" }\n");
-    };
-    for name in ["masq-lb", "rej-lb"] {
-        set(&mut s, name, svc_key);
     }
-    for name in ["masq-np", "rej-np"] {
-        set(&mut s, name, np_key);
+    decl(&mut s, "set", Group::MasqLb, svc_key);
+    decl(&mut s, "set", Group::RejLb, svc_key);
+    decl(&mut s, "set", Group::MasqNp, port_key);
+    decl(&mut s, "set", Group::RejNp, port_key);
+    for p in PROTOS {
+        decl(
+            &mut s,
+            "map",
+            Group::Be(p),
+            "typeof ip daddr . th dport . numgen random mod 2 : ip daddr . th dport;",
+        );
+        decl(
+            &mut s,
+            "map",
+            Group::NpBe(p),
+            "typeof th dport . numgen random mod 2 : ip daddr . th dport;",
+        );
     }
-    let map = |s: &mut String, name: &str, ty: &str| {
-        let _ = write!(s, "  map {name} {{ {ty}");
-        if let Some(els) = union.maps.get(name).filter(|e| !e.is_empty()) {
-            s.push_str(" elements = { ");
-            join(s, els.iter().map(|(k, v)| format!("{k} : {v}")));
-            s.push_str(" }");
-        }
-        s.push_str(" }\n");
-    };
-    map(
+    decl(
         &mut s,
-        "be",
-        "typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . th dport;",
-    );
-    map(
-        &mut s,
-        "npbe",
-        "typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . th dport;",
-    );
-    map(
-        &mut s,
-        "hostports",
+        "map",
+        Group::HostPorts,
         "type inet_proto . inet_service : ipv4_addr . inet_service;",
     );
-    for (name, def) in &union.own_sets {
+    for (name, def) in &own_sets {
         let _ = writeln!(s, "  set {name} {{ {def} }}");
     }
-    for (name, rules) in &union.chains {
+    for (name, rules) in &chains {
         let _ = writeln!(s, "  chain {name} {{");
-        for r in rules {
+        for r in rules.iter() {
             let _ = writeln!(s, "    {r}");
         }
         s.push_str("  }\n");
     }
-    map(
+    // One rule per (protocol, K); new connections get here only after a
+    // hit in lb-all / np-all.
+    s.push_str("  chain lb-rules {\n");
+    for p in PROTOS {
+        let p = p.nft();
+        for k in &shape.ks {
+            let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . th dport . numgen random mod {k} map @be-{p}");
+        }
+    }
+    s.push_str("  }\n  chain np-rules {\n");
+    for p in PROTOS {
+        let p = p.nft();
+        for k in &shape.ks {
+            let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to th dport . numgen random mod {k} map @npbe-{p}");
+        }
+    }
+    s.push_str("  }\n");
+    // The verdict map (affinity services only) after the chains it points to.
+    decl(
         &mut s,
-        "lb",
+        "map",
+        Group::Lb,
         "type ipv4_addr . inet_proto . inet_service : verdict;",
     );
-    map(&mut s, "np", "type inet_proto . inet_service : verdict;");
-    for k in &shape.ks {
-        let _ = writeln!(s, "  chain lb-{k} {{ dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {k} map @be; }}");
-        let _ = writeln!(s, "  chain np-{k} {{ dnat ip to meta l4proto . th dport . numgen random mod {k} map @npbe; }}");
-    }
     // Hairpin: after DNAT a pod talking to itself has source == destination.
     let _ = write!(s, "  set hairpin {{ type ipv4_addr . ipv4_addr;");
     let usable = (u32::from(cfg.node_subnet.network()) + 1)..u32::from(cfg.node_subnet.broadcast());
     if !usable.is_empty() {
         s.push_str(" elements = { ");
-        join(
-            &mut s,
-            usable.map(|a| {
-                let ip = Ipv4Addr::from(a);
-                format!("{ip} . {ip}")
-            }),
-        );
+        for (i, a) in usable.enumerate() {
+            let ip = Ipv4Addr::from(a);
+            let _ = write!(s, "{}{ip} . {ip}", if i == 0 { "" } else { ", " });
+        }
         s.push_str(" }");
     }
     s.push_str(" }\n");
@@ -382,33 +584,19 @@ pub fn render_full(cfg: &ProxyConfig, union: &Contribution) -> (String, Shape) {
   chain service-checks {{
     ct state new ip daddr . meta l4proto . th dport @rej-lb jump reject-chain
     ct state new ip daddr {sc} jump reject-chain
-  }}"
+  }}
+  chain services {{
+    ip daddr {sc} ip saddr != {cc} jump mark-for-masquerade
+    ip daddr . meta l4proto . th dport @masq-lb jump mark-for-masquerade
+    fib daddr type local meta l4proto . th dport @masq-np jump mark-for-masquerade
+    ip daddr . meta l4proto . th dport vmap @lb
+    ip daddr . meta l4proto . th dport @lb-all jump lb-rules
+    fib daddr type local meta l4proto . th dport @np-all jump np-rules
+    fib daddr type local dnat ip to meta l4proto . th dport map @hostports
+  }}
+}}"
     );
-    s.push_str("  chain services {\n");
-    let _ = writeln!(
-        s,
-        "    ip daddr {sc} ip saddr != {cc} jump mark-for-masquerade"
-    );
-    s.push_str("    ip daddr . meta l4proto . th dport @masq-lb jump mark-for-masquerade\n");
-    s.push_str(
-        "    fib daddr type local meta l4proto . th dport @masq-np jump mark-for-masquerade\n",
-    );
-    s.push_str("    ip daddr . meta l4proto . th dport vmap @lb\n");
-    s.push_str("    fib daddr type local meta l4proto . th dport vmap @np\n");
-    s.push_str("    fib daddr type local dnat ip to meta l4proto . th dport map @hostports\n");
-    s.push_str("  }\n}\n");
     (s, shape)
-}
-
-fn join<S: AsRef<str>>(s: &mut String, items: impl Iterator<Item = S>) {
-    let mut first = true;
-    for i in items {
-        if !first {
-            s.push_str(", ");
-        }
-        first = false;
-        s.push_str(i.as_ref());
-    }
 }
 
 /// The commands that turn `old` into `new` for one contribution, or `None`
@@ -416,7 +604,12 @@ fn join<S: AsRef<str>>(s: &mut String, items: impl Iterator<Item = S>) {
 /// the caller does a full resync). Deletions come first so a changed map
 /// value is delete-then-add.
 pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Option<String> {
-    if !new.shape().ks.is_subset(&shape.ks) {
+    if !new
+        .elems
+        .iter()
+        .filter_map(Elem::k)
+        .all(|k| shape.ks.contains(&k))
+    {
         return None;
     }
     let mut s = String::new();
@@ -444,56 +637,30 @@ pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Op
             let _ = writeln!(s, "add rule ip {TABLE} {name} {r}");
         }
     }
-    let empty_set = BTreeSet::new();
-    let empty_map = BTreeMap::new();
-    let set_names: BTreeSet<&String> = old.sets.keys().chain(new.sets.keys()).collect();
-    let map_names: BTreeSet<&String> = old.maps.keys().chain(new.maps.keys()).collect();
-    let mut adds = String::new();
-    for name in &set_names {
-        let (o, n) = (
-            old.sets.get(*name).unwrap_or(&empty_set),
-            new.sets.get(*name).unwrap_or(&empty_set),
-        );
-        let gone: Vec<&String> = o.difference(n).collect();
-        let came: Vec<&String> = n.difference(o).collect();
-        if !gone.is_empty() {
-            let _ = write!(s, "delete element ip {TABLE} {name} {{ ");
-            join(&mut s, gone.into_iter());
-            s.push_str(" }\n");
-        }
-        if !came.is_empty() {
-            let _ = write!(adds, "add element ip {TABLE} {name} {{ ");
-            join(&mut adds, came.into_iter());
-            adds.push_str(" }\n");
+    let (o, n): (BTreeSet<&Elem>, BTreeSet<&Elem>) =
+        (old.elems.iter().collect(), new.elems.iter().collect());
+    let mut gone: BTreeMap<Group, String> = BTreeMap::new();
+    let mut came: BTreeMap<Group, String> = BTreeMap::new();
+    for (diff, out, with_value) in [
+        (o.difference(&n), &mut gone, false),
+        (n.difference(&o), &mut came, true),
+    ] {
+        for e in diff {
+            if let Some(g) = e.group() {
+                let buf = out.entry(g).or_default();
+                if !buf.is_empty() {
+                    buf.push_str(", ");
+                }
+                e.write(buf, with_value);
+            }
         }
     }
-    for name in &map_names {
-        let (o, n) = (
-            old.maps.get(*name).unwrap_or(&empty_map),
-            new.maps.get(*name).unwrap_or(&empty_map),
-        );
-        let gone: Vec<&String> = o
-            .iter()
-            .filter(|(k, v)| n.get(*k) != Some(v))
-            .map(|(k, _)| k)
-            .collect();
-        let came: Vec<String> = n
-            .iter()
-            .filter(|(k, v)| o.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k} : {v}"))
-            .collect();
-        if !gone.is_empty() {
-            let _ = write!(s, "delete element ip {TABLE} {name} {{ ");
-            join(&mut s, gone.into_iter());
-            s.push_str(" }\n");
-        }
-        if !came.is_empty() {
-            let _ = write!(adds, "add element ip {TABLE} {name} {{ ");
-            join(&mut adds, came.iter());
-            adds.push_str(" }\n");
-        }
+    for (g, els) in &gone {
+        let _ = writeln!(s, "delete element ip {TABLE} {} {{ {els} }}", g.name());
     }
-    s.push_str(&adds);
+    for (g, els) in &came {
+        let _ = writeln!(s, "add element ip {TABLE} {} {{ {els} }}", g.name());
+    }
     // Flush every chain that goes before deleting any: they may jump to each other.
     let gone_chains: Vec<&String> = old
         .chains
@@ -514,30 +681,6 @@ pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Op
         let _ = writeln!(s, "delete set ip {TABLE} {name}");
     }
     Some(s)
-}
-
-/// Merge contributions (keys never collide: each service owns its IPs and ports).
-pub fn union<'a>(parts: impl Iterator<Item = &'a Contribution>) -> Contribution {
-    let mut u = Contribution::default();
-    for c in parts {
-        for (n, els) in &c.sets {
-            u.sets
-                .entry(n.clone())
-                .or_default()
-                .extend(els.iter().cloned());
-        }
-        for (n, els) in &c.maps {
-            u.maps
-                .entry(n.clone())
-                .or_default()
-                .extend(els.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        u.own_sets
-            .extend(c.own_sets.iter().map(|(k, v)| (k.clone(), v.clone())));
-        u.chains
-            .extend(c.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    u
 }
 
 #[cfg(test)]
@@ -587,6 +730,10 @@ mod tests {
         }
     }
 
+    fn key() -> SvcKey {
+        ("10.96.0.10".parse().unwrap(), Protocol::TCP, 80)
+    }
+
     fn eps(list: &[(&str, &str)]) -> Endpoints {
         Endpoints {
             namespace: "default".into(),
@@ -606,12 +753,34 @@ mod tests {
                 ("10.244.3.2", "n3"),
             ])),
         );
-        assert_eq!(c.maps["lb"]["10.96.0.10 . tcp . 80"], "goto lb-3");
-        let be = &c.maps["be"];
+        let k = ("10.96.0.10".parse().unwrap(), Protocol::TCP, 80);
+        assert!(c.elems.contains(&Elem::Lb(k, 3)));
+        let be: Vec<_> = c
+            .elems
+            .iter()
+            .filter(|e| matches!(e, Elem::Be(..)))
+            .collect();
         assert_eq!(be.len(), 3);
-        assert_eq!(be["10.96.0.10 . tcp . 80 . 0"], "10.244.1.2 . 8080");
-        assert_eq!(be["10.96.0.10 . tcp . 80 . 2"], "10.244.3.2 . 8080");
-        assert!(!c.sets.contains_key("rej-lb"));
+        assert!(c
+            .elems
+            .contains(&Elem::Be(k, 0, ("10.244.1.2".parse().unwrap(), 8080))));
+        assert!(c
+            .elems
+            .contains(&Elem::Be(k, 2, ("10.244.3.2".parse().unwrap(), 8080))));
+        assert!(!c.elems.iter().any(|e| matches!(e, Elem::RejLb(_))));
+        let d = render_delta(&Contribution::default(), &c, &Shape::preset()).unwrap();
+        assert!(
+            d.contains("add element ip tweed be-tcp { 10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080, "),
+            "{d}"
+        );
+        assert!(
+            d.contains("add element ip tweed lb-tcp-3 { 10.96.0.10 . 80 }"),
+            "{d}"
+        );
+        assert!(
+            d.contains("add element ip tweed lb-all { 10.96.0.10 . tcp . 80 }"),
+            "{d}"
+        );
     }
 
     #[test]
@@ -619,9 +788,9 @@ mod tests {
         let mut e = eps(&[("10.244.1.2", "n1")]);
         e.endpoints[0].ready = false;
         let c = plan_service(&cfg(), &svc(ServiceType::NodePort), Some(&e));
-        assert!(c.sets["rej-lb"].contains("10.96.0.10 . tcp . 80"));
-        assert!(c.sets["rej-np"].contains("tcp . 30080"));
-        assert!(!c.maps.contains_key("be"));
+        assert!(c.elems.contains(&Elem::RejLb(key())));
+        assert!(c.elems.contains(&Elem::RejNp((Protocol::TCP, 30080))));
+        assert!(!c.elems.iter().any(|e| matches!(e, Elem::Be(..))));
     }
 
     #[test]
@@ -630,11 +799,14 @@ mod tests {
         s.external_traffic_policy = TrafficPolicy::Local;
         let all = eps(&[("10.244.1.2", "n1"), ("10.244.2.2", "n2")]);
         let here = plan_service(&cfg(), &s, Some(&all));
-        assert_eq!(here.maps["np"]["tcp . 30080"], "goto np-1");
-        assert_eq!(here.maps["npbe"]["tcp . 30080 . 0"], "10.244.1.2 . 8080");
-        assert!(!here.sets.contains_key("masq-np"));
+        let np = (Protocol::TCP, 30080);
+        assert!(here.elems.contains(&Elem::Np(np, 1)));
+        assert!(here
+            .elems
+            .contains(&Elem::NpBe(np, 0, ("10.244.1.2".parse().unwrap(), 8080))));
+        assert!(!here.elems.contains(&Elem::MasqNp(np)));
         // ClusterIP traffic still goes everywhere.
-        assert_eq!(here.maps["lb"]["10.96.0.10 . tcp . 80"], "goto lb-2");
+        assert!(here.elems.contains(&Elem::Lb(key(), 2)));
         let elsewhere = plan_service(
             &ProxyConfig {
                 node: "n3".into(),
@@ -643,13 +815,10 @@ mod tests {
             &s,
             Some(&all),
         );
-        assert!(elsewhere.sets["rej-np"].contains("tcp . 30080"));
+        assert!(elsewhere.elems.contains(&Elem::RejNp(np)));
         // Policy Cluster masquerades node-port traffic.
         let cl = plan_service(&cfg(), &svc(ServiceType::NodePort), Some(&all));
-        assert!(
-            cl.sets["masq-np"].contains("tcp . 30080")
-                && cl.maps["np"]["tcp . 30080"] == "goto np-2"
-        );
+        assert!(cl.elems.contains(&Elem::MasqNp(np)) && cl.elems.contains(&Elem::Np(np, 2)));
     }
 
     #[test]
@@ -664,7 +833,7 @@ mod tests {
             &s,
             Some(&eps(&[("10.244.1.2", "n1")])),
         );
-        assert!(c.sets["rej-lb"].contains("10.96.0.10 . tcp . 80"));
+        assert!(c.elems.contains(&Elem::RejLb(key())));
     }
 
     #[test]
@@ -687,15 +856,16 @@ mod tests {
         let shape = Shape::preset();
         let d = render_delta(&old, &new, &shape).unwrap();
         assert!(
-            d.contains("delete element ip tweed lb { 10.96.0.10 . tcp . 80 }"),
+            d.contains("delete element ip tweed lb-tcp-2 { 10.96.0.10 . 80 }"),
             "{d}"
         );
         assert!(
-            d.contains("add element ip tweed lb { 10.96.0.10 . tcp . 80 : goto lb-3 }"),
+            d.contains("add element ip tweed lb-tcp-3 { 10.96.0.10 . 80 }")
+                && !d.contains("lb-all"),
             "{d}"
         );
         assert!(
-            d.contains("add element ip tweed be { 10.96.0.10 . tcp . 80 . 2 : 10.244.3.2 . 8080 }"),
+            d.contains("add element ip tweed be-tcp { 10.96.0.10 . 80 . 2 : 10.244.3.2 . 8080 }"),
             "{d}"
         );
         assert!(!d.contains("add set"), "{d}");
@@ -716,8 +886,8 @@ mod tests {
             None,
             "40 endpoints need a full resync"
         );
-        let (full, shape) = render_full(&cfg(), &new);
-        assert!(full.contains("chain lb-40 { dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 40 map @be; }"), "{full}");
+        let (full, shape) = render_full(&cfg(), [&new].into_iter());
+        assert!(full.contains("meta l4proto tcp ip daddr . th dport @lb-tcp-40 dnat ip to ip daddr . th dport . numgen random mod 40 map @be-tcp"), "{full}");
         assert!(render_delta(&new, &new, &shape).is_some());
         // Affinity: per-endpoint sets and chains, reached through the affinity map.
         let mut a = svc(ServiceType::ClusterIP);
@@ -730,7 +900,7 @@ mod tests {
         assert_eq!(with.own_sets.len(), 2);
         assert!(with.own_sets.values().all(|d| d.contains("timeout 30s")));
         assert_eq!(with.chains.len(), 3);
-        assert!(with.maps["lb"]["10.96.0.10 . tcp . 80"].starts_with("goto aff-"));
+        assert!(with.elems.contains(&Elem::LbAffinity(key(), 30)));
         let d = render_delta(&Contribution::default(), &with, &shape).unwrap();
         assert!(d.find("add set").unwrap() < d.find("add chain").unwrap());
         assert!(
@@ -792,9 +962,14 @@ mod tests {
             &svc(ServiceType::NodePort),
             Some(&eps(&[("10.244.1.2", "n1")])),
         );
-        let (s, shape) = render_full(&cfg(), &union([c].iter()));
+        let (s, shape) = render_full(&cfg(), [&c].into_iter());
         assert!(s.starts_with("add table ip tweed\ndelete table ip tweed\n"));
-        assert!(s.contains("map lb { type ipv4_addr . inet_proto . inet_service : verdict; elements = { 10.96.0.10 . tcp . 80 : goto lb-1 } }"), "{s}");
+        assert!(
+            s.contains(
+                "set lb-tcp-1 { type ipv4_addr . inet_service; elements = { 10.96.0.10 . 80 } }"
+            ),
+            "{s}"
+        );
         assert!(
             s.contains("10.244.1.1 . 10.244.1.1, 10.244.1.2 . 10.244.1.2"),
             "hairpin pairs: {s}"
@@ -802,6 +977,6 @@ mod tests {
         assert!(
             s.contains("ip daddr 10.96.0.0/12 ip saddr != 10.244.0.0/16 jump mark-for-masquerade")
         );
-        assert_eq!(shape.ks.len(), PRESET_K);
+        assert_eq!(shape.ks.len(), PRESET_K as usize);
     }
 }

@@ -55,6 +55,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ProbeCmd,
     },
+    /// Benchmarks (run by bench/*.sh inside a namespace of their own).
+    #[command(hide = true)]
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
     /// Datastore writes (JSON on stdin, JSON on stdout); the lab runs these
     /// inside its control-plane namespace.
     Store {
@@ -69,6 +75,21 @@ enum Cmd {
         etcd_endpoints: Vec<String>,
         #[arg(long, default_value = "/tweed", global = true)]
         etcd_prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// The agent's service proxy, in-process, against this namespace's kernel:
+    /// N services × E endpoints; the first and last services' endpoints are
+    /// all LISTEN (a live server) so connect() can be timed through them.
+    Proxy {
+        #[arg(long)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        #[arg(long, default_value = "10.244.255.1:8080")]
+        listen: SocketAddr,
     },
 }
 
@@ -289,6 +310,12 @@ enum ProbeCmd {
         #[arg(long, default_value_t = 5)]
         duration: u64,
     },
+    /// Time COUNT TCP handshakes to ADDR; prints {"p50us":..,"p99us":..}.
+    ConnectLatency {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+    },
     /// Send a UDP datagram and print the reply.
     Udp {
         addr: SocketAddr,
@@ -357,6 +384,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             etcd_endpoints,
             etcd_prefix,
         } => store_cmd(cmd, etcd_endpoints, etcd_prefix)?,
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Proxy {
+                    services,
+                    endpoints,
+                    listen,
+                },
+        } => bench_proxy(services, endpoints, listen)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -551,6 +586,124 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
+    use tweed_model::{
+        Endpoint, Endpoints, Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    };
+    let SocketAddr::V4(listen) = listen else {
+        bail!("--listen must be IPv4")
+    };
+    let svc_ip = |i: usize| {
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) + 1 + i as u32)
+    };
+    let svc = |i: usize| Service {
+        namespace: "bench".into(),
+        name: format!("s{i}"),
+        service_type: ServiceType::ClusterIP,
+        cluster_ip: Some(svc_ip(i)),
+        ports: vec![ServicePort {
+            name: String::new(),
+            protocol: Protocol::TCP,
+            port: 80,
+            target_port: Some(TargetPort::Number(8080)),
+            node_port: None,
+        }],
+        external_ips: vec![],
+        affinity_timeout: None,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        selector: Default::default(),
+    };
+    let eps = |i: usize, count: usize| Endpoints {
+        namespace: "bench".into(),
+        name: format!("s{i}"),
+        endpoints: (0..count)
+            .map(|j| {
+                let ip = if i == 0 || i == n - 1 {
+                    *listen.ip()
+                } else {
+                    std::net::Ipv4Addr::from(
+                        u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0))
+                            + (i * e + j) as u32 % 65000,
+                    )
+                };
+                Endpoint {
+                    ip,
+                    node: "bench".into(),
+                    ports: [(String::new(), listen.port())].into(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    pod: String::new(),
+                }
+            })
+            .collect(),
+    };
+    let cfg = tweed_plan::services::ProxyConfig {
+        node: "bench".into(),
+        cluster_cidr: "10.244.0.0/16".parse()?,
+        service_cidr: "10.96.0.0/12".parse()?,
+        node_subnet: "10.244.255.0/24".parse()?,
+    };
+    let run_dir = std::env::temp_dir().join(format!("tweed-bench-{}", std::process::id()));
+    let mut proxy = tweed_agent::Proxy::new(cfg, run_dir);
+    proxy.load(
+        (0..n).map(|i| (format!("bench/s{i}"), svc(i))).collect(),
+        (0..n).map(|i| (format!("bench/s{i}"), eps(i, e))).collect(),
+    );
+    let full = proxy.full_sync()?;
+    // Each change is made REPS times on different services; medians and maxima are reported.
+    const REPS: usize = 15;
+    let mut timed = |f: &mut dyn FnMut(&mut tweed_agent::Proxy, usize)| -> Result<(f64, f64)> {
+        let mut ms = Vec::new();
+        for r in 0..REPS {
+            let t = Instant::now();
+            f(&mut proxy, r);
+            proxy.flush()?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        Ok((ms[REPS / 2], ms[REPS - 1]))
+    };
+    let add_svc = timed(&mut |p, r| {
+        p.set_service(format!("bench/s{}", n + r), Some(svc(n + r)));
+        p.set_endpoints(format!("bench/s{}", n + r), Some(eps(n + r, e)));
+    })?;
+    let add_ep = timed(&mut |p, r| {
+        p.set_endpoints(format!("bench/s{}", n / 2 + r), Some(eps(n / 2 + r, e + 1)))
+    })?;
+    let del_svc = timed(&mut |p, r| {
+        p.set_service(format!("bench/s{}", n + r), None);
+        p.set_endpoints(format!("bench/s{}", n + r), None);
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "services": n, "endpoints": e,
+            "fullSyncMs": full.millis,
+            "addServiceMs": add_svc.0, "addServiceMaxMs": add_svc.1,
+            "addEndpointMs": add_ep.0, "addEndpointMaxMs": add_ep.1,
+            "delServiceMs": del_svc.0, "delServiceMaxMs": del_svc.1,
+            "peakRssMiB": peak_rss_mib(),
+            "first": format!("{}:80", svc_ip(0)), "last": format!("{}:80", svc_ip(n - 1)),
+        })
+    );
+    Ok(())
+}
+
 fn store_cmd(cmd: StoreCmd, endpoints: Vec<String>, prefix: String) -> Result<()> {
     use std::io::Read;
     let mut input = String::new();
@@ -638,6 +791,10 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
                 Duration::from_secs(duration),
             )?;
             println!("{n}");
+        }
+        ProbeCmd::ConnectLatency { addr, count } => {
+            let (p50, p99) = probe::connect_latency(addr, count)?;
+            println!("{}", serde_json::json!({ "p50us": p50, "p99us": p99 }));
         }
         ProbeCmd::HttpMany {
             addr,

@@ -462,3 +462,59 @@ fn bad_manifests_are_rejected_naming_the_field_and_the_rest_keeps_working() {
     // In a file with a bad document, the good ones were still applied.
     assert!(lab.state()["services"]["default/also-good"].is_object());
 }
+
+#[test]
+fn connections_through_a_service_survive_an_agent_restart() {
+    let lab = LabGuard::up("svcrestart", TOPO);
+    apply_ok(
+        &lab,
+        &[
+            pod("client", "n1", "client", ""),
+            pod("server", "n2", "server", ""),
+            service("server", "server", ""),
+        ]
+        .concat(),
+    );
+    let addr = format!("{}:80", svc_ip(&lab, "server"));
+    get_from(&lab, &lab.pod_ns("client"), &addr);
+    let hold = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.pod_ns("client"),
+            TWEED,
+            "probe",
+            "hold",
+            &addr,
+            "--interval-ms",
+            "100",
+            "--duration",
+            "8",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the held connection to be established", 5, || {
+        lab.exec_ok(
+            &lab.pod_ns("client"),
+            &["ss", "-Htn", "state", "established"],
+        )
+        .contains(&addr)
+    });
+    // The client's node replaces its whole service table on restart.
+    ok(&["lab", "agent", "restart", "n1", "--name", "svcrestart"]);
+    let out = hold.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the connection through the service broke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(n >= 20, "only {n} requests");
+    // And new connections work after the restart.
+    assert_eq!(
+        get_from(&lab, &lab.pod_ns("client"), &addr)["pod"],
+        "server"
+    );
+}
