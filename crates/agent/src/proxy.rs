@@ -12,7 +12,7 @@ use std::time::Instant;
 use tweed_model::{Endpoints, HostPorts, Service};
 use tweed_nft::NftError;
 use tweed_plan::services::{
-    plan_hostports, plan_service, render_delta, render_full, stale_flows, Contribution, Flow,
+    plan_hostports, plan_service_from, render_delta, render_full, stale_flows, Contribution, Flow,
     ProxyConfig, Shape,
 };
 
@@ -116,7 +116,9 @@ impl Proxy {
     fn plan(&self, id: &str) -> Contribution {
         self.services
             .get(id)
-            .map(|s| plan_service(&self.cfg, s, self.endpoints.get(id)))
+            .map(|s| {
+                plan_service_from(&self.cfg, s, self.endpoints.get(id), self.committed.get(id))
+            })
             .unwrap_or_default()
     }
 
@@ -176,24 +178,27 @@ impl Proxy {
             let new = self.plan(id);
             let old = self.committed.get(id).unwrap_or(&empty);
             match render_delta(old, &new, &shape) {
-                Some(d) => script.push_str(&d),
+                Some((d, kept)) => {
+                    script.push_str(&d);
+                    planned.push((id.clone(), new, kept));
+                }
                 None => {
                     tracing::info!(service = %id, "a new endpoint count needs a full sync");
                     return self.full_sync().map(Some);
                 }
             }
-            planned.push((id.clone(), new));
         }
         if let Err(e) = tweed_nft::apply(&script) {
             tracing::warn!(error = %e, "incremental update failed; doing a full sync");
             return self.full_sync().map(Some);
         }
         let mut stale = Vec::new();
-        for (id, new) in planned {
+        for (id, new, kept) in planned {
             let old = self.committed.remove(&id).unwrap_or_default();
             stale.extend(stale_flows(&old, &new));
             if self.services.contains_key(&id) {
-                self.committed.insert(id, new);
+                // What the kernel holds: the plan plus harmless leftovers.
+                self.committed.insert(id, kept);
             }
         }
         forget(&stale);

@@ -1075,6 +1075,47 @@ impl Lab {
                 if alive { "running" } else { "DOWN" }
             );
         }
+        if !st.hosts.is_empty() {
+            let _ = writeln!(s, "\n{:<20} UNDERLAY", "HOST (outside)");
+            for h in &st.hosts {
+                let _ = writeln!(s, "{:<20} {}", h.name, h.ip);
+            }
+        }
+        if !st.services.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<28} {:<10} {:<14} {:<26} ENDPOINTS",
+                "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)"
+            );
+            for (id, svc) in &st.services {
+                let ports: Vec<String> = svc
+                    .ports
+                    .iter()
+                    .map(|p| match p.node_port {
+                        Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+                        None => format!("{}/{}", p.port, p.protocol),
+                    })
+                    .collect();
+                let eps: Vec<String> = st
+                    .endpoints
+                    .get(id)
+                    .map(|e| e.endpoints.iter().map(|e| e.pod.clone()).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "{:<28} {:<10} {:<14} {:<26} {}",
+                    id,
+                    format!("{:?}", svc.service_type),
+                    svc.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
+                    ports.join(","),
+                    if eps.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        eps.join(",")
+                    }
+                );
+            }
+        }
         Ok(s)
     }
 }

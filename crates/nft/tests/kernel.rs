@@ -97,13 +97,13 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
         tweed_nft::apply(&script).unwrap();
         // b gets 20 endpoints (a new endpoint count).
         let b2 = plan_service(&cfg, &svc("b", "10.96.0.11", None, None), Some(&eps(20)));
-        let d = render_delta(&b, &b2, &shape).expect("20 is a preset K");
+        let d = render_delta(&b, &b2, &shape).expect("20 is a preset K").0;
         tweed_nft::apply(&d).unwrap_or_else(|e| panic!("{e}\n{d}"));
         // c (affinity) goes from 2 to 3 endpoints, then its timeout changes, then it goes away.
         let c2 = plan_service(&cfg, &svc("c", "10.96.0.12", None, Some(60)), Some(&eps(3)));
         let c3 = plan_service(&cfg, &svc("c", "10.96.0.12", None, Some(5)), Some(&eps(3)));
         for (from, to) in [(&c, &c2), (&c2, &c3)] {
-            let d = render_delta(from, to, &shape).unwrap();
+            let d = render_delta(from, to, &shape).unwrap().0;
             tweed_nft::apply(&d).unwrap_or_else(|e| panic!("{e}\n{d}"));
         }
         let mid = String::from_utf8(
@@ -118,7 +118,7 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
             mid.contains("timeout 5s") && !mid.contains("timeout 1m"),
             "{mid}"
         );
-        let d = render_delta(&c3, &Default::default(), &shape).unwrap();
+        let d = render_delta(&c3, &Default::default(), &shape).unwrap().0;
         tweed_nft::apply(&d).unwrap_or_else(|e| panic!("{e}\n{d}"));
         // a loses its endpoints.
         let a2 = plan_service(
@@ -126,7 +126,7 @@ fn full_ruleset_and_deltas_load_into_the_kernel() {
             &svc("a", "10.96.0.10", Some(30080), None),
             Some(&eps(0)),
         );
-        tweed_nft::apply(&render_delta(&a, &a2, &shape).unwrap()).unwrap();
+        tweed_nft::apply(&render_delta(&a, &a2, &shape).unwrap().0).unwrap();
         let listing = String::from_utf8(
             Command::new("nft")
                 .args(["list", "table", "ip", "tweed"])

@@ -240,8 +240,32 @@ impl Contribution {
         self
     }
 
+    /// The flows this contribution sends somewhere. Leftover slots beyond a
+    /// key's live endpoint count (see [`render_delta`]) send nothing.
     pub fn flows(&self) -> BTreeSet<Flow> {
-        self.elems.iter().filter_map(Elem::flow).collect()
+        let mut live: BTreeMap<(Protocol, Option<Ipv4Addr>, u16), u16> = BTreeMap::new();
+        for e in &self.elems {
+            let (key, n) = match *e {
+                Elem::Lb((ip, p, port), n) => ((p, Some(ip), port), n),
+                Elem::Np((p, port), n) => ((p, None, port), n),
+                _ => continue,
+            };
+            let m = live.entry(key).or_insert(n);
+            *m = (*m).max(n);
+        }
+        self.elems
+            .iter()
+            .filter(|e| match **e {
+                Elem::Be((ip, p, port), slot, _) => {
+                    live.get(&(p, Some(ip), port)).is_some_and(|n| slot < *n)
+                }
+                Elem::NpBe((p, port), slot, _) => {
+                    live.get(&(p, None, port)).is_some_and(|n| slot < *n)
+                }
+                _ => true,
+            })
+            .filter_map(Elem::flow)
+            .collect()
     }
 }
 
@@ -259,10 +283,86 @@ impl Shape {
     }
 }
 
-/// Plan one service on one node.
+/// The backends of each key in slot order, as `prev` has them.
+fn slot_orders(
+    prev: Option<&Contribution>,
+) -> (
+    BTreeMap<SvcKey, Vec<Backend>>,
+    BTreeMap<PortKey, Vec<Backend>>,
+) {
+    let Some(prev) = prev else {
+        return Default::default();
+    };
+    let mut lb: BTreeMap<SvcKey, Vec<(u16, Backend)>> = BTreeMap::new();
+    let mut np: BTreeMap<PortKey, Vec<(u16, Backend)>> = BTreeMap::new();
+    let mut lb_k = BTreeMap::new();
+    let mut np_k = BTreeMap::new();
+    for e in &prev.elems {
+        match *e {
+            // With stale lower memberships around, the highest K is the live one.
+            Elem::Lb(k, n) => {
+                lb_k.entry(k)
+                    .and_modify(|m: &mut u16| *m = (*m).max(n))
+                    .or_insert(n);
+            }
+            Elem::Np(k, n) => {
+                np_k.entry(k)
+                    .and_modify(|m: &mut u16| *m = (*m).max(n))
+                    .or_insert(n);
+            }
+            _ => {}
+        }
+    }
+    for e in &prev.elems {
+        match *e {
+            Elem::Be(k, slot, b) if lb_k.get(&k).is_some_and(|n| slot < *n) => {
+                lb.entry(k).or_default().push((slot, b))
+            }
+            Elem::NpBe(k, slot, b) if np_k.get(&k).is_some_and(|n| slot < *n) => {
+                np.entry(k).or_default().push((slot, b))
+            }
+            _ => {}
+        }
+    }
+    fn order<K: Ord>(m: BTreeMap<K, Vec<(u16, Backend)>>) -> BTreeMap<K, Vec<Backend>> {
+        m.into_iter()
+            .map(|(k, mut v)| {
+                v.sort();
+                (k, v.into_iter().map(|(_, b)| b).collect())
+            })
+            .collect()
+    }
+    (order(lb), order(np))
+}
+
+/// Keep the slots backends had; new ones go at the end. Adding an endpoint
+/// is then only additions to the ruleset (the kernel makes every
+/// transaction that deletes an element wait ~10 ms).
+fn stable(prev: Option<&Vec<Backend>>, now: &[Backend]) -> Vec<Backend> {
+    let Some(prev) = prev else {
+        return now.to_vec();
+    };
+    let mut out: Vec<Backend> = prev.iter().filter(|b| now.contains(b)).copied().collect();
+    out.extend(now.iter().filter(|b| !prev.contains(b)));
+    out
+}
+
+/// Plan one service on one node, from scratch.
 pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -> Contribution {
+    plan_service_from(cfg, svc, eps, None)
+}
+
+/// Plan one service on one node. `prev` is what the node has for it now,
+/// so endpoints keep their slots.
+pub fn plan_service_from(
+    cfg: &ProxyConfig,
+    svc: &Service,
+    eps: Option<&Endpoints>,
+    prev: Option<&Contribution>,
+) -> Contribution {
     let mut c = Contribution::default();
     let Some(cip) = svc.cluster_ip else { return c };
+    let (prev_lb, prev_np) = slot_orders(prev);
     let ready: Vec<_> = eps
         .map(|e| e.endpoints.iter().filter(|e| e.ready).collect())
         .unwrap_or_default();
@@ -290,10 +390,11 @@ pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -
             TrafficPolicy::Local => &local,
         };
         let ext_masq = svc.external_traffic_policy == TrafficPolicy::Cluster;
+        let k = (cip, p.protocol, p.port);
         lb(
             &mut c,
-            (cip, p.protocol, p.port),
-            internal,
+            k,
+            &stable(prev_lb.get(&k), internal),
             svc.affinity_timeout,
         );
         for eip in &svc.external_ips {
@@ -301,7 +402,12 @@ pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -
             if ext_masq {
                 c.elems.push(Elem::MasqLb(k));
             }
-            lb(&mut c, k, external, svc.affinity_timeout);
+            lb(
+                &mut c,
+                k,
+                &stable(prev_lb.get(&k), external),
+                svc.affinity_timeout,
+            );
         }
         if let (Some(np), ServiceType::NodePort | ServiceType::LoadBalancer) =
             (p.node_port, svc.service_type)
@@ -313,6 +419,7 @@ pub fn plan_service(cfg: &ProxyConfig, svc: &Service, eps: Option<&Endpoints>) -
             if external.is_empty() {
                 c.elems.push(Elem::RejNp(k));
             } else {
+                let external = stable(prev_np.get(&k), external);
                 c.elems.push(Elem::Np(k, external.len() as u16));
                 c.elems.push(Elem::NpAll(k));
                 c.elems.extend(
@@ -408,20 +515,31 @@ pub fn plan_hostports(maps: &[(Protocol, u16, Ipv4Addr, u16)]) -> Contribution {
 }
 
 /// The conntrack entries to delete when a contribution changes from `old`
-/// to `new`: UDP flows to backends that left (and UDP flows that went
-/// nowhere, once there is somewhere to go), and TCP flows towards endpoint
-/// IPs the service no longer has at all.
+/// to `new`, as kube-proxy does:
+/// - UDP towards a backend that left the service (and UDP that went
+///   nowhere, once there is somewhere to go): a resolver moves at once;
+/// - UDP towards a service key that no longer exists: one entry per key
+///   (backend `None`), so a deleted service costs one deletion, not one per
+///   endpoint;
+/// - TCP towards an endpoint IP that left a service that still exists (the
+///   pod is gone or not ready). Connections to a deleted service are left
+///   to finish, as kube-proxy leaves them.
 pub fn stale_flows(old: &Contribution, new: &Contribution) -> Vec<Flow> {
     let (old, new) = (old.flows(), new.flows());
     let still: BTreeSet<Ipv4Addr> = new.iter().filter_map(|f| f.3).collect();
-    old.difference(&new)
-        .filter(|(p, _, _, b)| match (p, b) {
-            (Protocol::UDP, _) => true,
-            (_, Some(ip)) => !still.contains(ip),
-            (_, None) => false,
-        })
-        .copied()
-        .collect()
+    let keys: BTreeSet<(Protocol, Option<Ipv4Addr>, u16)> =
+        new.iter().map(|f| (f.0, f.1, f.2)).collect();
+    let mut out = BTreeSet::new();
+    for &(p, dst, port, b) in old.difference(&new) {
+        let live = keys.contains(&(p, dst, port));
+        match (p, live, b) {
+            (Protocol::UDP, true, _) => out.insert((p, dst, port, b)),
+            (Protocol::UDP, false, _) => out.insert((p, dst, port, None)),
+            (_, true, Some(ip)) if !still.contains(&ip) => out.insert((p, dst, port, b)),
+            _ => false,
+        };
+    }
+    out.into_iter().collect()
 }
 
 /// The whole ruleset, as one `nft -f` transaction that atomically replaces
@@ -529,17 +647,19 @@ pub fn render_full<'a>(
     }
     // One rule per (protocol, K); new connections get here only after a
     // hit in lb-all / np-all.
+    // Highest K first: a key may linger in a lower K's set after it grew
+    // (see render_delta), and the live K must win.
     s.push_str("  chain lb-rules {\n");
     for p in PROTOS {
         let p = p.nft();
-        for k in &shape.ks {
+        for k in shape.ks.iter().rev() {
             let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . th dport . numgen random mod {k} map @be-{p}");
         }
     }
     s.push_str("  }\n  chain np-rules {\n");
     for p in PROTOS {
         let p = p.nft();
-        for k in &shape.ks {
+        for k in shape.ks.iter().rev() {
             let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to th dport . numgen random mod {k} map @npbe-{p}");
         }
     }
@@ -599,11 +719,39 @@ pub fn render_full<'a>(
     (s, shape)
 }
 
-/// The commands that turn `old` into `new` for one contribution, or `None`
-/// when `new` needs an endpoint count the ruleset has no chain for (then
-/// the caller does a full resync). Deletions come first so a changed map
-/// value is delete-then-add.
-pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Option<String> {
+/// Can `e` (in the kernel, not in `new`) stay? A key that grew from K to
+/// K' > K may stay in `lb-K` (rules try the highest K first) and keep its
+/// slots >= K' (never drawn): leaving them makes growing add-only.
+fn harmless(
+    e: &Elem,
+    live_lb: &BTreeMap<SvcKey, u16>,
+    live_np: &BTreeMap<PortKey, u16>,
+    new: &BTreeSet<(u8, SvcKey, u16)>,
+) -> bool {
+    match *e {
+        Elem::Lb(k, n) => live_lb.get(&k).is_some_and(|live| n < *live),
+        Elem::Be(k, slot, _) => {
+            live_lb.get(&k).is_some_and(|live| slot >= *live) && !new.contains(&(0, k, slot))
+        }
+        Elem::Np(k, n) => live_np.get(&k).is_some_and(|live| n < *live),
+        Elem::NpBe(k, slot, _) => {
+            live_np.get(&k).is_some_and(|live| slot >= *live)
+                && !new.contains(&(1, (Ipv4Addr::UNSPECIFIED, k.0, k.1), slot))
+        }
+        _ => false,
+    }
+}
+
+/// The commands that turn the kernel's `old` into `new` for one
+/// contribution, and what the kernel holds afterwards (`new` plus the
+/// harmless leftovers it keeps); `None` when `new` needs an endpoint count
+/// the ruleset has no rule for (then the caller does a full resync).
+/// Deletions come first so a changed map value is delete-then-add.
+pub fn render_delta(
+    old: &Contribution,
+    new: &Contribution,
+    shape: &Shape,
+) -> Option<(String, Contribution)> {
     if !new
         .elems
         .iter()
@@ -612,6 +760,38 @@ pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Op
     {
         return None;
     }
+    let live_lb: BTreeMap<SvcKey, u16> = new
+        .elems
+        .iter()
+        .filter_map(|e| {
+            if let Elem::Lb(k, n) = e {
+                Some((*k, *n))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let live_np: BTreeMap<PortKey, u16> = new
+        .elems
+        .iter()
+        .filter_map(|e| {
+            if let Elem::Np(k, n) = e {
+                Some((*k, *n))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let new_slots: BTreeSet<(u8, SvcKey, u16)> = new
+        .elems
+        .iter()
+        .filter_map(|e| match *e {
+            Elem::Be(k, slot, _) => Some((0, k, slot)),
+            Elem::NpBe(k, slot, _) => Some((1, (Ipv4Addr::UNSPECIFIED, k.0, k.1), slot)),
+            _ => None,
+        })
+        .collect();
+    let mut kept = new.clone();
     let mut s = String::new();
     // The service's own sets and chains: create what is new, rewrite what
     // changed; what is gone is removed after the elements pointing at it.
@@ -646,6 +826,10 @@ pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Op
         (n.difference(&o), &mut came, true),
     ] {
         for e in diff {
+            if !with_value && harmless(e, &live_lb, &live_np, &new_slots) {
+                kept.elems.push(**e);
+                continue;
+            }
             if let Some(g) = e.group() {
                 let buf = out.entry(g).or_default();
                 if !buf.is_empty() {
@@ -680,7 +864,7 @@ pub fn render_delta(old: &Contribution, new: &Contribution, shape: &Shape) -> Op
     {
         let _ = writeln!(s, "delete set ip {TABLE} {name}");
     }
-    Some(s)
+    Some((s, kept.finish()))
 }
 
 #[cfg(test)]
@@ -768,7 +952,9 @@ mod tests {
             .elems
             .contains(&Elem::Be(k, 2, ("10.244.3.2".parse().unwrap(), 8080))));
         assert!(!c.elems.iter().any(|e| matches!(e, Elem::RejLb(_))));
-        let d = render_delta(&Contribution::default(), &c, &Shape::preset()).unwrap();
+        let d = render_delta(&Contribution::default(), &c, &Shape::preset())
+            .unwrap()
+            .0;
         assert!(
             d.contains("add element ip tweed be-tcp { 10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080, "),
             "{d}"
@@ -854,11 +1040,9 @@ mod tests {
             ])),
         );
         let shape = Shape::preset();
-        let d = render_delta(&old, &new, &shape).unwrap();
-        assert!(
-            d.contains("delete element ip tweed lb-tcp-2 { 10.96.0.10 . 80 }"),
-            "{d}"
-        );
+        let d = render_delta(&old, &new, &shape).unwrap().0;
+        // Growing leaves the key in lb-tcp-2 (the higher K wins), so nothing is deleted.
+        assert!(!d.contains("delete"), "{d}");
         assert!(
             d.contains("add element ip tweed lb-tcp-3 { 10.96.0.10 . 80 }")
                 && !d.contains("lb-all"),
@@ -869,9 +1053,85 @@ mod tests {
             "{d}"
         );
         assert!(!d.contains("add set"), "{d}");
-        // Deletes come before adds.
-        assert!(d.find("delete").unwrap() < d.find("add element").unwrap());
-        assert_eq!(render_delta(&new, &new, &shape).unwrap(), "");
+        assert_eq!(render_delta(&new, &new, &shape).unwrap().0, "");
+        // A changed endpoint in place is delete-then-add.
+        let moved = plan_service(
+            &cfg(),
+            &s,
+            Some(&eps(&[
+                ("10.244.1.2", "n1"),
+                ("10.244.2.2", "n2"),
+                ("10.244.3.9", "n3"),
+            ])),
+        );
+        let d = render_delta(&new, &moved, &shape).unwrap().0;
+        assert!(
+            d.find("delete element ip tweed be-tcp").unwrap()
+                < d.find("add element ip tweed be-tcp").unwrap(),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn adding_an_endpoint_only_adds_and_removing_cleans_up() {
+        let s = svc(ServiceType::ClusterIP);
+        let shape = Shape::preset();
+        // The new endpoint sorts first by address, but it still gets the last slot.
+        let two = plan_service(
+            &cfg(),
+            &s,
+            Some(&eps(&[("10.244.2.2", "n2"), ("10.244.3.2", "n3")])),
+        );
+        let three = plan_service_from(
+            &cfg(),
+            &s,
+            Some(&eps(&[
+                ("10.244.1.2", "n1"),
+                ("10.244.2.2", "n2"),
+                ("10.244.3.2", "n3"),
+            ])),
+            Some(&two),
+        );
+        assert!(
+            three
+                .elems
+                .contains(&Elem::Be(key(), 2, ("10.244.1.2".parse().unwrap(), 8080))),
+            "{three:?}"
+        );
+        let (d, kept) = render_delta(&two, &three, &shape).unwrap();
+        assert!(!d.contains("delete"), "growing must be add-only: {d}");
+        assert!(
+            kept.elems.contains(&Elem::Lb(key(), 2)) && kept.elems.contains(&Elem::Lb(key(), 3))
+        );
+        // The leftover lb-tcp-2 membership is not a live flow.
+        assert_eq!(kept.flows(), three.flows());
+        // Shrinking back: the live K's set must go (a higher K would win), slots beyond may stay.
+        let back = plan_service_from(
+            &cfg(),
+            &s,
+            Some(&eps(&[("10.244.2.2", "n2"), ("10.244.3.2", "n3")])),
+            Some(&kept),
+        );
+        let (d, kept2) = render_delta(&kept, &back, &shape).unwrap();
+        assert!(
+            d.contains("delete element ip tweed lb-tcp-3 { 10.96.0.10 . 80 }"),
+            "{d}"
+        );
+        assert!(
+            !d.contains("add element ip tweed lb-tcp-2"),
+            "the leftover is reused: {d}"
+        );
+        assert!(
+            kept2.elems.contains(&Elem::Lb(key(), 2)) && !kept2.elems.contains(&Elem::Lb(key(), 3))
+        );
+        // Deleting the service removes leftovers too.
+        let (d, kept3) = render_delta(&kept2, &Contribution::default(), &shape).unwrap();
+        assert!(kept3.elems.is_empty());
+        assert!(
+            d.contains("delete element ip tweed lb-tcp-2")
+                && d.contains("delete element ip tweed be-tcp"),
+            "{d}"
+        );
     }
 
     #[test]
@@ -901,13 +1161,17 @@ mod tests {
         assert!(with.own_sets.values().all(|d| d.contains("timeout 30s")));
         assert_eq!(with.chains.len(), 3);
         assert!(with.elems.contains(&Elem::LbAffinity(key(), 30)));
-        let d = render_delta(&Contribution::default(), &with, &shape).unwrap();
+        let d = render_delta(&Contribution::default(), &with, &shape)
+            .unwrap()
+            .0;
         assert!(d.find("add set").unwrap() < d.find("add chain").unwrap());
         assert!(
             d.find("add chain").unwrap() < d.find("add element ip tweed lb").unwrap(),
             "{d}"
         );
-        let gone = render_delta(&with, &Contribution::default(), &shape).unwrap();
+        let gone = render_delta(&with, &Contribution::default(), &shape)
+            .unwrap()
+            .0;
         assert!(
             gone.find("delete element ip tweed lb").unwrap() < gone.find("delete chain").unwrap(),
             "{gone}"
@@ -944,7 +1208,12 @@ mod tests {
             stale_flows(&none, &new),
             vec![(Protocol::UDP, Some("10.96.0.10".parse().unwrap()), 80, None)]
         );
-        // TCP: only endpoints that are gone altogether.
+        // A deleted UDP service: one entry for the whole key.
+        assert_eq!(
+            stale_flows(&old, &Contribution::default()),
+            vec![(Protocol::UDP, Some("10.96.0.10".parse().unwrap()), 80, None)]
+        );
+        // TCP: only endpoints that are gone altogether, and not when the service goes.
         let t = svc(ServiceType::ClusterIP);
         let old = plan_service(
             &cfg(),
@@ -953,6 +1222,7 @@ mod tests {
         );
         let new = plan_service(&cfg(), &t, Some(&eps(&[("10.244.2.2", "n2")])));
         assert_eq!(stale_flows(&old, &new).len(), 1);
+        assert!(stale_flows(&old, &Contribution::default()).is_empty());
     }
 
     #[test]
