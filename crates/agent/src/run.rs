@@ -119,6 +119,15 @@ enum Exit {
     Signal,
 }
 
+/// This process's peak resident memory (VmHWM), for the debug log.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {
     serde_json::from_slice(v)
         .map_err(|e| tracing::warn!(%key, error = %e, "ignoring a record that does not decode"))
@@ -262,17 +271,28 @@ impl Agent {
         let mut proxy = Proxy::new(proxy_cfg, self.opts.run_dir.clone());
         let svc_prefix = store.services_prefix();
         let ep_prefix = store.endpoints_prefix();
-        let (svcs, svc_rev) = store.list_prefix(&svc_prefix).await?;
-        let (eps, ep_rev) = store.list_prefix(&ep_prefix).await?;
-        proxy.load(
-            svcs.into_iter()
-                .filter_map(|(k, v)| decode::<Service>(&k, &v).map(|s| (k, s)))
-                .collect(),
-            eps.into_iter()
-                .filter_map(|(k, v)| decode::<Endpoints>(&k, &v).map(|e| (k, e)))
-                .collect(),
-        );
+        tracing::debug!(hwm_mib = peak_rss_mib(), "before listing services");
+        let mut svcs = BTreeMap::new();
+        let svc_rev = store
+            .scan_prefix(&svc_prefix, |k, v| {
+                if let Some(s) = decode::<Service>(&k, v) {
+                    svcs.insert(k, s);
+                }
+            })
+            .await?;
+        let mut eps = BTreeMap::new();
+        let ep_rev = store
+            .scan_prefix(&ep_prefix, |k, v| {
+                if let Some(mut e) = decode::<Endpoints>(&k, v) {
+                    e.compact();
+                    eps.insert(k, e);
+                }
+            })
+            .await?;
+        tracing::debug!(hwm_mib = peak_rss_mib(), "services and endpoints decoded");
+        proxy.load(svcs, eps);
         let rep = proxy.full_sync()?;
+        tracing::debug!(hwm_mib = peak_rss_mib(), "after the first full sync");
         self.proxy_synced = true;
         tracing::info!(
             services = rep.services,
@@ -328,7 +348,13 @@ impl Agent {
                 evs = ep_watch.next() => {
                     let evs: Vec<KeyEvent> = evs?;
                     for (id, v) in evs {
-                        proxy.set_endpoints(id.clone(), v.and_then(|v| decode::<Endpoints>(&id, &v)));
+                        proxy.set_endpoints(
+                            id.clone(),
+                            v.and_then(|v| decode::<Endpoints>(&id, &v)).map(|mut e| {
+                                e.compact();
+                                e
+                            }),
+                        );
                     }
                     report(proxy.flush()?);
                 }

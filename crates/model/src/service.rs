@@ -127,6 +127,19 @@ fn yes() -> bool {
     true
 }
 
+impl Endpoints {
+    /// Give back the spare capacity decoding leaves (serde grows vectors by
+    /// doubling): an agent holds 100k endpoints at 10k services.
+    pub fn compact(&mut self) {
+        self.endpoints.shrink_to_fit();
+        for e in &mut self.endpoints {
+            e.ports.shrink_to_fit();
+            e.node.shrink_to_fit();
+            e.pod.shrink_to_fit();
+        }
+    }
+}
+
 impl Endpoint {
     /// The target port for the service port named `name`.
     pub fn port(&self, name: &str) -> Option<u16> {

@@ -305,32 +305,53 @@ impl Store {
         format!("{}/alloc/nodeport/{port}", self.prefix)
     }
 
-    /// Everything under `prefix` (keys without the prefix) and the revision.
+    /// Everything under `prefix` (keys without the prefix) and the revision,
+    /// read in pages at one revision: a single response holding every
+    /// Service of a large cluster would pass gRPC's 4 MiB message limit.
     pub async fn list_prefix(&mut self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64)> {
-        let r = self
-            .client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        let kvs = r
-            .kvs()
-            .iter()
-            .map(|kv| {
+        let mut out = Vec::new();
+        let rev = self.scan_prefix(prefix, |k, v| out.push((k, v.to_vec()))).await?;
+        Ok((out, rev))
+    }
+
+    /// [`Store::list_prefix`], handing each key (without the prefix) and
+    /// value to `f` as its page arrives, so a caller that decodes them
+    /// never holds the whole listing as bytes. Returns the revision.
+    pub async fn scan_prefix(&mut self, prefix: &str, mut f: impl FnMut(String, &[u8])) -> Result<i64> {
+        const PAGE: i64 = 256;
+        let end = prefix_end(prefix.as_bytes());
+        let mut from: Vec<u8> = prefix.as_bytes().to_vec();
+        let mut rev = 0;
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let r = self.client.get(from.clone(), Some(opts)).await.map_err(|e| self.err(e))?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in r.kvs() {
                 let k = String::from_utf8_lossy(kv.key());
-                (
-                    k.strip_prefix(prefix).unwrap_or(&k).to_string(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect();
-        Ok((kvs, rev))
+                f(k.strip_prefix(prefix).unwrap_or(&k).to_string(), kv.value());
+            }
+            match (r.more(), r.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(rev),
+            }
+        }
     }
 
     /// Watch everything under `prefix` from `after_rev + 1` on.
     pub async fn watch_prefix(&mut self, prefix: &str, after_rev: i64) -> Result<PrefixWatch> {
+        // One response may batch many events (a burst of writes); allow it.
         let stream = self
             .client
+            .watch_client()
+            .max_decoding_message_size(64 << 20)
             .watch(
                 prefix,
                 Some(
@@ -670,6 +691,18 @@ impl NodeWatch {
             }
         }
     }
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// Fold watch events into a map of node records keyed by subnet.

@@ -103,6 +103,14 @@ enum StoreCmd {
     PutEndpoints,
     /// Print every Service.
     GetServices,
+    /// Write N synthetic ClusterIP Services with E endpoints each (benchmarks only).
+    #[command(hide = true)]
+    BulkLoad {
+        #[arg(long)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -427,10 +435,9 @@ fn agent(a: AgentArgs) -> Result<()> {
         default_config,
         proxy_full_sync: Duration::from_secs(a.proxy_full_sync.max(1)),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // One event loop is all the agent needs; one thread also keeps the
+    // allocator to one arena, which matters for its memory at 10k Services.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(tweed_agent::run(opts))?;
     Ok(())
 }
@@ -707,7 +714,7 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
 fn store_cmd(cmd: StoreCmd, endpoints: Vec<String>, prefix: String) -> Result<()> {
     use std::io::Read;
     let mut input = String::new();
-    if !matches!(cmd, StoreCmd::GetServices) {
+    if !matches!(cmd, StoreCmd::GetServices | StoreCmd::BulkLoad { .. }) {
         std::io::stdin().read_to_string(&mut input)?;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -748,6 +755,26 @@ fn store_cmd(cmd: StoreCmd, endpoints: Vec<String>, prefix: String) -> Result<()
                 serde_json::json!(eps.len())
             }
             StoreCmd::GetServices => serde_json::to_value(store.services().await?)?,
+            StoreCmd::BulkLoad { services, endpoints } => {
+                let mut kvs = Vec::with_capacity(services * 2);
+                for i in 0..services {
+                    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) + 1 + i as u32);
+                    let svc = serde_json::json!({
+                        "namespace": "bench", "name": format!("s{i}"), "clusterIp": ip,
+                        "ports": [{"name": "", "protocol": "TCP", "port": 80, "targetPort": 8080}],
+                    });
+                    let eps: Vec<_> = (0..endpoints)
+                        .map(|j| {
+                            let ep = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + ((i * endpoints + j) % 65000) as u32);
+                            serde_json::json!({"ip": ep, "node": "elsewhere", "ports": [["", 8080]]})
+                        })
+                        .collect();
+                    kvs.push((format!("{}bench/s{i}", store.services_prefix()), svc.to_string().into_bytes()));
+                    kvs.push((format!("{}bench/s{i}", store.endpoints_prefix()), serde_json::json!({"namespace": "bench", "name": format!("s{i}"), "endpoints": eps}).to_string().into_bytes()));
+                }
+                store.put_many(kvs).await?;
+                serde_json::json!(services)
+            }
         })
     })?;
     println!("{out}");
