@@ -179,6 +179,37 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// Run a command with `input` on its stdin; an error carries its stderr.
+pub(crate) fn run_stdin(cmd: &mut Command, input: &str) -> Result<String> {
+    use std::io::Write;
+    let shown = format!("{cmd:?}").replace('"', "");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Cmd {
+            cmd: shown.clone(),
+            msg: e.to_string(),
+        })?;
+    let _ = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes());
+    let out = child.wait_with_output().map_err(|e| LabError::Cmd {
+        cmd: shown.clone(),
+        msg: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Cmd {
+            cmd: shown,
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 pub(crate) fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
@@ -395,7 +426,6 @@ impl Lab {
     fn build(&self, topo: &Topology) -> Result<LabState> {
         let _l = self.lock()?;
         let mtu = topo.underlay.mtu.to_string();
-        let plen = topo.underlay.cidr.prefix_len();
         let mut st = LabState {
             name: self.name.clone(),
             topology: topo.clone(),
@@ -414,37 +444,104 @@ impl Lab {
         // The state file exists from the first step on, so `down` can undo a partial build.
         self.save(&st)?;
 
-        // Underlay: one bridge in its own namespace.
+        // Underlay: one bridge per L2 segment, all in one namespace.
+        let segments = topo.segments();
         ip(&["netns", "add", &st.ul_ns])?;
         ip(&["-n", &st.ul_ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", &st.ul_ns, "link", "add", "br0", "mtu", &mtu, "type", "bridge",
-        ])?;
-        ip(&["-n", &st.ul_ns, "link", "set", "br0", "up"])?;
-        let attach = |port: &str, ns: &str, addr: Ipv4Addr| -> Result<()> {
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        for k in 0..segments.len() {
+            let br = format!("br{k}");
+            ip(&[
+                "-n", &st.ul_ns, "link", "add", &br, "mtu", &mtu, "type", "bridge",
+            ])?;
+            ip(&["-n", &st.ul_ns, "link", "set", &br, "up"])?;
+        }
+        let ports = std::cell::Cell::new(0u32);
+        // A NIC `ifname` for `ns` (created if new) on segment `seg` with `addr`.
+        let attach = |ns: &str, ifname: &str, seg: &str, addr: Ipv4Addr| -> Result<()> {
+            if !Path::new("/run/netns").join(ns).exists() {
+                ip(&["netns", "add", ns])?;
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            }
+            let k = segments
+                .iter()
+                .position(|s| s.name == seg)
+                .expect("validated");
+            let port = format!("v{}", ports.get());
+            ports.set(ports.get() + 1);
             // Born in the underlay namespace with its peer born in `ns`: never in the root namespace.
             ip(&[
-                "-n", &st.ul_ns, "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "netns", ns, "mtu", &mtu,
+                "-n", &st.ul_ns, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
+                ifname, "netns", ns, "mtu", &mtu,
             ])?;
-            ip(&["-n", &st.ul_ns, "link", "set", port, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                &st.ul_ns,
+                "link",
+                "set",
+                &port,
+                "master",
+                &format!("br{k}"),
+                "up",
+            ])?;
             ip(&[
                 "-n",
                 ns,
                 "addr",
                 "add",
-                &format!("{addr}/{plen}"),
+                &format!("{addr}/{}", segments[k].cidr.prefix_len()),
                 "dev",
-                "eth0",
+                ifname,
             ])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "link", "set", ifname, "up"])?;
+            Ok(())
+        };
+        let default_via = |ns: &str, seg: &str| -> Result<()> {
+            if let Some(gw) = topo.gateway(seg) {
+                ip(&["-n", ns, "route", "add", "default", "via", &gw.to_string()])?;
+            }
             Ok(())
         };
 
+        // Routers: a leg on each of their segments, forwarding on, routes to
+        // segments one router away.
+        for (r, spec) in topo.routers.iter().enumerate() {
+            let ns = self.ns(&format!("r-{}", spec.name));
+            for (j, seg) in spec.segments.iter().enumerate() {
+                attach(&ns, &format!("eth{j}"), seg, topo.router_ip(r, seg))?;
+            }
+            ip(&[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+            for seg in segments.iter().filter(|s| !spec.segments.contains(&s.name)) {
+                let via = topo.routers.iter().enumerate().find_map(|(r2, other)| {
+                    let shared = other.segments.iter().find(|t| spec.segments.contains(t))?;
+                    other
+                        .segments
+                        .contains(&seg.name)
+                        .then(|| topo.router_ip(r2, shared))
+                });
+                if let Some(via) = via {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        &seg.cidr.trunc().to_string(),
+                        "via",
+                        &via.to_string(),
+                    ])?;
+                }
+            }
+        }
+
         // Control plane: etcd.
-        attach("cp", &st.cp_ns, st.cp_ip)?;
+        attach(&st.cp_ns, "eth0", &segments[0].name, st.cp_ip)?;
+        default_via(&st.cp_ns, &segments[0].name)?;
         st.etcd_pid = Some(self.spawn_etcd(&st)?);
         self.save(&st)?;
         self.wait_etcd(&st)?;
@@ -466,7 +563,14 @@ impl Lab {
             };
             st.nodes.push(node.clone());
             self.save(&st)?;
-            attach(&format!("n{i}"), &node.ns, node.ip)?;
+            let segs = topo.node_segments(i);
+            for (j, seg) in segs.iter().enumerate() {
+                attach(&node.ns, &format!("eth{j}"), seg, topo.node_ip_on(i, seg))?;
+            }
+            default_via(&node.ns, &segs[0])?;
+            if let Some(public) = n.public_ip {
+                self.nat(topo, &segs[0], public, node.ip)?;
+            }
             std::fs::create_dir_all(self.node_dir(&n.name))
                 .map_err(io_err(&self.node_dir(&n.name)))?;
         }
@@ -483,7 +587,8 @@ impl Lab {
             };
             st.hosts.push(host.clone());
             self.save(&st)?;
-            attach(&format!("h{i}"), &host.ns, host.ip)?;
+            attach(&host.ns, "eth0", &topo.host_segment(i), host.ip)?;
+            default_via(&host.ns, &topo.host_segment(i))?;
         }
         for n in &st.nodes {
             self.wait_node_ready(&n.name, 60)?;
@@ -570,9 +675,59 @@ impl Lab {
         self.wait_etcd(&st)
     }
 
+    /// 1:1 NAT on the router of `seg`: `public` is `private` to everyone
+    /// else, and the private address takes no new connection that was not
+    /// addressed to the public one (as in a cloud VPC). Equivalent: `nft -f`
+    /// of a small table of the lab's own inside the router namespace.
+    fn nat(&self, topo: &Topology, seg: &str, public: Ipv4Addr, private: Ipv4Addr) -> Result<()> {
+        let r = topo
+            .routers
+            .iter()
+            .position(|r| r.segments.iter().any(|s| s == seg))
+            .expect("validated");
+        let ns = self.ns(&format!("r-{}", topo.routers[r].name));
+        let table = format!("lab-nat-{}", u32::from(private));
+        let script = format!(
+            "table ip {table} {{
+  chain pre {{ type nat hook prerouting priority -100; policy accept; ip daddr {public} dnat to {private}; }}
+  chain post {{ type nat hook postrouting priority 100; policy accept; ip saddr {private} snat to {public}; }}
+  chain isolate {{ type filter hook forward priority 0; policy accept; ip daddr {private} ct state new ct status & dnat == 0 drop; }}
+}}
+"
+        );
+        run_stdin(
+            Command::new("ip").args(["netns", "exec", &ns, "nft", "-f", "-"]),
+            &script,
+        )?;
+        // Other routers that share a segment with this one send the public address to it.
+        for other in topo
+            .routers
+            .iter()
+            .filter(|o| o.name != topo.routers[r].name)
+        {
+            if let Some(shared) = other
+                .segments
+                .iter()
+                .find(|t| topo.routers[r].segments.contains(t))
+            {
+                let via = topo.router_ip(r, shared).to_string();
+                ip(&[
+                    "-n",
+                    &self.ns(&format!("r-{}", other.name)),
+                    "route",
+                    "add",
+                    &format!("{public}/32"),
+                    "via",
+                    &via,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
     fn agent_args(&self, st: &LabState, node: &str) -> Vec<String> {
         let d = self.node_dir(node);
-        vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--node-name".into(),
             node.into(),
@@ -592,7 +747,18 @@ impl Lab {
             st.topology.agent.resync.to_string(),
             "--cluster-config".into(),
             self.dir.join("cluster.json").display().to_string(),
-        ]
+        ];
+        if let Some(public) = st
+            .topology
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.public_ip)
+        {
+            args.push("--public-ip".into());
+            args.push(public.to_string());
+        }
+        args
     }
 
     fn start_agent(&self, st: &LabState, node: &str) -> Result<u32> {

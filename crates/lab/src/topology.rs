@@ -29,6 +29,13 @@ pub struct Topology {
     /// Hosts outside the cluster, on the underlay (external clients).
     #[serde(default)]
     pub hosts: Vec<HostSpec>,
+    /// Several L2 segments instead of the one `underlay` (each a bridge).
+    #[serde(default)]
+    pub segments: Vec<SegmentSpec>,
+    /// Router namespaces joining segments; the first router on a segment is
+    /// its members' default gateway.
+    #[serde(default)]
+    pub routers: Vec<RouterSpec>,
     #[serde(default)]
     pub agent: AgentSpec,
 }
@@ -37,7 +44,27 @@ pub struct Topology {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostSpec {
     pub name: String,
+    /// Default: the first segment.
+    #[serde(default)]
+    pub segment: Option<String>,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SegmentSpec {
+    pub name: String,
+    pub cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterSpec {
+    pub name: String,
+    pub segments: Vec<String>,
+}
+
+/// The "public" range NAT'd nodes get their addresses from (documentation range).
+pub const PUBLIC_RANGE: &str = "203.0.113.0/24";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -59,6 +86,14 @@ impl Default for Underlay {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeSpec {
     pub name: String,
+    /// The segments it has a NIC on, in order (eth0, eth1, ...). Default:
+    /// the first segment.
+    #[serde(default)]
+    pub segments: Vec<String>,
+    /// Reached by its peers only through this address, 1:1 NATed by the
+    /// router of its first segment (seed 000's cloud nodes).
+    #[serde(default)]
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,25 +220,152 @@ impl Topology {
         if self.hosts.len() > 40 {
             return bad("hosts: at most 40".into());
         }
+        let segs = self.segments();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, sg) in segs.iter().enumerate() {
+            if !valid_name(&sg.name) || sg.name.len() > 8 || !names.insert(sg.name.clone()) {
+                return bad(format!(
+                    "segments[{i}].name {:?} must be unique, 1-8 of [a-z0-9-]",
+                    sg.name
+                ));
+            }
+            let c = sg.cidr.trunc();
+            if c.contains(&forbidden.network()) || forbidden.contains(&c.network()) {
+                return bad(format!(
+                    "segments[{i}].cidr {c} overlaps 192.0.2.0/24, the test machines' own network"
+                ));
+            }
+            if c.prefix_len() > 26 {
+                return bad(format!("segments[{i}].cidr {c} is too small (at most /26)"));
+            }
+            for other in &segs[..i] {
+                if other.cidr.contains(&c.network()) || c.contains(&other.cidr.network()) {
+                    return bad(format!(
+                        "segments[{i}].cidr {c} overlaps segment {}",
+                        other.name
+                    ));
+                }
+            }
+        }
+        let known = |n: &str| segs.iter().any(|s| s.name == n);
+        for (i, r) in self.routers.iter().enumerate() {
+            if !valid_name(&r.name) || seen.contains(&r.name) {
+                return bad(format!(
+                    "routers[{i}].name {:?} must be unique and not a node or host name",
+                    r.name
+                ));
+            }
+            if r.segments.is_empty() || r.segments.iter().any(|s| !known(s)) {
+                return bad(format!(
+                    "routers[{i}].segments {:?} must name segments",
+                    r.segments
+                ));
+            }
+        }
+        let public: Ipv4Net = PUBLIC_RANGE.parse().expect("literal");
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(s) = n.segments.iter().find(|s| !known(s)) {
+                return bad(format!("nodes[{i}].segments: no segment {s:?}"));
+            }
+            if n.segments.len() > 4 {
+                return bad(format!("nodes[{i}].segments: at most 4 NICs"));
+            }
+            if let Some(p) = n.public_ip {
+                if !public.contains(&p) {
+                    return bad(format!("nodes[{i}].publicIp {p} must be in {PUBLIC_RANGE}"));
+                }
+                let seg = self.node_segments(i)[0].clone();
+                if !self.routers.iter().any(|r| r.segments.contains(&seg)) {
+                    return bad(format!(
+                        "nodes[{i}].publicIp needs a router on segment {seg:?} to do the NAT"
+                    ));
+                }
+            }
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            if let Some(s) = h.segment.as_ref().filter(|s| !known(s)) {
+                return bad(format!("hosts[{i}].segment: no segment {s:?}"));
+            }
+        }
         if self.agent.lease_ttl < 2 || self.agent.resync == 0 {
             return bad("agent: leaseTtl must be at least 2 and resync at least 1".into());
         }
         Ok(())
     }
 
-    /// Underlay addresses: .1 unused, .2 control plane, nodes from .10.
+    /// The L2 segments: `segments`, or the one `underlay` (named "ul").
+    pub fn segments(&self) -> Vec<SegmentSpec> {
+        if self.segments.is_empty() {
+            vec![SegmentSpec {
+                name: "ul".into(),
+                cidr: self.underlay.cidr,
+            }]
+        } else {
+            self.segments.clone()
+        }
+    }
+
+    fn segment(&self, name: &str) -> SegmentSpec {
+        self.segments()
+            .into_iter()
+            .find(|s| s.name == name)
+            .expect("validated")
+    }
+
+    /// The segments node `i` has NICs on, in NIC order.
+    pub fn node_segments(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        if n.segments.is_empty() {
+            vec![self.segments()[0].name.clone()]
+        } else {
+            n.segments.clone()
+        }
+    }
+
+    /// Addresses on a segment: .2 the control plane (first segment), nodes
+    /// from .10 in node order, hosts from .200 (upper quarter on segments
+    /// smaller than /24), routers from the top down.
     pub fn cp_ip(&self) -> Ipv4Addr {
-        nth(self.underlay.cidr, 2)
+        nth(self.segments()[0].cidr, 2)
     }
 
+    /// Node `i`'s address on segment `seg`.
+    pub fn node_ip_on(&self, i: usize, seg: &str) -> Ipv4Addr {
+        nth(self.segment(seg).cidr, 10 + i as u32)
+    }
+
+    /// Node `i`'s address on its first segment.
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
-        nth(self.underlay.cidr, 10 + i as u32)
+        self.node_ip_on(i, &self.node_segments(i)[0])
     }
 
-    /// Hosts outside the cluster from .200 (a /24 underlay) or the upper part.
+    pub fn host_segment(&self, i: usize) -> String {
+        self.hosts[i]
+            .segment
+            .clone()
+            .unwrap_or_else(|| self.segments()[0].name.clone())
+    }
+
     pub fn host_ip(&self, i: usize) -> Ipv4Addr {
-        let size = 1u32 << (32 - self.underlay.cidr.prefix_len());
-        nth(self.underlay.cidr, size - 56 + i as u32)
+        let cidr = self.segment(&self.host_segment(i)).cidr;
+        let size = 1u32 << (32 - cidr.prefix_len());
+        let base = if size >= 256 { size - 56 } else { size * 3 / 4 };
+        nth(cidr, base + i as u32)
+    }
+
+    /// Router `r`'s address on segment `seg`.
+    pub fn router_ip(&self, r: usize, seg: &str) -> Ipv4Addr {
+        let cidr = self.segment(seg).cidr;
+        let size = 1u32 << (32 - cidr.prefix_len());
+        nth(cidr, size - 2 - r as u32)
+    }
+
+    /// The default gateway on a segment: its first router's address.
+    pub fn gateway(&self, seg: &str) -> Option<Ipv4Addr> {
+        self.routers
+            .iter()
+            .position(|r| r.segments.iter().any(|s| s == seg))
+            .map(|r| self.router_ip(r, seg))
     }
 }
 

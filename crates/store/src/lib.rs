@@ -310,14 +310,20 @@ impl Store {
     /// Service of a large cluster would pass gRPC's 4 MiB message limit.
     pub async fn list_prefix(&mut self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64)> {
         let mut out = Vec::new();
-        let rev = self.scan_prefix(prefix, |k, v| out.push((k, v.to_vec()))).await?;
+        let rev = self
+            .scan_prefix(prefix, |k, v| out.push((k, v.to_vec())))
+            .await?;
         Ok((out, rev))
     }
 
     /// [`Store::list_prefix`], handing each key (without the prefix) and
     /// value to `f` as its page arrives, so a caller that decodes them
     /// never holds the whole listing as bytes. Returns the revision.
-    pub async fn scan_prefix(&mut self, prefix: &str, mut f: impl FnMut(String, &[u8])) -> Result<i64> {
+    pub async fn scan_prefix(
+        &mut self,
+        prefix: &str,
+        mut f: impl FnMut(String, &[u8]),
+    ) -> Result<i64> {
         const PAGE: i64 = 256;
         let end = prefix_end(prefix.as_bytes());
         let mut from: Vec<u8> = prefix.as_bytes().to_vec();
@@ -327,7 +333,11 @@ impl Store {
             if rev != 0 {
                 opts = opts.with_revision(rev);
             }
-            let r = self.client.get(from.clone(), Some(opts)).await.map_err(|e| self.err(e))?;
+            let r = self
+                .client
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(|e| self.err(e))?;
             if rev == 0 {
                 rev = r.header().map(|h| h.revision()).unwrap_or(0);
             }

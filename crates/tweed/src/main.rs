@@ -437,7 +437,9 @@ fn agent(a: AgentArgs) -> Result<()> {
     };
     // One event loop is all the agent needs; one thread also keeps the
     // allocator to one arena, which matters for its memory at 10k Services.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(tweed_agent::run(opts))?;
     Ok(())
 }
