@@ -7,12 +7,12 @@
 //! control-plane namespace.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
 use tweed_model::{Endpoint, Endpoints, Service};
 
-use crate::lab::{Lab, LabError, LabState, NewPod};
+use crate::lab::{run_stdin, Lab, LabError, LabState, NewPod};
 use crate::manifest::{parse, Resource, Workload};
 
 type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -20,36 +20,14 @@ type Result<T, E = LabError> = std::result::Result<T, E>;
 impl Lab {
     /// Run `tweed store CMD` inside the control-plane namespace with JSON in and out.
     fn store_call(&self, st: &LabState, cmd: &str, input: &Value) -> Result<Value> {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &st.cp_ns])
-            .arg(&self.exe)
-            .args(["store", cmd, "--etcd-endpoints", &st.etcd_url()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| LabError::Cmd {
-                cmd: format!("tweed store {cmd}"),
-                msg: e.to_string(),
-            })?;
-        let _ = child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(input.to_string().as_bytes());
-        let out = child.wait_with_output().map_err(|e| LabError::Cmd {
-            cmd: format!("tweed store {cmd}"),
-            msg: e.to_string(),
-        })?;
-        if !out.status.success() {
-            return Err(LabError::Cmd {
-                cmd: format!("tweed store {cmd}"),
-                msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| LabError::Invalid(format!("tweed store {cmd}: {e}")))
+        let out = run_stdin(
+            Command::new("ip")
+                .args(["netns", "exec", &st.cp_ns])
+                .arg(&self.exe)
+                .args(["store", cmd, "--etcd-endpoints", &st.etcd_url()]),
+            &input.to_string(),
+        )?;
+        serde_json::from_str(&out).map_err(|e| LabError::Invalid(format!("tweed store {cmd}: {e}")))
     }
 
     /// `kubectl apply -f`: every valid document is applied; invalid ones are
