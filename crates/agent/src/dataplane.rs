@@ -1,13 +1,14 @@
 use std::collections::BTreeSet;
 
 use tweed_netlink::{Netlink, NetlinkError};
-use tweed_plan::{diff, Fdb, Neigh, NodePlan, Route, VxlanLink};
+use tweed_plan::{diff, route_devices, Fdb, IpipLink, Neigh, NodePlan, Route, VxlanLink};
 
 /// The kernel operations reconciling needs, so the agent's logic can be
 /// exercised against a fake. Implemented for [`Netlink`].
 #[allow(async_fn_in_trait)]
 pub trait Dataplane {
     async fn ensure_vxlan(&self, spec: &VxlanLink) -> Result<(), NetlinkError>;
+    async fn ensure_ipip(&self, spec: &IpipLink) -> Result<(), NetlinkError>;
     async fn routes(&self, dev: &str) -> Result<BTreeSet<Route>, NetlinkError>;
     async fn add_route(&self, r: &Route) -> Result<(), NetlinkError>;
     async fn del_route(&self, r: &Route) -> Result<(), NetlinkError>;
@@ -22,6 +23,9 @@ pub trait Dataplane {
 impl Dataplane for Netlink {
     async fn ensure_vxlan(&self, spec: &VxlanLink) -> Result<(), NetlinkError> {
         Netlink::ensure_vxlan(self, spec).await.map(|_| ())
+    }
+    async fn ensure_ipip(&self, spec: &IpipLink) -> Result<(), NetlinkError> {
+        Netlink::ensure_ipip(self, spec).await.map(|_| ())
     }
     async fn routes(&self, dev: &str) -> Result<BTreeSet<Route>, NetlinkError> {
         self.owned_routes(dev).await
@@ -66,24 +70,31 @@ pub struct ReconcileReport {
 pub async fn reconcile<D: Dataplane>(
     dp: &D,
     plan: &NodePlan,
+    underlay_dev: &str,
 ) -> Result<ReconcileReport, NetlinkError> {
-    let dev = &plan.vxlan.name;
-    dp.ensure_vxlan(&plan.vxlan).await?;
+    if let Some(v) = &plan.vxlan {
+        dp.ensure_vxlan(v).await?;
+    }
+    if let Some(i) = &plan.ipip {
+        dp.ensure_ipip(i).await?;
+    }
     let mut rep = ReconcileReport::default();
+    let (mut fdb_add, mut fdb_del, mut nb_add, mut nb_del) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if let Some(v) = &plan.vxlan {
+        (fdb_add, fdb_del) = diff(&plan.fdb, &dp.fdb(&v.name).await?);
+        (nb_add, nb_del) = diff(&plan.neighs, &dp.neighs(&v.name).await?);
+    }
+    let mut actual = BTreeSet::new();
+    for dev in route_devices(plan, underlay_dev) {
+        actual.extend(dp.routes(&dev).await?);
+    }
+    let (rt_add, rt_del) = diff(&plan.routes, &actual);
+    // A route whose destination is being added again (a peer switching
+    // between direct and VXLAN) is replaced in place, not deleted first, so
+    // its pods are never without a route.
+    let replaced: BTreeSet<_> = rt_add.iter().map(|r| r.dst).collect();
 
-    let (fdb_add, fdb_del) = diff(&plan.fdb, &dp.fdb(dev).await?);
-    let (nb_add, nb_del) = diff(&plan.neighs, &dp.neighs(dev).await?);
-    let (rt_add, rt_del) = diff(&plan.routes, &dp.routes(dev).await?);
-
-    for r in &rt_del {
-        dp.del_route(r).await?;
-    }
-    for f in &fdb_del {
-        dp.del_fdb(f).await?;
-    }
-    for n in &nb_del {
-        dp.del_neigh(n).await?;
-    }
     for f in &fdb_add {
         dp.add_fdb(f).await?;
     }
@@ -92,6 +103,15 @@ pub async fn reconcile<D: Dataplane>(
     }
     for r in &rt_add {
         dp.add_route(r).await?;
+    }
+    for r in rt_del.iter().filter(|r| !replaced.contains(&r.dst)) {
+        dp.del_route(r).await?;
+    }
+    for f in &fdb_del {
+        dp.del_fdb(f).await?;
+    }
+    for n in &nb_del {
+        dp.del_neigh(n).await?;
     }
     rep.added = fdb_add.len() + nb_add.len() + rt_add.len();
     rep.removed = fdb_del.len() + nb_del.len() + rt_del.len();
@@ -119,11 +139,23 @@ mod tests {
             self.log.borrow_mut().push(format!("vxlan {}", s.name));
             Ok(())
         }
-        async fn routes(&self, _: &str) -> Result<BTreeSet<Route>, NetlinkError> {
-            Ok(self.routes.borrow().clone())
+        async fn ensure_ipip(&self, s: &IpipLink) -> Result<(), NetlinkError> {
+            self.log.borrow_mut().push(format!("ipip {}", s.name));
+            Ok(())
+        }
+        async fn routes(&self, dev: &str) -> Result<BTreeSet<Route>, NetlinkError> {
+            Ok(self
+                .routes
+                .borrow()
+                .iter()
+                .filter(|r| r.dev == dev)
+                .cloned()
+                .collect())
         }
         async fn add_route(&self, r: &Route) -> Result<(), NetlinkError> {
             self.log.borrow_mut().push(format!("+route {}", r.dst));
+            // Like `ip route replace`: one route per destination.
+            self.routes.borrow_mut().retain(|x| x.dst != r.dst);
             self.routes.borrow_mut().insert(r.clone());
             Ok(())
         }
@@ -167,6 +199,7 @@ mod tests {
             public_ip: format!("198.51.100.{}", 10 + n).parse().unwrap(),
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for(name),
+            unreachable: Vec::new(),
         }
     }
 
@@ -177,7 +210,11 @@ mod tests {
             underlay_dev: "eth0".into(),
             underlay_mtu: 1500,
         };
-        plan_node(&ClusterConfig::default(), &me, peers)
+        let cfg = ClusterConfig {
+            backend: Backend::Vxlan,
+            ..Default::default()
+        };
+        plan_node(&cfg, &me, peers, &Default::default())
     }
 
     fn block<F: std::future::Future>(f: F) -> F::Output {
@@ -188,10 +225,55 @@ mod tests {
     }
 
     #[test]
+    fn switching_a_peer_between_direct_and_vxlan_replaces_its_route_in_place() {
+        let fake = Fake::default();
+        let me = LocalNode {
+            record: rec("n1", 1),
+            bind_ip: "198.51.100.11".parse().unwrap(),
+            underlay_dev: "eth0".into(),
+            underlay_mtu: 1500,
+        };
+        let cfg = ClusterConfig::default();
+        let peers = [rec("n2", 2)];
+        let direct: std::collections::BTreeMap<String, tweed_plan::PeerFacts> = [(
+            "n2".to_string(),
+            tweed_plan::PeerFacts {
+                connected: true,
+                probe: Some(true),
+            },
+        )]
+        .into();
+        block(reconcile(
+            &fake,
+            &plan_node(&cfg, &me, &peers, &Default::default()),
+            "eth0",
+        ))
+        .unwrap();
+        assert!(fake.routes.borrow().iter().any(|r| r.dev == "tweed.1"));
+        fake.log.borrow_mut().clear();
+        block(reconcile(
+            &fake,
+            &plan_node(&cfg, &me, &peers, &direct),
+            "eth0",
+        ))
+        .unwrap();
+        let log = fake.log.borrow().clone();
+        assert!(
+            !log.iter().any(|l| l.starts_with("-route")),
+            "the route was deleted before its replacement: {log:?}"
+        );
+        let routes = fake.routes.borrow().clone();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes.iter().next().unwrap().dev, "eth0");
+        // Its VXLAN entries go once the direct route is in.
+        assert!(fake.fdb.borrow().is_empty() && fake.neighs.borrow().is_empty());
+    }
+
+    #[test]
     fn converges_orders_safely_and_is_idempotent() {
         let fake = Fake::default();
         let p = plan(&[rec("n2", 2), rec("n3", 3)]);
-        let r = block(reconcile(&fake, &p)).unwrap();
+        let r = block(reconcile(&fake, &p, "eth0")).unwrap();
         assert_eq!(
             r,
             ReconcileReport {
@@ -212,7 +294,7 @@ mod tests {
 
         // Nothing to do the second time.
         assert_eq!(
-            block(reconcile(&fake, &p)).unwrap(),
+            block(reconcile(&fake, &p, "eth0")).unwrap(),
             ReconcileReport::default()
         );
 
@@ -220,7 +302,7 @@ mod tests {
         let gone = fake.routes.borrow().iter().next().unwrap().clone();
         fake.routes.borrow_mut().remove(&gone);
         assert_eq!(
-            block(reconcile(&fake, &p)).unwrap(),
+            block(reconcile(&fake, &p, "eth0")).unwrap(),
             ReconcileReport {
                 added: 1,
                 removed: 0
@@ -230,7 +312,7 @@ mod tests {
 
         // A peer leaving removes its route before its entries.
         fake.log.borrow_mut().clear();
-        let r = block(reconcile(&fake, &plan(&[rec("n2", 2)]))).unwrap();
+        let r = block(reconcile(&fake, &plan(&[rec("n2", 2)]), "eth0")).unwrap();
         assert_eq!(
             r,
             ReconcileReport {

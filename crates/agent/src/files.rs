@@ -39,7 +39,10 @@ pub struct PeerStatus {
     pub name: String,
     pub subnet: String,
     pub address: String,
+    /// direct, vxlan, ipip or unreachable, and why.
     pub mode: String,
+    #[serde(default)]
+    pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub problem: String,
 }

@@ -9,6 +9,7 @@
 
 mod dataplane;
 mod files;
+mod probe;
 mod proxy;
 mod run;
 

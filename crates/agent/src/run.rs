@@ -156,8 +156,10 @@ struct Agent {
     /// The subnet we hold, kept across datastore outages.
     subnet: Option<Ipv4Net>,
     ready: bool,
-    /// What was skipped last time, so a resync does not repeat the warnings.
-    skipped: Vec<tweed_plan::Skipped>,
+    /// Each peer's mode last time, so a resync does not repeat the log.
+    modes: Vec<(String, tweed_plan::Mode)>,
+    /// Peers we cannot route to ("NAME: why"), reported in our record.
+    unreachable: Vec<String>,
     mtu: u32,
     /// Did the last overlay reconcile succeed? Pods are only admitted then.
     dataplane_ok: bool,
@@ -184,7 +186,8 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         underlay,
         subnet: remembered,
         ready: false,
-        skipped: Vec::new(),
+        modes: Vec::new(),
+        unreachable: Vec::new(),
         mtu: 1450,
         dataplane_ok: false,
         proxy_synced: false,
@@ -239,6 +242,7 @@ impl Agent {
             public_ip: self.opts.public_ip.unwrap_or(self.underlay.ip),
             backend: cfg.backend,
             vtep_mac: vtep_mac_for(&self.opts.node_name),
+            unreachable: Vec::new(),
         };
         let (me, lease) = store.claim(&cfg, &want, self.opts.lease_ttl).await?;
         if let Some(old) = self.subnet.filter(|s| *s != me.subnet) {
@@ -263,7 +267,10 @@ impl Agent {
             underlay_dev: self.underlay.dev.clone(),
             underlay_mtu: self.underlay.mtu,
         };
+        let mut mine = me.clone();
         self.converge(&cfg, &local, &map).await?;
+        self.report_unreachable(&mut store, &mut mine, lease)
+            .await?;
 
         // Services: list, full sync, then follow the watches.
         let proxy_cfg = ProxyConfig {
@@ -318,54 +325,56 @@ impl Agent {
         resync.tick().await;
         loop {
             tokio::select! {
-                evs = watch.next() => {
-                    let evs = evs?;
-                    if evs.iter().any(|e| matches!(e, NodeEvent::Gone(s) if *s == me.subnet)) {
-                        return Err(AgentError::RecordGone);
+                    evs = watch.next() => {
+                        let evs = evs?;
+                        if evs.iter().any(|e| matches!(e, NodeEvent::Gone(s) if *s == me.subnet)) {
+                            return Err(AgentError::RecordGone);
+                        }
+                        apply_events(&mut map, evs);
+                        self.converge(&cfg, &local, &map).await?;
+            self.report_unreachable(&mut store, &mut mine, lease).await?;
                     }
-                    apply_events(&mut map, evs);
-                    self.converge(&cfg, &local, &map).await?;
-                }
-                _ = ka_tick.tick() => {
-                    keeper.keep_alive().await.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
-                }
-                msg = ka.message() => {
-                    let msg = msg.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
-                    match msg {
-                        Some(m) if m.ttl() > 0 => {}
-                        _ => return Err(StoreError::LeaseExpired(self.opts.node_name.clone()).into()),
+                    _ = ka_tick.tick() => {
+                        keeper.keep_alive().await.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
+                    }
+                    msg = ka.message() => {
+                        let msg = msg.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
+                        match msg {
+                            Some(m) if m.ttl() > 0 => {}
+                            _ => return Err(StoreError::LeaseExpired(self.opts.node_name.clone()).into()),
+                        }
+                    }
+                    _ = resync.tick() => {
+                        self.converge(&cfg, &local, &map).await?;
+            self.report_unreachable(&mut store, &mut mine, lease).await?;
+                        if !table_present() {
+                            tracing::warn!("the service table is gone; re-making it");
+                            proxy.full_sync()?;
+                        }
+                    }
+                    evs = svc_watch.next() => {
+                        for (id, v) in evs? {
+                            proxy.set_service(id.clone(), v.and_then(|v| decode::<Service>(&id, &v)));
+                        }
+                        report(proxy.flush()?);
+                    }
+                    evs = ep_watch.next() => {
+                        let evs: Vec<KeyEvent> = evs?;
+                        for (id, v) in evs {
+                            proxy.set_endpoints(
+                                id.clone(),
+                                v.and_then(|v| decode::<Endpoints>(&id, &v)).map(|mut e| {
+                                    e.compact();
+                                    e
+                                }),
+                            );
+                        }
+                        report(proxy.flush()?);
+                    }
+                    _ = full_tick.tick() => {
+                        report(Some(proxy.full_sync()?));
                     }
                 }
-                _ = resync.tick() => {
-                    self.converge(&cfg, &local, &map).await?;
-                    if !table_present() {
-                        tracing::warn!("the service table is gone; re-making it");
-                        proxy.full_sync()?;
-                    }
-                }
-                evs = svc_watch.next() => {
-                    for (id, v) in evs? {
-                        proxy.set_service(id.clone(), v.and_then(|v| decode::<Service>(&id, &v)));
-                    }
-                    report(proxy.flush()?);
-                }
-                evs = ep_watch.next() => {
-                    let evs: Vec<KeyEvent> = evs?;
-                    for (id, v) in evs {
-                        proxy.set_endpoints(
-                            id.clone(),
-                            v.and_then(|v| decode::<Endpoints>(&id, &v)).map(|mut e| {
-                                e.compact();
-                                e
-                            }),
-                        );
-                    }
-                    report(proxy.flush()?);
-                }
-                _ = full_tick.tick() => {
-                    report(Some(proxy.full_sync()?));
-                }
-            }
         }
     }
 
@@ -378,14 +387,36 @@ impl Agent {
         map: &BTreeMap<Ipv4Net, NodeRecord>,
     ) -> Result<(), AgentError> {
         let nodes: Vec<NodeRecord> = map.values().cloned().collect();
-        let plan = plan_node(cfg, local, &nodes);
-        if plan.skipped != self.skipped {
-            for s in &plan.skipped {
+        let facts = self.peer_facts(cfg, local, &nodes).await;
+        let plan = plan_node(cfg, local, &nodes, &facts);
+        let modes: Vec<(String, tweed_plan::Mode)> = plan
+            .peers
+            .iter()
+            .map(|p| (p.node.clone(), p.mode))
+            .collect();
+        if modes != self.modes {
+            for p in &plan.peers {
+                if p.mode == tweed_plan::Mode::Unreachable {
+                    tracing::warn!(peer = %p.node, reason = %p.reason, "peer unreachable");
+                } else {
+                    tracing::info!(peer = %p.node, mode = %p.mode, reason = %p.reason, "peer path");
+                }
+            }
+            for s in plan
+                .skipped
+                .iter()
+                .filter(|s| !plan.peers.iter().any(|p| p.node == s.node))
+            {
                 tracing::warn!(peer = %s.node, reason = %s.reason, "peer skipped");
             }
-            self.skipped = plan.skipped.clone();
+            self.modes = modes;
         }
-        let err = match reconcile(&self.nl, &plan).await {
+        self.unreachable = plan
+            .skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.node, s.reason))
+            .collect();
+        let err = match reconcile(&self.nl, &plan, &local.underlay_dev).await {
             Ok(rep) => {
                 if rep.added + rep.removed > 0 {
                     tracing::info!(
@@ -402,7 +433,7 @@ impl Agent {
                 Some(e.to_string())
             }
         };
-        self.mtu = plan.vxlan.mtu;
+        self.mtu = cfg.effective_mtu(local.underlay_mtu);
         self.dataplane_ok = err.is_none();
         if self.dataplane_ok && !self.ready && self.proxy_synced {
             self.publish_ready(local, self.mtu)?;
@@ -413,21 +444,100 @@ impl Agent {
         let peers = nodes
             .iter()
             .filter(|n| n.name != local.record.name)
-            .map(|n| PeerStatus {
-                name: n.name.clone(),
-                subnet: n.subnet.to_string(),
-                address: n.public_ip.to_string(),
-                mode: n.backend.to_string(),
-                problem: plan
-                    .skipped
-                    .iter()
-                    .find(|s| s.node == n.name)
-                    .map(|s| s.reason.clone())
-                    .unwrap_or_default(),
+            .map(|n| {
+                let p = plan.peers.iter().find(|p| p.node == n.name);
+                PeerStatus {
+                    name: n.name.clone(),
+                    subnet: n.subnet.to_string(),
+                    address: n.public_ip.to_string(),
+                    mode: p
+                        .map(|p| p.mode.to_string())
+                        .unwrap_or_else(|| "skipped".into()),
+                    reason: p.map(|p| p.reason.clone()).unwrap_or_default(),
+                    problem: plan
+                        .skipped
+                        .iter()
+                        .find(|s| s.node == n.name)
+                        .map(|s| s.reason.clone())
+                        .unwrap_or_default(),
+                }
             })
             .collect();
         self.write_status(Some((local, peers)), err);
         Ok(())
+    }
+
+    /// Put the peers we cannot route to into our record, when that changed.
+    async fn report_unreachable(
+        &self,
+        store: &mut Store,
+        mine: &mut NodeRecord,
+        lease: i64,
+    ) -> Result<(), AgentError> {
+        if mine.unreachable != self.unreachable {
+            mine.unreachable = self.unreachable.clone();
+            store.publish(mine, lease).await?;
+        }
+        Ok(())
+    }
+
+    /// Which peers share a segment with our underlay device, and (backend
+    /// auto) which of those pass pod-addressed traffic: probed at every
+    /// resync, so the choice follows the network as it changes.
+    async fn peer_facts(
+        &self,
+        cfg: &ClusterConfig,
+        local: &LocalNode,
+        nodes: &[NodeRecord],
+    ) -> BTreeMap<String, tweed_plan::PeerFacts> {
+        let nets: Vec<Ipv4Net> = match self.nl.link(&local.underlay_dev).await {
+            Ok(Some(l)) => self
+                .nl
+                .ipv4_addrs(l.index)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.trunc())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut facts: BTreeMap<String, tweed_plan::PeerFacts> = nodes
+            .iter()
+            .filter(|n| n.name != local.record.name)
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    tweed_plan::PeerFacts {
+                        connected: nets
+                            .iter()
+                            .any(|net| net.contains(&n.public_ip) && n.public_ip != local.bind_ip),
+                        probe: None,
+                    },
+                )
+            })
+            .collect();
+        if cfg.backend == tweed_model::Backend::Auto {
+            if let Err(e) = crate::probe::ensure_rule() {
+                tracing::warn!(error = %e, "cannot set up the probe rule; peers stay on VXLAN");
+                return facts;
+            }
+            let targets: Vec<(String, std::net::Ipv4Addr, std::net::Ipv4Addr)> = nodes
+                .iter()
+                .filter(|n| facts.get(&n.name).is_some_and(|f| f.connected))
+                .map(|n| (n.name.clone(), n.vtep_ip(), n.public_ip))
+                .collect();
+            let dev = local.underlay_dev.clone();
+            let answers =
+                tokio::task::spawn_blocking(move || crate::probe::probe_all(&targets, &dev))
+                    .await
+                    .unwrap_or_default();
+            for (name, ok) in answers {
+                if let Some(f) = facts.get_mut(&name) {
+                    f.probe = Some(ok);
+                }
+            }
+        }
+        facts
     }
 
     /// Node processes need a route for the service CIDR to connect() at

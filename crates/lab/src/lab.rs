@@ -466,7 +466,8 @@ impl Lab {
                 .iter()
                 .position(|s| s.name == seg)
                 .expect("validated");
-            let port = format!("v{}", ports.get());
+            // Named for the segment, so the fabric can tell its segments apart.
+            let port = format!("s{k}p{}", ports.get());
             ports.set(ports.get() + 1);
             // Born in the underlay namespace with its peer born in `ns`: never in the root namespace.
             ip(&[
@@ -649,6 +650,37 @@ impl Lab {
                 self.dir.join("etcd.log").display()
             ))
         })
+    }
+
+    /// Make segment `seg`'s fabric drop (or stop dropping) frames whose IPv4
+    /// destination is a pod address, as cloud networks with destination
+    /// checks and filtering switches do. Tunnelled traffic (addressed to
+    /// nodes) passes. Equivalent: in the underlay namespace,
+    /// `nft add rule bridge lab-fabric forward iifname "sKp*" ip daddr CLUSTER_CIDR drop`.
+    pub fn fabric_drop_pod_traffic(&self, seg: &str, drop: bool) -> Result<()> {
+        let st = self.state()?;
+        let k = st
+            .topology
+            .segments()
+            .iter()
+            .position(|s| s.name == seg)
+            .ok_or_else(|| {
+                LabError::Invalid(format!("lab {} has no segment {seg:?}", self.name))
+            })?;
+        let table = format!("lab-fabric-br{k}");
+        let script = if drop {
+            format!(
+                "table bridge {table} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"s{k}p*\" ip daddr {} drop\n  }}\n}}\n",
+                st.topology.cluster.cluster_cidr.trunc()
+            )
+        } else {
+            format!("add table bridge {table}\ndelete table bridge {table}\n")
+        };
+        run_stdin(
+            Command::new("ip").args(["netns", "exec", &st.ul_ns, "nft", "-f", "-"]),
+            &script,
+        )
+        .map(|_| ())
     }
 
     /// Stop the lab's etcd (the datastore vanishing), keeping its data.

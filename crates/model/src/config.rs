@@ -17,7 +17,7 @@ pub enum ConfigError {
     Port,
     #[error("mtu {0} is out of range (576..=9000)")]
     Mtu(u32),
-    #[error("unknown backend {0:?} (known: vxlan)")]
+    #[error("unknown backend {0:?} (known: auto, vxlan, host-gw, ipip)")]
     Backend(String),
     #[error("config does not decode: {0}")]
     Decode(String),
@@ -27,16 +27,28 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// flannel-compatible VXLAN: one device, static FDB and neighbour entries.
+    /// Per peer: direct routes where the peer shares a segment and a probe
+    /// shows pod-addressed traffic gets through, VXLAN otherwise.
     #[default]
+    Auto,
+    /// flannel-compatible VXLAN: one device, static FDB and neighbour entries.
     Vxlan,
+    /// Direct routes to every peer (flannel's host-gw); peers on other
+    /// segments are reported, not routed.
+    #[serde(rename = "host-gw")]
+    HostGw,
+    /// IP-in-IP (Calico's tunl0): routes via the peer's address onlink.
+    Ipip,
 }
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Backend::Vxlan => f.write_str("vxlan"),
-        }
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Vxlan => "vxlan",
+            Backend::HostGw => "host-gw",
+            Backend::Ipip => "ipip",
+        })
     }
 }
 
@@ -44,7 +56,10 @@ impl FromStr for Backend {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(Backend::Auto),
             "vxlan" => Ok(Backend::Vxlan),
+            "host-gw" => Ok(Backend::HostGw),
+            "ipip" => Ok(Backend::Ipip),
             other => Err(ConfigError::Backend(other.to_string())),
         }
     }
@@ -81,7 +96,7 @@ impl Default for ClusterConfig {
             cluster_cidr: "10.244.0.0/16".parse().expect("literal"),
             node_subnet_len: 24,
             service_cidr: "10.96.0.0/12".parse().expect("literal"),
-            backend: Backend::Vxlan,
+            backend: Backend::Auto,
             vni: 1,
             port: 8472,
             mtu: Mtu::Auto,
@@ -92,6 +107,8 @@ impl Default for ClusterConfig {
 /// VXLAN over IPv4 adds outer IP (20) + UDP (8) + VXLAN (8) + inner
 /// Ethernet (14) = 50 bytes.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// IP-in-IP adds one IPv4 header.
+pub const IPIP_OVERHEAD: u32 = 20;
 
 impl ClusterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -128,11 +145,19 @@ impl ClusterConfig {
         Ok(cfg)
     }
 
-    /// The MTU for the tunnel and pod interfaces given the underlay's MTU.
+    /// The MTU for the tunnel and pod interfaces given the underlay's MTU:
+    /// less the encapsulation the backend may use. Under `auto` any peer
+    /// may fall back to VXLAN, so every pod gets the VXLAN MTU: one MTU
+    /// across the cluster, whatever each peer's path.
     pub fn effective_mtu(&self, underlay_mtu: u32) -> u32 {
+        let overhead = match self.backend {
+            Backend::Auto | Backend::Vxlan => VXLAN_OVERHEAD,
+            Backend::Ipip => IPIP_OVERHEAD,
+            Backend::HostGw => 0,
+        };
         match self.mtu {
             Mtu::Fixed(m) => m,
-            Mtu::Auto => underlay_mtu.saturating_sub(VXLAN_OVERHEAD).max(576),
+            Mtu::Auto => underlay_mtu.saturating_sub(overhead).max(576),
         }
     }
 }
@@ -196,5 +221,13 @@ mod tests {
         };
         assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
         assert!(ClusterConfig::from_json(br#"{"backend":"carrier-pigeon"}"#).is_err());
+        let hg = ClusterConfig::from_json(br#"{"backend":"host-gw"}"#).unwrap();
+        assert_eq!(
+            (hg.backend, hg.effective_mtu(1500)),
+            (Backend::HostGw, 1500)
+        );
+        let ipip = ClusterConfig::from_json(br#"{"backend":"ipip"}"#).unwrap();
+        assert_eq!(ipip.effective_mtu(1500), 1480);
+        assert_eq!(ClusterConfig::default().backend, Backend::Auto);
     }
 }

@@ -84,6 +84,9 @@ pub struct NodeRecord {
     pub public_ip: Ipv4Addr,
     pub backend: Backend,
     pub vtep_mac: MacAddr,
+    /// Peers this node cannot route to, each as "NAME: why".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
 }
 
 impl NodeRecord {
@@ -144,6 +147,7 @@ mod tests {
             public_ip: "198.51.100.10".parse().unwrap(),
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for("n1"),
+            unreachable: Vec::new(),
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"publicIp\":\"198.51.100.10\""), "{j}");

@@ -27,7 +27,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 use tweed_model::MacAddr;
-use tweed_plan::{Fdb, Neigh, Route, VxlanLink};
+use tweed_plan::{Fdb, IpipLink, Neigh, Route, VxlanLink};
 
 /// Routes tweed installs carry this protocol number (`ip route ... proto
 /// 144`), so reconciling never touches routes someone else made.
@@ -51,6 +51,8 @@ pub enum NetlinkError {
     },
     #[error("no link named {0}")]
     NoLink(String),
+    #[error("this kernel has no IP-in-IP support (no {0} device: the ipip module is not built in or loadable); use backend vxlan or auto")]
+    NoIpip(String),
     #[error("network namespace {path}: {source}")]
     Netns {
         path: String,
@@ -382,6 +384,31 @@ impl Netlink {
                 self.need_link(&spec.name).await?
             }
         };
+        if cur.mtu != spec.mtu {
+            self.set_mtu(cur.index, spec.mtu).await?;
+        }
+        let want = Ipv4Net::new(spec.address, 32).expect("/32");
+        for a in self.ipv4_addrs(cur.index).await? {
+            if a != want {
+                self.del_addr(cur.index, a).await?;
+            }
+        }
+        self.add_addr(cur.index, want).await?;
+        if !cur.up {
+            self.set_up(cur.index).await?;
+        }
+        Ok(cur.index)
+    }
+
+    /// Set up the kernel's fallback IP-in-IP device. It exists in every
+    /// network namespace once the ipip module is loaded, so its absence
+    /// means the kernel cannot do IP-in-IP.
+    /// Equivalent: `ip link set tunl0 mtu MTU up && ip addr replace ADDR/32 dev tunl0`.
+    pub async fn ensure_ipip(&self, spec: &IpipLink) -> Result<u32> {
+        let cur = self
+            .link(&spec.name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoIpip(spec.name.clone()))?;
         if cur.mtu != spec.mtu {
             self.set_mtu(cur.index, spec.mtu).await?;
         }

@@ -6,7 +6,7 @@
 
 pub mod services;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -66,10 +66,65 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Calico's IP-in-IP device: the kernel's fallback tunnel `tunl0` (it
+/// exists as soon as the ipip module is loaded), with the node's VTEP
+/// address. Equivalent: `ip link set tunl0 mtu MTU up && ip addr replace ADDR/32 dev tunl0`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IpipLink {
+    pub name: String,
+    pub mtu: u32,
+    pub address: Ipv4Addr,
+}
+
+pub const IPIP_DEV: &str = "tunl0";
+
+/// What the agent has found out about reaching a peer without a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerFacts {
+    /// The peer's address is on a subnet the underlay device is on.
+    pub connected: bool,
+    /// Did a pod-addressed probe sent straight to the peer get an answer?
+    /// `None`: not probed (yet).
+    pub probe: Option<bool>,
+}
+
+/// How traffic to a peer's pods leaves this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Direct,
+    Vxlan,
+    Ipip,
+    Unreachable,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Direct => "direct",
+            Mode::Vxlan => "vxlan",
+            Mode::Ipip => "ipip",
+            Mode::Unreachable => "unreachable",
+        })
+    }
+}
+
+/// The mode chosen for one peer, and why (shown by `tweed status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerPlan {
+    pub node: String,
+    pub mode: Mode,
+    pub reason: String,
+}
+
 /// The desired network state of one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodePlan {
-    pub vxlan: VxlanLink,
+    /// The VXLAN device (backends vxlan and auto).
+    pub vxlan: Option<VxlanLink>,
+    /// The IP-in-IP device (backend ipip).
+    pub ipip: Option<IpipLink>,
+    pub peers: Vec<PeerPlan>,
     pub routes: BTreeSet<Route>,
     pub neighs: BTreeSet<Neigh>,
     pub fdb: BTreeSet<Fdb>,
@@ -87,22 +142,37 @@ pub struct LocalNode {
     pub underlay_mtu: u32,
 }
 
-/// Plan the overlay for `me` given every node record in the datastore
-/// (including, harmlessly, `me` itself).
-pub fn plan_node(cfg: &ClusterConfig, me: &LocalNode, nodes: &[NodeRecord]) -> NodePlan {
+/// Plan the pod network of `me` given every node record in the datastore
+/// (including, harmlessly, `me` itself) and what the agent found out about
+/// reaching each peer directly (`facts`, by node name; absent = nothing
+/// known: not connected, not probed).
+pub fn plan_node(
+    cfg: &ClusterConfig,
+    me: &LocalNode,
+    nodes: &[NodeRecord],
+    facts: &BTreeMap<String, PeerFacts>,
+) -> NodePlan {
     let dev = vxlan_dev_name(cfg.vni);
-    let vxlan = VxlanLink {
+    let mtu = cfg.effective_mtu(me.underlay_mtu);
+    let vxlan = matches!(cfg.backend, Backend::Vxlan | Backend::Auto).then(|| VxlanLink {
         name: dev.clone(),
         vni: cfg.vni,
         port: cfg.port,
         local: me.bind_ip,
         underlay_dev: me.underlay_dev.clone(),
-        mtu: cfg.effective_mtu(me.underlay_mtu),
+        mtu,
         mac: me.record.vtep_mac,
         address: me.record.vtep_ip(),
-    };
+    });
+    let ipip = (cfg.backend == Backend::Ipip).then(|| IpipLink {
+        name: IPIP_DEV.into(),
+        mtu,
+        address: me.record.vtep_ip(),
+    });
     let mut plan = NodePlan {
         vxlan,
+        ipip,
+        peers: Vec::new(),
         routes: BTreeSet::new(),
         neighs: BTreeSet::new(),
         fdb: BTreeSet::new(),
@@ -129,8 +199,35 @@ pub fn plan_node(cfg: &ClusterConfig, me: &LocalNode, nodes: &[NodeRecord]) -> N
             )));
             continue;
         }
-        match peer.backend {
-            Backend::Vxlan => {
+        let f = facts.get(&peer.name).copied().unwrap_or_default();
+        let (mode, reason) = match cfg.backend {
+            Backend::Vxlan => (Mode::Vxlan, "backend vxlan".to_string()),
+            Backend::Ipip => (Mode::Ipip, "backend ipip".to_string()),
+            Backend::HostGw if f.connected => (Mode::Direct, format!("{} is on a segment {} is on", peer.public_ip, me.underlay_dev)),
+            Backend::HostGw => (
+                Mode::Unreachable,
+                format!(
+                    "{} is not on a segment {} is on, and host-gw only routes to peers on the same L2 segment (use backend auto or vxlan)",
+                    peer.public_ip, me.underlay_dev
+                ),
+            ),
+            Backend::Auto => match (f.connected, f.probe) {
+                (false, _) => (Mode::Vxlan, format!("{} is not on a segment {} is on", peer.public_ip, me.underlay_dev)),
+                (true, Some(true)) => (Mode::Direct, "same segment, and pod-addressed traffic gets through".to_string()),
+                (true, Some(false)) => (Mode::Vxlan, "same segment, but pod-addressed traffic does not get through (probe unanswered)".to_string()),
+                (true, None) => (Mode::Vxlan, "same segment, not probed yet".to_string()),
+            },
+        };
+        match mode {
+            Mode::Direct => {
+                plan.routes.insert(Route {
+                    dst: peer.subnet,
+                    via: peer.public_ip,
+                    dev: me.underlay_dev.clone(),
+                    onlink: false,
+                });
+            }
+            Mode::Vxlan => {
                 plan.routes.insert(Route {
                     dst: peer.subnet,
                     via: peer.vtep_ip(),
@@ -148,9 +245,31 @@ pub fn plan_node(cfg: &ClusterConfig, me: &LocalNode, nodes: &[NodeRecord]) -> N
                     dev: dev.clone(),
                 });
             }
+            Mode::Ipip => {
+                plan.routes.insert(Route {
+                    dst: peer.subnet,
+                    via: peer.public_ip,
+                    dev: IPIP_DEV.into(),
+                    onlink: true,
+                });
+            }
+            Mode::Unreachable => plan.skipped.push(skip(reason.clone())),
         }
+        plan.peers.push(PeerPlan {
+            node: peer.name.clone(),
+            mode,
+            reason,
+        });
     }
     plan
+}
+
+/// The devices whose routes tweed manages for this plan.
+pub fn route_devices(plan: &NodePlan, underlay_dev: &str) -> Vec<String> {
+    let mut devs = vec![underlay_dev.to_string()];
+    devs.extend(plan.vxlan.as_ref().map(|v| v.name.clone()));
+    devs.extend(plan.ipip.as_ref().map(|i| i.name.clone()));
+    devs
 }
 
 /// What must be added and removed to turn `actual` into `desired`.
@@ -172,6 +291,7 @@ mod tests {
             public_ip: ip.parse().unwrap(),
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for(name),
+            unreachable: Vec::new(),
         }
     }
 
@@ -184,15 +304,31 @@ mod tests {
         }
     }
 
+    /// Plan with the backend pinned to VXLAN and no facts.
+    fn plan_node_vx(cfg: &ClusterConfig, nodes: &[NodeRecord]) -> NodePlan {
+        plan_node(
+            &ClusterConfig {
+                backend: Backend::Vxlan,
+                ..cfg.clone()
+            },
+            &me(),
+            nodes,
+            &BTreeMap::new(),
+        )
+    }
+
     #[test]
     fn flannel_compatible_vxlan_plan() {
-        let cfg = ClusterConfig::default();
+        let cfg = ClusterConfig {
+            backend: Backend::Vxlan,
+            ..Default::default()
+        };
         let nodes = vec![me().record, rec("n2", "10.244.2.0/24", "198.51.100.11")];
-        let p = plan_node(&cfg, &me(), &nodes);
-        assert_eq!(p.vxlan.name, "tweed.1");
-        assert_eq!(p.vxlan.mtu, 1450);
-        assert_eq!(p.vxlan.address.to_string(), "10.244.1.0");
-        assert_eq!(p.vxlan.port, 8472);
+        let p = plan_node(&cfg, &me(), &nodes, &BTreeMap::new());
+        assert_eq!(p.vxlan.as_ref().unwrap().name, "tweed.1");
+        assert_eq!(p.vxlan.as_ref().unwrap().mtu, 1450);
+        assert_eq!(p.vxlan.as_ref().unwrap().address.to_string(), "10.244.1.0");
+        assert_eq!(p.vxlan.as_ref().unwrap().port, 8472);
         let r: Vec<_> = p.routes.iter().collect();
         assert_eq!(r.len(), 1);
         assert_eq!(
@@ -220,7 +356,7 @@ mod tests {
             rec("far", "10.9.0.0/24", "198.51.100.13"),
             rec("odd", "10.244.4.0/25", "198.51.100.14"),
         ];
-        let p = plan_node(&cfg, &me(), &nodes);
+        let p = plan_node(&cfg, &me(), &nodes, &BTreeMap::new());
         assert!(p.routes.is_empty() && p.fdb.is_empty() && p.neighs.is_empty());
         let names: Vec<_> = p.skipped.iter().map(|s| s.node.as_str()).collect();
         assert_eq!(names, ["dup", "far", "odd"]);
@@ -230,15 +366,14 @@ mod tests {
     #[test]
     fn peer_gone_means_its_entries_are_deleted() {
         let cfg = ClusterConfig::default();
-        let two = plan_node(
+        let two = plan_node_vx(
             &cfg,
-            &me(),
             &[
                 rec("n2", "10.244.2.0/24", "198.51.100.11"),
                 rec("n3", "10.244.3.0/24", "198.51.100.12"),
             ],
         );
-        let one = plan_node(&cfg, &me(), &[rec("n2", "10.244.2.0/24", "198.51.100.11")]);
+        let one = plan_node_vx(&cfg, &[rec("n2", "10.244.2.0/24", "198.51.100.11")]);
         let (add, del) = diff(&one.routes, &two.routes);
         assert!(add.is_empty());
         assert_eq!(del.len(), 1);
@@ -248,11 +383,133 @@ mod tests {
     }
 
     #[test]
+    fn auto_goes_direct_only_where_the_probe_answers() {
+        let cfg = ClusterConfig::default();
+        let nodes = vec![
+            rec("same", "10.244.2.0/24", "198.51.100.11"),
+            rec("blocked", "10.244.3.0/24", "198.51.100.12"),
+            rec("far", "10.244.4.0/24", "198.51.100.77"),
+            rec("new", "10.244.5.0/24", "198.51.100.13"),
+        ];
+        let facts: BTreeMap<String, PeerFacts> = [
+            (
+                "same".to_string(),
+                PeerFacts {
+                    connected: true,
+                    probe: Some(true),
+                },
+            ),
+            (
+                "blocked".to_string(),
+                PeerFacts {
+                    connected: true,
+                    probe: Some(false),
+                },
+            ),
+            (
+                "far".to_string(),
+                PeerFacts {
+                    connected: false,
+                    probe: None,
+                },
+            ),
+            (
+                "new".to_string(),
+                PeerFacts {
+                    connected: true,
+                    probe: None,
+                },
+            ),
+        ]
+        .into();
+        let p = plan_node(&cfg, &me(), &nodes, &facts);
+        let mode = |n: &str| p.peers.iter().find(|x| x.node == n).unwrap().mode;
+        assert_eq!(
+            [mode("same"), mode("blocked"), mode("far"), mode("new")],
+            [Mode::Direct, Mode::Vxlan, Mode::Vxlan, Mode::Vxlan]
+        );
+        assert!(p.routes.contains(&Route {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            via: "198.51.100.11".parse().unwrap(),
+            dev: "eth0".into(),
+            onlink: false
+        }));
+        assert!(p
+            .routes
+            .iter()
+            .any(|r| r.dst.to_string() == "10.244.3.0/24" && r.dev == "tweed.1"));
+        assert!(p
+            .peers
+            .iter()
+            .find(|x| x.node == "blocked")
+            .unwrap()
+            .reason
+            .contains("does not get through"));
+        // The direct peer needs no VXLAN entries; the others do.
+        assert_eq!(p.fdb.len(), 3);
+        assert!(p.vxlan.is_some() && p.ipip.is_none());
+        assert_eq!(route_devices(&p, "eth0"), ["eth0", "tweed.1"]);
+    }
+
+    #[test]
+    fn host_gw_reports_peers_off_the_segment_by_name() {
+        let cfg = ClusterConfig {
+            backend: Backend::HostGw,
+            ..Default::default()
+        };
+        let nodes = vec![
+            rec("near", "10.244.2.0/24", "198.51.100.11"),
+            rec("far", "10.244.3.0/24", "198.51.100.77"),
+        ];
+        let facts: BTreeMap<String, PeerFacts> = [(
+            "near".to_string(),
+            PeerFacts {
+                connected: true,
+                probe: None,
+            },
+        )]
+        .into();
+        let p = plan_node(&cfg, &me(), &nodes, &facts);
+        assert_eq!(p.routes.len(), 1);
+        assert!(p.vxlan.is_none());
+        let far = p.peers.iter().find(|x| x.node == "far").unwrap();
+        assert_eq!(far.mode, Mode::Unreachable);
+        assert!(
+            far.reason.contains("198.51.100.77") && far.reason.contains("host-gw"),
+            "{}",
+            far.reason
+        );
+        assert_eq!(p.skipped[0].node, "far");
+    }
+
+    #[test]
+    fn ipip_routes_via_the_peer_onlink_on_tunl0() {
+        let cfg = ClusterConfig {
+            backend: Backend::Ipip,
+            ..Default::default()
+        };
+        let p = plan_node(
+            &cfg,
+            &me(),
+            &[rec("n2", "10.244.2.0/24", "198.51.100.11")],
+            &BTreeMap::new(),
+        );
+        let r = p.routes.iter().next().unwrap();
+        assert_eq!(
+            (r.via.to_string(), r.dev.as_str(), r.onlink),
+            ("198.51.100.11".into(), "tunl0", true)
+        );
+        let l = p.ipip.as_ref().unwrap();
+        assert_eq!((l.mtu, l.address.to_string()), (1480, "10.244.1.0".into()));
+        assert!(p.vxlan.is_none() && p.fdb.is_empty());
+    }
+
+    #[test]
     fn fixed_mtu_wins() {
         let cfg = ClusterConfig {
             mtu: tweed_model::Mtu::Fixed(1300),
             ..Default::default()
         };
-        assert_eq!(plan_node(&cfg, &me(), &[]).vxlan.mtu, 1300);
+        assert_eq!(plan_node_vx(&cfg, &[]).vxlan.unwrap().mtu, 1300);
     }
 }

@@ -271,6 +271,18 @@ impl Store {
         })
     }
 
+    /// Rewrite this node's own record (bound to its lease), e.g. to report
+    /// the peers it cannot reach.
+    pub async fn publish(&mut self, record: &NodeRecord, lease: i64) -> Result<()> {
+        let key = format!("{}{}", self.subnets_prefix(), subnet_key(record.subnet));
+        let body = serde_json::to_vec(record).expect("record serialises");
+        self.client
+            .put(key, body, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Start keeping `lease` alive; the caller sends a keep-alive at least
     /// every TTL/3 through the [`LeaseKeeper`] and reads the replies.
     pub async fn keep_alive(&mut self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {

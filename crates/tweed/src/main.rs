@@ -185,6 +185,17 @@ enum LabCmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
+    /// Make a segment's fabric drop pod-addressed traffic (`--drop true`) or
+    /// pass it again, to watch the auto backend move peers to VXLAN and back.
+    Fabric {
+        /// The segment ("ul" for a lab with one underlay).
+        #[arg(long, default_value = "ul")]
+        segment: String,
+        #[arg(long, action = clap::ArgAction::Set)]
+        drop_pod_traffic: bool,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
     /// Stop or start the lab's etcd (to see the cluster ride out a datastore outage).
     Etcd {
         #[command(subcommand)]
@@ -551,6 +562,21 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
                 lab.agent_start(&node, true)?;
             }
         },
+        LabCmd::Fabric {
+            segment,
+            drop_pod_traffic,
+            name,
+        } => {
+            Lab::new(&name)?.fabric_drop_pod_traffic(&segment, drop_pod_traffic)?;
+            println!(
+                "segment {segment}: pod-addressed traffic {}",
+                if drop_pod_traffic {
+                    "dropped"
+                } else {
+                    "passed"
+                }
+            );
+        }
         LabCmd::Apply { file, name } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("manifest {}", file.display()))?;

@@ -132,7 +132,7 @@ fn a_stopped_agent_past_its_lease_frees_its_subnet_and_peers_drop_its_routes() {
         &topology(
             &["n1", "n2", "n3"],
             &[],
-            "agent: {leaseTtl: 3, resync: 2}\n",
+            "agent: {leaseTtl: 3, resync: 2}\ncluster: {backend: vxlan}\n",
         ),
     );
     let gone = lab.node_subnet("n3");

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 
 const ROUTED: &str = "
+cluster: {backend: vxlan}
 segments:
   - {name: a, cidr: 198.51.100.0/26}
   - {name: b, cidr: 198.51.100.64/26}
@@ -106,4 +107,244 @@ fn impossible_network_topologies_are_refused_naming_the_problem() {
         assert!(err.contains(want), "wanted {want:?} in {err}");
         assert!(!std::path::Path::new("/run/netns/tw-badnet_ul").exists());
     }
+}
+
+/// Two segments joined by a router; n1 and n2 share segment a, n3 is on b.
+const TWO_SEGMENTS: &str = "
+segments:
+  - {name: a, cidr: 198.51.100.0/26}
+  - {name: b, cidr: 198.51.100.64/26}
+routers:
+  - {name: r1, segments: [a, b]}
+nodes:
+  - {name: n1, segments: [a]}
+  - {name: n2, segments: [a]}
+  - {name: n3, segments: [b]}
+pods:
+  - {name: p1, node: n1}
+  - {name: p2, node: n2}
+  - {name: p3, node: n3}
+agent: {leaseTtl: 10, resync: 1}
+";
+
+fn peer(lab: &LabGuard, node: &str, peer: &str) -> serde_json::Value {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lab.dir.join("nodes").join(node).join("run/status.json")).unwrap(),
+    )
+    .unwrap();
+    st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == peer)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_tcp() {
+    let lab = LabGuard::up("auto", TWO_SEGMENTS);
+    eventually("n1 to route n2 directly and n3 over VXLAN", 15, || {
+        peer(&lab, "n1", "n2")["mode"] == "direct" && peer(&lab, "n1", "n3")["mode"] == "vxlan"
+    });
+    assert!(peer(&lab, "n1", "n3")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not on a segment"));
+    let routes = lab.routes("n1");
+    assert!(
+        routes.contains(&format!(
+            "{} via 198.51.100.11 dev eth0",
+            lab.node_subnet("n2")
+        )),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("{} via", lab.node_subnet("n3")))
+            && routes.contains("dev tweed.1"),
+        "{routes}"
+    );
+    for (a, b) in [("p1", "p2"), ("p2", "p3"), ("p3", "p1")] {
+        let n = lab.exec_ok(
+            &lab.pod_ns(a),
+            &[
+                TWEED,
+                "probe",
+                "http",
+                &format!("{}:8080", lab.pod_ip(b)),
+                "--path",
+                "/bytes/10485760",
+                "--count",
+                "--timeout",
+                "10",
+            ],
+        );
+        assert_eq!(n.trim(), "10485760", "{a} -> {b}");
+    }
+    // A TCP stream between p1 and p2 while their segment starts, then stops, dropping pod-addressed traffic.
+    let hold = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.pod_ns("p1"),
+            TWEED,
+            "probe",
+            "hold",
+            &format!("{}:8080", lab.pod_ip("p2")),
+            "--interval-ms",
+            "100",
+            "--duration",
+            "14",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ok(&[
+        "lab",
+        "fabric",
+        "--name",
+        "auto",
+        "--segment",
+        "a",
+        "--drop-pod-traffic",
+        "true",
+    ]);
+    eventually("n1 and n2 to move each other to VXLAN", 15, || {
+        peer(&lab, "n1", "n2")["mode"] == "vxlan" && peer(&lab, "n2", "n1")["mode"] == "vxlan"
+    });
+    assert!(peer(&lab, "n1", "n2")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("does not get through"));
+    ok(&[
+        "lab",
+        "fabric",
+        "--name",
+        "auto",
+        "--segment",
+        "a",
+        "--drop-pod-traffic",
+        "false",
+    ]);
+    eventually("n1 and n2 to go direct again", 15, || {
+        peer(&lab, "n1", "n2")["mode"] == "direct" && peer(&lab, "n2", "n1")["mode"] == "direct"
+    });
+    let out = hold.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the TCP stream broke while its path changed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(n >= 40, "only {n} requests went through");
+}
+
+#[test]
+fn host_gw_reports_each_unreachable_peer_by_name_and_serves_the_rest() {
+    let lab = LabGuard::up(
+        "hostgw",
+        &format!("{TWO_SEGMENTS}cluster: {{backend: host-gw}}\n"),
+    );
+    eventually("n1 to report n3 unreachable", 15, || {
+        peer(&lab, "n1", "n3")["mode"] == "unreachable"
+    });
+    let why = peer(&lab, "n1", "n3")["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("198.51.100.76") && why.contains("host-gw"),
+        "{why}"
+    );
+    assert_eq!(peer(&lab, "n1", "n2")["mode"], "direct");
+    // In the log, naming the peer (never a bare "Network is unreachable").
+    let log = std::fs::read_to_string(lab.dir.join("nodes/n1/agent.log")).unwrap();
+    assert!(
+        log.contains("peer unreachable") && log.contains("n3"),
+        "{log}"
+    );
+    assert!(!log.contains("Network is unreachable"), "{log}");
+    // In the node records: n3 says it cannot reach n1 and n2.
+    let rec = lab.exec_ok(
+        "tw-hostgw_cp",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://198.51.100.2:2379",
+            "get",
+            "--prefix",
+            "/tweed/subnets/",
+            "--print-value-only",
+        ],
+    );
+    let n3: serde_json::Value = rec
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["name"] == "n3")
+        .unwrap();
+    let unreachable: Vec<String> = serde_json::from_value(n3["unreachable"].clone()).unwrap();
+    assert!(
+        unreachable.iter().any(|u| u.starts_with("n1: "))
+            && unreachable.iter().any(|u| u.starts_with("n2: ")),
+        "{unreachable:?}"
+    );
+    // The peers that can be served are: p1 <-> p2, with a full-size MTU.
+    assert!(lab.get(&lab.pod_ns("p1"), &lab.pod_ip("p2")).is_some());
+    let n = lab.exec_ok(
+        &lab.pod_ns("p2"),
+        &[
+            TWEED,
+            "probe",
+            "http",
+            &format!("{}:8080", lab.pod_ip("p1")),
+            "--path",
+            "/bytes/10485760",
+            "--count",
+            "--timeout",
+            "10",
+        ],
+    );
+    assert_eq!(n.trim(), "10485760");
+    let mtu = lab.exec_ok(&lab.pod_ns("p1"), &["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(
+        mtu.trim(),
+        "1500",
+        "host-gw needs no encapsulation overhead"
+    );
+}
+
+#[test]
+fn ipip_backend_where_the_kernel_has_it() {
+    require_lab_prereqs();
+    // Does this kernel do IP-in-IP? (tunl0 appears in every namespace once the module is in.)
+    let ns = format!("tw-ipipcheck-{}", std::process::id());
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status();
+    let has = std::process::Command::new("ip")
+        .args(["-n", &ns, "link", "show", "tunl0"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+        || std::process::Command::new("ip")
+            .args(["-n", &ns, "link", "add", "ipipchk", "type", "ipip"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    if !has {
+        skip("ipip_backend_where_the_kernel_has_it", "this kernel has no IP-in-IP (no tunl0, `ip link add type ipip` fails); its planning is covered by tweed-plan's unit tests");
+        return;
+    }
+    let lab = LabGuard::up("ipip", "cluster: {backend: ipip}\nnodes: [{name: n1}, {name: n2}]\npods: [{name: a, node: n1}, {name: b, node: n2}]\n");
+    let s = lab
+        .get(&lab.pod_ns("a"), &lab.pod_ip("b"))
+        .expect("a reaches b over IPIP");
+    assert_eq!(s["client"], lab.pod_ip("a").as_str());
+    assert!(lab.routes("n1").contains("dev tunl0"));
 }

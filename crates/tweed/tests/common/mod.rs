@@ -31,6 +31,21 @@ pub fn require_lab_prereqs() {
     }
 }
 
+/// A test that cannot run here says so: on stderr, and in
+/// `target/tmp/skipped-tests.txt`, which scripts/test.sh prints at the end.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    eprintln!("SKIPPED {test}: {why}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{test}: {why}");
+    }
+}
+
 pub fn tweed(args: &[&str]) -> Output {
     Command::new(TWEED).args(args).output().expect("run tweed")
 }
