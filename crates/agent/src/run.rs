@@ -9,7 +9,7 @@ use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
 use tweed_model::{Endpoints, Service};
 use tweed_netlink::{Netlink, NetlinkError};
 use tweed_plan::services::ProxyConfig;
-use tweed_plan::{plan_node, LocalNode};
+use tweed_plan::{plan_node, select_underlay, LocalNode, UnderlaySelector};
 use tweed_store::{apply_events, KeyEvent, NodeEvent, Store, StoreError};
 
 use crate::files::{conflist, write_atomic, AgentStatus, PeerStatus};
@@ -41,9 +41,11 @@ pub struct AgentOpts {
     pub node_name: String,
     pub etcd_endpoints: Vec<String>,
     pub etcd_prefix: String,
-    /// The underlay interface; `None` picks the first non-loopback interface
-    /// with an IPv4 address.
-    pub iface: Option<String>,
+    /// How to choose the underlay interface and address.
+    pub underlay: UnderlaySelector,
+    /// Turn VXLAN TX checksum offload off: `None` decides by kernel version
+    /// (off below 5.7, where the offload corrupts NATed VXLAN checksums).
+    pub vxlan_csum_off: Option<bool>,
     /// The address peers use to reach this node, when it differs from the
     /// bound one (1:1 NAT).
     pub public_ip: Option<Ipv4Addr>,
@@ -71,34 +73,26 @@ struct Underlay {
     mtu: u32,
 }
 
-async fn detect_underlay(nl: &Netlink, want: Option<&str>) -> Result<Underlay, AgentError> {
+async fn detect_underlay(nl: &Netlink, sel: &UnderlaySelector) -> Result<Underlay, AgentError> {
+    let mut links = Vec::new();
     for l in nl.links().await? {
-        if l.name == "lo"
-            || l.name.starts_with("tweed.")
-            || l.name.starts_with("tw") && l.kind.as_deref() == Some("veth")
-        {
-            continue;
-        }
-        if want.is_some_and(|w| w != l.name) {
-            continue;
-        }
-        if let Some(a) = nl
-            .ipv4_addrs(l.index)
-            .await?
-            .into_iter()
-            .find(|a| !a.addr().is_loopback())
-        {
-            return Ok(Underlay {
-                dev: l.name,
-                ip: a.addr(),
-                mtu: l.mtu,
-            });
-        }
+        let addrs = nl.ipv4_addrs(l.index).await?;
+        links.push((l.index, (l.name, l.mtu, addrs)));
     }
-    Err(AgentError::Underlay(match want {
-        Some(w) => format!("interface {w} does not exist or has no IPv4 address"),
-        None => "no interface other than lo has an IPv4 address".into(),
-    }))
+    // A can-reach lookup is the kernel's answer, made before choosing.
+    let route = match sel {
+        UnderlaySelector::CanReach(dst) => nl.route_get(*dst).await?.and_then(|(oif, src)| {
+            links
+                .iter()
+                .find(|(i, _)| *i == oif)
+                .map(|(_, (n, _, _))| (n.clone(), src))
+        }),
+        _ => None,
+    };
+    let plain: Vec<tweed_plan::LinkAddrs> = links.into_iter().map(|(_, l)| l).collect();
+    let (dev, ip, mtu) =
+        select_underlay(&plain, sel, |_| route.clone()).map_err(AgentError::Underlay)?;
+    Ok(Underlay { dev, ip, mtu })
 }
 
 /// Waits out a failure, growing from 0.5 s to 10 s.
@@ -174,7 +168,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         source,
     })?;
     let nl = Netlink::open()?;
-    let underlay = detect_underlay(&nl, opts.iface.as_deref()).await?;
+    let underlay = detect_underlay(&nl, &opts.underlay).await?;
     tracing::info!(dev = %underlay.dev, ip = %underlay.ip, mtu = underlay.mtu, "underlay");
     let remembered = std::fs::read(opts.data_dir.join("subnet.json"))
         .ok()
@@ -434,6 +428,9 @@ impl Agent {
             }
         };
         self.mtu = cfg.effective_mtu(local.underlay_mtu);
+        if let (None, Some(v)) = (&err, &plan.vxlan) {
+            self.vxlan_checksum(&v.name);
+        }
         self.dataplane_ok = err.is_none();
         if self.dataplane_ok && !self.ready && self.proxy_synced {
             self.publish_ready(local, self.mtu)?;
@@ -465,6 +462,45 @@ impl Agent {
             .collect();
         self.write_status(Some((local, peers)), err);
         Ok(())
+    }
+
+    /// Turn VXLAN TX checksum offload off where the kernel needs it (see
+    /// [`tweed_plan::vxlan_checksum_workaround`]) or the operator asked.
+    /// Equivalent: `ethtool -K tweed.1 tx-checksum-ip-generic off`.
+    fn vxlan_checksum(&self, dev: &str) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let off = self
+            .opts
+            .vxlan_csum_off
+            .unwrap_or_else(|| tweed_plan::vxlan_checksum_workaround(release.trim()));
+        if !off {
+            return;
+        }
+        let shown = std::process::Command::new("ethtool")
+            .args(["-k", dev])
+            .output();
+        let already = shown.is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "tx-checksum-ip-generic: off")
+        });
+        if already {
+            return;
+        }
+        match std::process::Command::new("ethtool")
+            .args(["-K", dev, "tx-checksum-ip-generic", "off"])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                tracing::info!(%dev, kernel = %release.trim(), "VXLAN TX checksum offload turned off")
+            }
+            Ok(o) => {
+                tracing::warn!(%dev, error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot turn VXLAN TX checksum offload off")
+            }
+            Err(e) => {
+                tracing::warn!(%dev, error = %e, "cannot run ethtool to turn VXLAN TX checksum offload off")
+            }
+        }
     }
 
     /// Put the peers we cannot route to into our record, when that changed.

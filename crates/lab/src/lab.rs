@@ -765,8 +765,6 @@ impl Lab {
             node.into(),
             "--etcd-endpoints".into(),
             st.etcd_url(),
-            "--iface".into(),
-            "eth0".into(),
             "--cni-conf-dir".into(),
             d.join("net.d").display().to_string(),
             "--run-dir".into(),
@@ -780,13 +778,13 @@ impl Lab {
             "--cluster-config".into(),
             self.dir.join("cluster.json").display().to_string(),
         ];
-        if let Some(public) = st
-            .topology
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .and_then(|n| n.public_ip)
-        {
+        let spec = st.topology.nodes.iter().find(|n| n.name == node);
+        args.push("--underlay".into());
+        args.push(
+            spec.and_then(|n| n.underlay.clone())
+                .unwrap_or_else(|| "interface=eth0".into()),
+        );
+        if let Some(public) = spec.and_then(|n| n.public_ip) {
             args.push("--public-ip".into());
             args.push(public.to_string());
         }

@@ -94,6 +94,10 @@ pub struct NodeSpec {
     /// router of its first segment (seed 000's cloud nodes).
     #[serde(default)]
     pub public_ip: Option<Ipv4Addr>,
+    /// How its agent chooses the underlay (`--underlay`), e.g.
+    /// `cidr=198.51.100.64/26`. Default: its first NIC.
+    #[serde(default)]
+    pub underlay: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +270,10 @@ impl Topology {
         for (i, n) in self.nodes.iter().enumerate() {
             if let Some(s) = n.segments.iter().find(|s| !known(s)) {
                 return bad(format!("nodes[{i}].segments: no segment {s:?}"));
+            }
+            if let Some(u) = &n.underlay {
+                u.parse::<tweed_plan::UnderlaySelector>()
+                    .map_err(|e| TopologyError::Invalid(format!("nodes[{i}].underlay: {e}")))?;
             }
             if n.segments.len() > 4 {
                 return bad(format!("nodes[{i}].segments: at most 4 NICs"));

@@ -160,10 +160,12 @@ fn link_state(msg: &LinkMessage) -> LinkState {
 fn route_of(msg: &RouteMessage, dev: &str) -> Option<Route> {
     let mut dst = None;
     let mut via = None;
+    let mut src = None;
     for a in &msg.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
             RouteAttribute::Gateway(RouteAddress::Inet(ip)) => via = Some(*ip),
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => src = Some(*ip),
             _ => {}
         }
     }
@@ -172,6 +174,7 @@ fn route_of(msg: &RouteMessage, dev: &str) -> Option<Route> {
         via: via?,
         dev: dev.to_string(),
         onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        src,
     })
 }
 
@@ -455,6 +458,9 @@ impl Netlink {
         if r.onlink {
             b = b.onlink();
         }
+        if let Some(src) = r.src {
+            b = b.pref_source(src);
+        }
         b.build()
     }
 
@@ -526,6 +532,37 @@ impl Netlink {
             .map_err(req(format!(
                 "ip route replace default via {gw} dev {index} onlink"
             )))
+    }
+
+    /// The interface index and preferred source address the kernel would
+    /// use to reach `dst`. Equivalent: `ip route get DST`.
+    pub async fn route_get(&self, dst: Ipv4Addr) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let mut s = self.handle.route().get(msg).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => {
+                let oif = m.attributes.iter().find_map(|a| {
+                    if let RouteAttribute::Oif(i) = a {
+                        Some(*i)
+                    } else {
+                        None
+                    }
+                });
+                let src = m.attributes.iter().find_map(|a| {
+                    if let RouteAttribute::PrefSource(RouteAddress::Inet(ip)) = a {
+                        Some(*ip)
+                    } else {
+                        None
+                    }
+                });
+                Ok(oif.map(|o| (o, src)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) if matches!(errno_of(&e), 101 | 113 | ESRCH) => Ok(None),
+            Err(e) => Err(req(format!("ip route get {dst}"))(e)),
+        }
     }
 
     /// Does `ip route show DST dev DEV` find the host route?

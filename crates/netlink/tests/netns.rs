@@ -132,6 +132,7 @@ fn routes_neighbours_and_fdb_round_trip_and_foreign_routes_are_invisible() {
             via: "10.244.2.0".parse().unwrap(),
             dev: "tweed.1".into(),
             onlink: true,
+            src: None,
         };
         let n = Neigh {
             ip: "10.244.2.0".parse().unwrap(),

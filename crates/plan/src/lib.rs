@@ -5,6 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod services;
+mod underlay;
+
+pub use underlay::{select_underlay, LinkAddrs, UnderlaySelector};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -34,13 +37,17 @@ pub struct VxlanLink {
     pub address: Ipv4Addr,
 }
 
-/// `ip route replace DST via VIA dev DEV onlink`
+/// `ip route replace DST via VIA dev DEV [onlink] [src SRC]`
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Route {
     pub dst: Ipv4Net,
     pub via: Ipv4Addr,
     pub dev: String,
     pub onlink: bool,
+    /// The source address for traffic the node itself sends this way:
+    /// pinned to the address peers know (seed 002: a two-NIC node whose
+    /// replies left from the other address).
+    pub src: Option<Ipv4Addr>,
 }
 
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`
@@ -225,6 +232,7 @@ pub fn plan_node(
                     via: peer.public_ip,
                     dev: me.underlay_dev.clone(),
                     onlink: false,
+                    src: Some(me.bind_ip),
                 });
             }
             Mode::Vxlan => {
@@ -233,6 +241,7 @@ pub fn plan_node(
                     via: peer.vtep_ip(),
                     dev: dev.clone(),
                     onlink: true,
+                    src: None,
                 });
                 plan.neighs.insert(Neigh {
                     ip: peer.vtep_ip(),
@@ -251,6 +260,7 @@ pub fn plan_node(
                     via: peer.public_ip,
                     dev: IPIP_DEV.into(),
                     onlink: true,
+                    src: Some(me.bind_ip),
                 });
             }
             Mode::Unreachable => plan.skipped.push(skip(reason.clone())),
@@ -262,6 +272,23 @@ pub fn plan_node(
         });
     }
     plan
+}
+
+/// Does this kernel need VXLAN TX checksum offload off? Kernels before
+/// 5.7 (upstream commit ea64d8d6c675) compute a wrong UDP checksum for
+/// VXLAN packets that netfilter NATs, and the receiver drops them: the
+/// "63-second" delays behind flannel's `ethtool -K flannel.1
+/// tx-checksum-ip-generic off` and Calico's same workaround. `release` is
+/// `uname -r`; one that does not parse is assumed new.
+pub fn vxlan_checksum_workaround(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => (major, minor) < (5, 7),
+        _ => false,
+    }
 }
 
 /// The devices whose routes tweed manages for this plan.
@@ -432,7 +459,8 @@ mod tests {
             dst: "10.244.2.0/24".parse().unwrap(),
             via: "198.51.100.11".parse().unwrap(),
             dev: "eth0".into(),
-            onlink: false
+            onlink: false,
+            src: Some("198.51.100.10".parse().unwrap()),
         }));
         assert!(p
             .routes
@@ -502,6 +530,15 @@ mod tests {
         let l = p.ipip.as_ref().unwrap();
         assert_eq!((l.mtu, l.address.to_string()), (1480, "10.244.1.0".into()));
         assert!(p.vxlan.is_none() && p.fdb.is_empty());
+    }
+
+    #[test]
+    fn checksum_workaround_only_on_kernels_before_5_7() {
+        assert!(vxlan_checksum_workaround("4.18.0-305.el8.x86_64"));
+        assert!(vxlan_checksum_workaround("5.4.0-42-generic"));
+        assert!(!vxlan_checksum_workaround("5.7.0"));
+        assert!(!vxlan_checksum_workaround("6.18.44-fc-v669"));
+        assert!(!vxlan_checksum_workaround("weird"));
     }
 
     #[test]

@@ -122,9 +122,17 @@ struct AgentArgs {
     etcd_endpoints: Vec<String>,
     #[arg(long, default_value = "/tweed")]
     etcd_prefix: String,
-    /// The underlay interface (default: the first non-loopback interface with an IPv4 address).
-    #[arg(long)]
+    /// How to choose the underlay interface and address: first-found,
+    /// interface=REGEX, can-reach=IP, cidr=CIDR or address=IP.
+    #[arg(long, default_value = "first-found")]
+    underlay: tweed_plan::UnderlaySelector,
+    /// The underlay interface by name (short for --underlay interface=NAME).
+    #[arg(long, conflicts_with = "underlay")]
     iface: Option<String>,
+    /// VXLAN TX checksum offload: auto (off on kernels before 5.7, whose
+    /// offload corrupts NATed VXLAN checksums: flannel's 63-second delays), on or off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    vxlan_checksum_offload: String,
     /// The address peers reach this node at, if not its own (1:1 NAT).
     #[arg(long)]
     public_ip: Option<Ipv4Addr>,
@@ -436,7 +444,17 @@ fn agent(a: AgentArgs) -> Result<()> {
         node_name,
         etcd_endpoints: a.etcd_endpoints,
         etcd_prefix: a.etcd_prefix,
-        iface: a.iface,
+        underlay: match a.iface {
+            Some(name) => format!("interface={}", regex_escape(&name))
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            None => a.underlay,
+        },
+        vxlan_csum_off: match a.vxlan_checksum_offload.as_str() {
+            "on" => Some(false),
+            "off" => Some(true),
+            _ => None,
+        },
         public_ip: a.public_ip,
         cni_conf_dir: a.cni_conf_dir,
         run_dir: a.run_dir,
@@ -453,6 +471,19 @@ fn agent(a: AgentArgs) -> Result<()> {
         .build()?;
     rt.block_on(tweed_agent::run(opts))?;
     Ok(())
+}
+
+/// An interface name as a regex matching exactly it.
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
 }
 
 fn print_matrix(lab: &Lab) -> Result<bool> {

@@ -348,3 +348,67 @@ fn ipip_backend_where_the_kernel_has_it() {
     assert_eq!(s["client"], lab.pod_ip("a").as_str());
     assert!(lab.routes("n1").contains("dev tunl0"));
 }
+
+#[test]
+fn a_two_nic_node_binds_the_address_it_is_told_and_answers_from_it() {
+    // n2 has NICs on a and b and is told to use b: peers on b reach it
+    // directly, n1 (on a) over VXLAN, and its replies leave from its b
+    // address, never from the a address nobody knows it by (seed 002).
+    let lab = LabGuard::up(
+        "twonic",
+        "
+segments:
+  - {name: a, cidr: 198.51.100.0/26}
+  - {name: b, cidr: 198.51.100.64/26}
+routers:
+  - {name: r1, segments: [a, b]}
+nodes:
+  - {name: n1, segments: [a]}
+  - {name: n2, segments: [a, b], underlay: cidr=198.51.100.64/26}
+  - {name: n3, segments: [b]}
+pods:
+  - {name: p1, node: n1}
+  - {name: p2, node: n2}
+  - {name: p3, node: n3}
+agent: {leaseTtl: 10, resync: 1}
+",
+    );
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.dir.join("nodes/n2/run/status.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (st["bindIp"].as_str(), st["underlayDev"].as_str()),
+        (Some("198.51.100.75"), Some("eth1"))
+    );
+    eventually("n3 to route n2 directly", 15, || {
+        peer(&lab, "n3", "n2")["mode"] == "direct"
+    });
+    assert_eq!(
+        peer(&lab, "n1", "n2")["mode"],
+        "vxlan",
+        "n2's known address is not on n1's segment"
+    );
+    // n2's own traffic towards n3's pods leaves from the known address.
+    let routes = lab.routes("n2");
+    assert!(
+        routes.contains(&format!(
+            "{} via 198.51.100.76 dev eth1",
+            lab.node_subnet("n3")
+        )) && routes.contains("src 198.51.100.75"),
+        "{routes}"
+    );
+    // Answers to n1 come from 198.51.100.75: n1's VXLAN peer entry is that address and traffic flows both ways.
+    let fdb = lab.exec_ok(
+        &lab.node_ns("n1"),
+        &["bridge", "fdb", "show", "dev", "tweed.1"],
+    );
+    assert!(fdb.contains("dst 198.51.100.75 "), "{fdb}");
+    for (a, b) in [("p1", "p2"), ("p2", "p1"), ("p2", "p3"), ("p3", "p2")] {
+        let seen = lab
+            .get(&lab.pod_ns(a), &lab.pod_ip(b))
+            .unwrap_or_else(|| panic!("{a} cannot reach {b}"));
+        assert_eq!(seen["client"], lab.pod_ip(a).as_str());
+    }
+    let vx = lab.exec_ok(&lab.node_ns("n2"), &["ip", "-d", "link", "show", "tweed.1"]);
+    assert!(vx.contains("local 198.51.100.75 "), "{vx}");
+}
