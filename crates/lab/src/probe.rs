@@ -68,9 +68,16 @@ pub fn tcp_wait(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
 /// Keep one TCP connection to ADDR for `duration`, sending a request every
 /// `interval`; fails on the first request that does not come back. Returns
 /// how many requests succeeded.
-pub fn hold(addr: SocketAddr, interval: Duration, duration: Duration) -> std::io::Result<u64> {
+/// A request may take up to `patience` (TCP retransmits through a path
+/// change).
+pub fn hold(
+    addr: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+    patience: Duration,
+) -> std::io::Result<u64> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(patience))?;
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
     let end = Instant::now() + duration;

@@ -320,6 +320,9 @@ enum ProbeCmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Seconds one request may take (TCP retransmitting through a path change).
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
     },
     /// COUNT separate connections; prints how many each pod answered (JSON).
     HttpMany {
@@ -870,11 +873,13 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
             addr,
             interval_ms,
             duration,
+            timeout,
         } => {
             let n = probe::hold(
                 addr,
                 Duration::from_millis(interval_ms),
                 Duration::from_secs(duration),
+                Duration::from_secs(timeout),
             )?;
             println!("{n}");
         }

@@ -76,6 +76,12 @@ fn restarting_an_agent_keeps_connections_and_its_subnet() {
         &topology(&["n1", "n2"], &[("a", "n1"), ("b", "n2")], ""),
     );
     let subnet = lab.node_subnet("n1");
+    // The default backend (auto) settles on a direct path once its probe has
+    // answered; compare routes only after that.
+    eventually("n1 to settle on the direct path to n2", 20, || {
+        std::fs::read_to_string(lab.dir.join("nodes/n1/run/status.json"))
+            .is_ok_and(|s| s.contains("\"mode\": \"direct\""))
+    });
     let routes_before = lab.routes("n1");
     // One TCP connection from a (on n1) to b (on n2), a request every 100 ms for 8 s.
     let hold = Command::new("ip")

@@ -195,6 +195,8 @@ fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_
             "100",
             "--duration",
             "14",
+            "--timeout",
+            "15",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
