@@ -162,50 +162,46 @@ impl LabState {
 
 /// Run a command to completion; an error carries its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| LabError::Cmd {
-            cmd: shown.clone(),
-            msg: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Cmd {
-            cmd: shown,
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    run_with(cmd, None)
 }
 
 /// Run a command with `input` on its stdin; an error carries its stderr.
 pub(crate) fn run_stdin(cmd: &mut Command, input: &str) -> Result<String> {
+    run_with(cmd, Some(input))
+}
+
+fn run_with(cmd: &mut Command, input: Option<&str>) -> Result<String> {
     use std::io::Write;
     let shown = format!("{cmd:?}").replace('"', "");
+    let failed = |msg: String| LabError::Cmd {
+        cmd: shown.clone(),
+        msg,
+    };
     let mut child = cmd
-        .stdin(Stdio::piped())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| LabError::Cmd {
-            cmd: shown.clone(),
-            msg: e.to_string(),
-        })?;
-    let _ = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes());
-    let out = child.wait_with_output().map_err(|e| LabError::Cmd {
-        cmd: shown.clone(),
-        msg: e.to_string(),
-    })?;
+        .map_err(|e| failed(e.to_string()))?;
+    if let Some(input) = input {
+        // A write error means the command died early; its stderr says why.
+        let _ = child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
     if !out.status.success() {
-        return Err(LabError::Cmd {
-            cmd: shown,
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }

@@ -387,10 +387,16 @@ impl Netlink {
                 self.need_link(&spec.name).await?
             }
         };
-        if cur.mtu != spec.mtu {
-            self.set_mtu(cur.index, spec.mtu).await?;
+        self.tunnel_settings(&cur, spec.mtu, spec.address).await
+    }
+
+    /// A tunnel device's MTU, its one /32 address, and up.
+    /// Equivalent: `ip link set DEV mtu MTU up && ip addr replace ADDR/32 dev DEV` (other addresses removed).
+    async fn tunnel_settings(&self, cur: &LinkState, mtu: u32, address: Ipv4Addr) -> Result<u32> {
+        if cur.mtu != mtu {
+            self.set_mtu(cur.index, mtu).await?;
         }
-        let want = Ipv4Net::new(spec.address, 32).expect("/32");
+        let want = Ipv4Net::new(address, 32).expect("/32");
         for a in self.ipv4_addrs(cur.index).await? {
             if a != want {
                 self.del_addr(cur.index, a).await?;
@@ -412,20 +418,7 @@ impl Netlink {
             .link(&spec.name)
             .await?
             .ok_or_else(|| NetlinkError::NoIpip(spec.name.clone()))?;
-        if cur.mtu != spec.mtu {
-            self.set_mtu(cur.index, spec.mtu).await?;
-        }
-        let want = Ipv4Net::new(spec.address, 32).expect("/32");
-        for a in self.ipv4_addrs(cur.index).await? {
-            if a != want {
-                self.del_addr(cur.index, a).await?;
-            }
-        }
-        self.add_addr(cur.index, want).await?;
-        if !cur.up {
-            self.set_up(cur.index).await?;
-        }
-        Ok(cur.index)
+        self.tunnel_settings(&cur, spec.mtu, spec.address).await
     }
 
     /// `ip -4 route show dev DEV proto 144`: the routes tweed owns on a device.

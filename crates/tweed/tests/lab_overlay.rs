@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn every_pod_reaches_every_pod_with_its_true_ip_and_nodes_reach_pods() {
@@ -84,40 +84,15 @@ fn restarting_an_agent_keeps_connections_and_its_subnet() {
     });
     let routes_before = lab.routes("n1");
     // One TCP connection from a (on n1) to b (on n2), a request every 100 ms for 8 s.
-    let hold = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.pod_ns("a"),
-            TWEED,
-            "probe",
-            "hold",
-            &format!("{}:8080", lab.pod_ip("b")),
-            "--interval-ms",
-            "100",
-            "--duration",
-            "8",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually("the held connection to be established", 5, || {
-        let ss = lab.exec_ok(&lab.pod_ns("a"), &["ss", "-Htn", "state", "established"]);
-        ss.contains(&format!("{}:8080", lab.pod_ip("b")))
-    });
+    let hold = start_hold(
+        &lab,
+        &lab.pod_ns("a"),
+        &format!("{}:8080", lab.pod_ip("b")),
+        8,
+        3,
+    );
     ok(&["lab", "agent", "restart", "n1", "--name", "restart"]);
-    let out = hold.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the connection broke during the restart: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert!(
-        n >= 20,
-        "only {n} requests went through the held connection"
-    );
+    finish_hold(hold, "the agent restart", 20);
     assert_eq!(
         lab.node_subnet("n1"),
         subnet,

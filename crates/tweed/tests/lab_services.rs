@@ -477,41 +477,10 @@ fn connections_through_a_service_survive_an_agent_restart() {
     );
     let addr = format!("{}:80", svc_ip(&lab, "server"));
     get_from(&lab, &lab.pod_ns("client"), &addr);
-    let hold = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.pod_ns("client"),
-            TWEED,
-            "probe",
-            "hold",
-            &addr,
-            "--interval-ms",
-            "100",
-            "--duration",
-            "8",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually("the held connection to be established", 5, || {
-        lab.exec_ok(
-            &lab.pod_ns("client"),
-            &["ss", "-Htn", "state", "established"],
-        )
-        .contains(&addr)
-    });
+    let hold = start_hold(&lab, &lab.pod_ns("client"), &addr, 8, 3);
     // The client's node replaces its whole service table on restart.
     ok(&["lab", "agent", "restart", "n1", "--name", "svcrestart"]);
-    let out = hold.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the connection through the service broke: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert!(n >= 20, "only {n} requests");
+    finish_hold(hold, "the agent restart", 20);
     // And new connections work after the restart.
     assert_eq!(
         get_from(&lab, &lab.pod_ns("client"), &addr)["pod"],

@@ -248,3 +248,56 @@ pub fn topology(nodes: &[&str], pods: &[(&str, &str)], extra: &str) -> String {
     }
     t + extra
 }
+
+/// Hold one TCP connection from namespace `ns` to `addr` for `secs`
+/// seconds, a request every 100 ms, each allowed `patience` seconds (TCP
+/// retransmits through a path change). Returns once it is established.
+pub fn start_hold(
+    lab: &LabGuard,
+    ns: &str,
+    addr: &str,
+    secs: u64,
+    patience: u64,
+) -> std::process::Child {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            TWEED,
+            "probe",
+            "hold",
+            addr,
+            "--interval-ms",
+            "100",
+            "--duration",
+            &secs.to_string(),
+            "--timeout",
+            &patience.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the held connection to be established", 5, || {
+        lab.exec_ok(ns, &["ss", "-Htn", "state", "established"])
+            .contains(addr)
+    });
+    child
+}
+
+/// Wait for a hold to end: it must not have broken (`during` says while
+/// what) and at least `min` requests must have gone through.
+pub fn finish_hold(child: std::process::Child, during: &str, min: u64) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the held connection broke during {during}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(
+        n >= min,
+        "only {n} requests went through the held connection during {during}"
+    );
+}
