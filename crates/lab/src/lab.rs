@@ -421,7 +421,12 @@ impl Lab {
 
     fn build(&self, topo: &Topology) -> Result<LabState> {
         let _l = self.lock()?;
-        let mtu = topo.underlay.mtu.to_string();
+        let seg_mtu = |k: usize| {
+            topo.segments()[k]
+                .mtu
+                .unwrap_or(topo.underlay.mtu)
+                .to_string()
+        };
         let mut st = LabState {
             name: self.name.clone(),
             topology: topo.clone(),
@@ -446,6 +451,7 @@ impl Lab {
         ip(&["-n", &st.ul_ns, "link", "set", "lo", "up"])?;
         for k in 0..segments.len() {
             let br = format!("br{k}");
+            let mtu = seg_mtu(k);
             ip(&[
                 "-n", &st.ul_ns, "link", "add", &br, "mtu", &mtu, "type", "bridge",
             ])?;
@@ -466,6 +472,7 @@ impl Lab {
             let port = format!("s{k}p{}", ports.get());
             ports.set(ports.get() + 1);
             // Born in the underlay namespace with its peer born in `ns`: never in the root namespace.
+            let mtu = seg_mtu(k);
             ip(&[
                 "-n", &st.ul_ns, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
                 ifname, "netns", ns, "mtu", &mtu,
@@ -1271,6 +1278,17 @@ impl Lab {
             let _ = writeln!(s, "\n{:<20} UNDERLAY", "HOST (outside)");
             for h in &st.hosts {
                 let _ = writeln!(s, "{:<20} {}", h.name, h.ip);
+            }
+        }
+        if !st.topology.routers.is_empty() {
+            let _ = writeln!(s, "\n{:<20} SEGMENTS", "ROUTER");
+            for (r, spec) in st.topology.routers.iter().enumerate() {
+                let legs: Vec<String> = spec
+                    .segments
+                    .iter()
+                    .map(|g| format!("{g} {}", st.topology.router_ip(r, g)))
+                    .collect();
+                let _ = writeln!(s, "{:<20} {}", spec.name, legs.join(", "));
             }
         }
         if !st.services.is_empty() {

@@ -54,6 +54,10 @@ pub struct HostSpec {
 pub struct SegmentSpec {
     pub name: String,
     pub cidr: Ipv4Net,
+    /// The segment's MTU (default: `underlay.mtu`), e.g. a smaller one in
+    /// the middle of a path to exercise path-MTU discovery.
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +246,11 @@ impl Topology {
             if c.prefix_len() > 26 {
                 return bad(format!("segments[{i}].cidr {c} is too small (at most /26)"));
             }
+            if let Some(m) = sg.mtu.filter(|m| !(576..=9000).contains(m)) {
+                return bad(format!(
+                    "segments[{i}].mtu {m} is out of range (576..=9000)"
+                ));
+            }
             for other in &segs[..i] {
                 if other.cidr.contains(&c.network()) || c.contains(&other.cidr.network()) {
                     return bad(format!(
@@ -307,6 +316,7 @@ impl Topology {
             vec![SegmentSpec {
                 name: "ul".into(),
                 cidr: self.underlay.cidr,
+                mtu: None,
             }]
         } else {
             self.segments.clone()

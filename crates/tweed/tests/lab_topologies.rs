@@ -399,3 +399,49 @@ agent: {leaseTtl: 10, resync: 1}
     let vx = lab.exec_ok(&lab.node_ns("n2"), &["ip", "-d", "link", "show", "tweed.1"]);
     assert!(vx.contains("local 198.51.100.75 "), "{vx}");
 }
+
+#[test]
+fn large_transfers_cross_a_narrower_segment_between_two_routers() {
+    // Nodes on 1500-byte segments, a 1280-byte segment in between, two
+    // routers: pods keep MTU 1450 and 10 MB still gets through both ways.
+    let lab = LabGuard::up(
+        "narrow",
+        "
+segments:
+  - {name: a, cidr: 198.51.100.0/26}
+  - {name: narrow, cidr: 198.51.100.64/26, mtu: 1280}
+  - {name: c, cidr: 198.51.100.128/26}
+routers:
+  - {name: r1, segments: [a, narrow]}
+  - {name: r2, segments: [narrow, c]}
+nodes:
+  - {name: n1, segments: [a]}
+  - {name: n2, segments: [c]}
+pods:
+  - {name: p1, node: n1}
+  - {name: p2, node: n2}
+",
+    );
+    assert_eq!(
+        lab.exec_ok(&lab.pod_ns("p1"), &["cat", "/sys/class/net/eth0/mtu"])
+            .trim(),
+        "1450"
+    );
+    for (a, b) in [("p1", "p2"), ("p2", "p1")] {
+        let n = lab.exec_ok(
+            &lab.pod_ns(a),
+            &[
+                TWEED,
+                "probe",
+                "http",
+                &format!("{}:8080", lab.pod_ip(b)),
+                "--path",
+                "/bytes/10485760",
+                "--count",
+                "--timeout",
+                "10",
+            ],
+        );
+        assert_eq!(n.trim(), "10485760", "{a} -> {b}");
+    }
+}
