@@ -154,6 +154,8 @@ struct Agent {
     modes: Vec<(String, tweed_plan::Mode)>,
     /// Peers we cannot route to ("NAME: why"), reported in our record.
     unreachable: Vec<String>,
+    /// The probe's policy rule is in place (it is added once).
+    probe_rule: std::cell::Cell<bool>,
     mtu: u32,
     /// Did the last overlay reconcile succeed? Pods are only admitted then.
     dataplane_ok: bool,
@@ -182,6 +184,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         ready: false,
         modes: Vec::new(),
         unreachable: Vec::new(),
+        probe_rule: std::cell::Cell::new(false),
         mtu: 1450,
         dataplane_ok: false,
         proxy_synced: false,
@@ -553,9 +556,12 @@ impl Agent {
             })
             .collect();
         if cfg.backend == tweed_model::Backend::Auto {
-            if let Err(e) = crate::probe::ensure_rule() {
-                tracing::warn!(error = %e, "cannot set up the probe rule; peers stay on VXLAN");
-                return facts;
+            if !self.probe_rule.get() {
+                if let Err(e) = crate::probe::ensure_rule() {
+                    tracing::warn!(error = %e, "cannot set up the probe rule; peers stay on VXLAN");
+                    return facts;
+                }
+                self.probe_rule.set(true);
             }
             let targets: Vec<(String, std::net::Ipv4Addr, std::net::Ipv4Addr)> = nodes
                 .iter()
