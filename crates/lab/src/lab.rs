@@ -1298,14 +1298,7 @@ impl Lab {
                 "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)"
             );
             for (id, svc) in &st.services {
-                let ports: Vec<String> = svc
-                    .ports
-                    .iter()
-                    .map(|p| match p.node_port {
-                        Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
-                        None => format!("{}/{}", p.port, p.protocol),
-                    })
-                    .collect();
+                let ports = svc.ports_text();
                 let eps: Vec<String> = st
                     .endpoints
                     .get(id)
@@ -1317,7 +1310,7 @@ impl Lab {
                     id,
                     format!("{:?}", svc.service_type),
                     svc.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
-                    ports.join(","),
+                    ports,
                     if eps.is_empty() {
                         "<none>".to_string()
                     } else {

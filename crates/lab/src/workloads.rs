@@ -60,19 +60,12 @@ impl Lab {
             {
                 match serde_json::from_value::<Service>(r["ok"].clone()) {
                     Ok(stored) => {
-                        let ports: Vec<String> = stored
-                            .ports
-                            .iter()
-                            .map(|p| match p.node_port {
-                                Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
-                                None => format!("{}/{}", p.port, p.protocol),
-                            })
-                            .collect();
+                        let ports = stored.ports_text();
                         done.push(format!(
                             "service/{} {} {}",
                             stored.id(),
                             stored.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
-                            ports.join(",")
+                            ports
                         ));
                         st.services.insert(stored.id(), stored);
                     }

@@ -294,6 +294,18 @@ impl Service {
         Ok(())
     }
 
+    /// Its ports as `kubectl get svc` shows them: `80/TCP`, `80:30080/TCP`.
+    pub fn ports_text(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| match p.node_port {
+                Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+                None => format!("{}/{}", p.port, p.protocol),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The endpoint port for service port `p` on a pod whose named
     /// container ports are `named` (name → number).
     pub fn resolve_target(p: &ServicePort, named: &BTreeMap<String, u16>) -> Option<u16> {

@@ -63,21 +63,8 @@ fn vxlan_across_a_router_a_nat_and_two_nics() {
     assert!(local.contains("local 198.51.100.13 "), "{local}");
     // Large transfers work across the router and through the NAT.
     for (from, to) in [("p1", "p3"), ("p3", "p2"), ("p2", "p4")] {
-        let n = lab.exec_ok(
-            &lab.pod_ns(from),
-            &[
-                TWEED,
-                "probe",
-                "http",
-                &format!("{}:8080", lab.pod_ip(to)),
-                "--path",
-                "/bytes/10485760",
-                "--count",
-                "--timeout",
-                "10",
-            ],
-        );
-        assert_eq!(n.trim(), "10485760", "{from} -> {to}");
+        let n = lab.transfer(&lab.pod_ns(from), to, 10 << 20);
+        assert_eq!(n, 10 << 20, "{from} -> {to}");
     }
 }
 
@@ -165,21 +152,8 @@ fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_
         "{routes}"
     );
     for (a, b) in [("p1", "p2"), ("p2", "p3"), ("p3", "p1")] {
-        let n = lab.exec_ok(
-            &lab.pod_ns(a),
-            &[
-                TWEED,
-                "probe",
-                "http",
-                &format!("{}:8080", lab.pod_ip(b)),
-                "--path",
-                "/bytes/10485760",
-                "--count",
-                "--timeout",
-                "10",
-            ],
-        );
-        assert_eq!(n.trim(), "10485760", "{a} -> {b}");
+        let n = lab.transfer(&lab.pod_ns(a), b, 10 << 20);
+        assert_eq!(n, 10 << 20, "{a} -> {b}");
     }
     // A TCP stream between p1 and p2 while their segment starts, then stops, dropping pod-addressed traffic.
     let hold = start_hold(
@@ -278,21 +252,7 @@ fn host_gw_reports_each_unreachable_peer_by_name_and_serves_the_rest() {
     });
     // The peers that can be served are: p1 <-> p2, with a full-size MTU.
     assert!(lab.get(&lab.pod_ns("p1"), &lab.pod_ip("p2")).is_some());
-    let n = lab.exec_ok(
-        &lab.pod_ns("p2"),
-        &[
-            TWEED,
-            "probe",
-            "http",
-            &format!("{}:8080", lab.pod_ip("p1")),
-            "--path",
-            "/bytes/10485760",
-            "--count",
-            "--timeout",
-            "10",
-        ],
-    );
-    assert_eq!(n.trim(), "10485760");
+    assert_eq!(lab.transfer(&lab.pod_ns("p2"), "p1", 10 << 20), 10 << 20);
     let mtu = lab.exec_ok(&lab.pod_ns("p1"), &["cat", "/sys/class/net/eth0/mtu"]);
     assert_eq!(
         mtu.trim(),
@@ -428,20 +388,7 @@ pods:
         "1450"
     );
     for (a, b) in [("p1", "p2"), ("p2", "p1")] {
-        let n = lab.exec_ok(
-            &lab.pod_ns(a),
-            &[
-                TWEED,
-                "probe",
-                "http",
-                &format!("{}:8080", lab.pod_ip(b)),
-                "--path",
-                "/bytes/10485760",
-                "--count",
-                "--timeout",
-                "10",
-            ],
-        );
-        assert_eq!(n.trim(), "10485760", "{a} -> {b}");
+        let n = lab.transfer(&lab.pod_ns(a), b, 10 << 20);
+        assert_eq!(n, 10 << 20, "{a} -> {b}");
     }
 }

@@ -142,6 +142,25 @@ impl LabGuard {
         String::from_utf8_lossy(&o.stdout).to_string()
     }
 
+    /// Fetch `bytes` bytes from `to`'s echo server inside `ns`; how many arrived.
+    pub fn transfer(&self, ns: &str, to: &str, bytes: usize) -> usize {
+        let out = self.exec_ok(
+            ns,
+            &[
+                TWEED,
+                "probe",
+                "http",
+                &format!("{}:8080", self.pod_ip(to)),
+                "--path",
+                &format!("/bytes/{bytes}"),
+                "--count",
+                "--timeout",
+                "10",
+            ],
+        );
+        out.trim().parse().unwrap()
+    }
+
     /// HTTP GET to a pod's echo server from inside `ns`; the JSON it returns.
     pub fn get(&self, ns: &str, ip: &str) -> Option<serde_json::Value> {
         let o = self.exec(
