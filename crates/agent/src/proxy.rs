@@ -109,10 +109,6 @@ impl Proxy {
         self.dirty.insert(id);
     }
 
-    pub fn service_count(&self) -> usize {
-        self.services.len()
-    }
-
     fn plan(&self, id: &str) -> Contribution {
         self.services
             .get(id)

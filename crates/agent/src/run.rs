@@ -156,6 +156,8 @@ struct Agent {
     unreachable: Vec<String>,
     /// The probe's policy rule is in place (it is added once).
     probe_rule: std::cell::Cell<bool>,
+    /// What `tweed status` shows (written to RUN_DIR/status.json).
+    status: AgentStatus,
     mtu: u32,
     /// Did the last overlay reconcile succeed? Pods are only admitted then.
     dataplane_ok: bool,
@@ -176,6 +178,16 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         .ok()
         .and_then(|b| serde_json::from_slice::<NodeRecord>(&b).ok())
         .map(|r| r.subnet);
+    let status = AgentStatus {
+        node: opts.node_name.clone(),
+        subnet: remembered.map(|s| s.to_string()).unwrap_or_default(),
+        underlay_dev: underlay.dev.clone(),
+        bind_ip: underlay.ip.to_string(),
+        public_ip: opts.public_ip.unwrap_or(underlay.ip).to_string(),
+        datastore: String::new(),
+        peers: Vec::new(),
+        last_error: None,
+    };
     let mut agent = Agent {
         opts,
         nl,
@@ -185,6 +197,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         modes: Vec::new(),
         unreachable: Vec::new(),
         probe_rule: std::cell::Cell::new(false),
+        status,
         mtu: 1450,
         dataplane_ok: false,
         proxy_synced: false,
@@ -622,21 +635,14 @@ impl Agent {
         Ok(())
     }
 
-    fn write_status(&self, now: Option<(&LocalNode, Vec<PeerStatus>)>, last_error: Option<String>) {
-        let p = self.opts.run_dir.join("status.json");
-        let mut st = std::fs::read(&p)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<AgentStatus>(&b).ok())
-            .unwrap_or_else(|| AgentStatus {
-                node: self.opts.node_name.clone(),
-                subnet: self.subnet.map(|s| s.to_string()).unwrap_or_default(),
-                underlay_dev: self.underlay.dev.clone(),
-                bind_ip: self.underlay.ip.to_string(),
-                public_ip: self.opts.public_ip.unwrap_or(self.underlay.ip).to_string(),
-                datastore: String::new(),
-                peers: Vec::new(),
-                last_error: None,
-            });
+    /// Update the status `tweed status` shows, and write it out. The agent
+    /// keeps it in memory; the file is only ever written.
+    fn write_status(
+        &mut self,
+        now: Option<(&LocalNode, Vec<PeerStatus>)>,
+        last_error: Option<String>,
+    ) {
+        let st = &mut self.status;
         if let Some((local, peers)) = now {
             st.subnet = local.record.subnet.to_string();
             st.peers = peers;
@@ -645,7 +651,8 @@ impl Agent {
             st.datastore = "disconnected".into();
         }
         st.last_error = last_error;
-        if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(&st).expect("json")) {
+        let p = self.opts.run_dir.join("status.json");
+        if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(&self.status).expect("json")) {
             tracing::warn!(path = %p.display(), error = %e, "cannot write status");
         }
     }

@@ -230,33 +230,25 @@ pub fn wait_for(what: &str, secs: u64, hint: &str, mut cond: impl FnMut() -> boo
 }
 
 /// Is PID alive (not gone, not a zombie) and is its command line ours?
-fn ours_alive(pid: u32, marker: &str) -> bool {
+/// Is PID gone: no such process, or a zombie waiting to be reaped?
+fn gone(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+        return true;
     };
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or("Z");
-    if state == "Z" || state == "X" {
-        return false;
-    }
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(marker))
-        .unwrap_or(false)
+    // The state is the first field after the command name in parentheses.
+    matches!(
+        stat.rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next()),
+        Some("Z" | "X")
+    )
 }
 
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => matches!(
-            stat.rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
-    }
+/// Is PID alive and is its command line ours?
+fn ours_alive(pid: u32, marker: &str) -> bool {
+    !gone(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
 }
 
 /// SIGTERM, then SIGKILL after 5 s. Only for a PID whose command line

@@ -16,7 +16,7 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -57,7 +57,7 @@ pub enum NetlinkError {
     Netns {
         path: String,
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
 }
 
@@ -200,17 +200,10 @@ impl Netlink {
             path: netns.display().to_string(),
             source,
         };
-        let target = std::fs::File::open(netns).map_err(|e| {
-            ns_err(nix::Error::from_raw(
-                e.raw_os_error().unwrap_or(libc_enoent()),
-            ))
-        })?;
-        let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| {
-            ns_err(nix::Error::from_raw(
-                e.raw_os_error().unwrap_or(libc_enoent()),
-            ))
-        })?;
-        nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(ns_err)?;
+        let target = std::fs::File::open(netns).map_err(ns_err)?;
+        let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(ns_err)?;
+        nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| ns_err(e.into()))?;
         let opened = Self::open();
         // Going home must not fail silently: a thread left in the pod's
         // namespace would wire the next thing in the wrong place.
@@ -779,15 +772,6 @@ impl Netlink {
             }
         }
     }
-}
-
-fn libc_enoent() -> i32 {
-    ENOENT
-}
-
-/// Is this the kind of link tweed makes for VXLAN? (Used by status output.)
-pub fn is_vxlan(l: &LinkState) -> bool {
-    l.kind.as_deref() == Some(&InfoKind::Vxlan.to_string())
 }
 
 /// Enable IPv4 forwarding in the calling thread's network namespace.

@@ -148,20 +148,6 @@ impl Store {
         Ok(self.config().await?.unwrap_or_else(|| cfg.clone()))
     }
 
-    /// Replace the cluster config (administrative; agents pick it up on restart).
-    pub async fn put_config(&mut self, cfg: &ClusterConfig) -> Result<()> {
-        cfg.validate().map_err(|source| StoreError::Config {
-            key: self.config_key(),
-            source,
-        })?;
-        let body = serde_json::to_vec(cfg).expect("config serialises");
-        self.client
-            .put(self.config_key(), body, None)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
     /// Every node record and the store revision they were read at. Records
     /// that do not decode are logged and still count as taking their subnet.
     pub async fn nodes(&mut self) -> Result<(Vec<StoredNode>, BTreeSet<Ipv4Net>, i64)> {
@@ -290,15 +276,6 @@ impl Store {
             .lease_keep_alive(lease)
             .await
             .map_err(|e| self.err(e))
-    }
-
-    /// Give a subnet back at once (used when a node is removed for good).
-    pub async fn release(&mut self, lease: i64) -> Result<()> {
-        self.client
-            .lease_revoke(lease)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
     }
 
     pub fn services_prefix(&self) -> String {
@@ -624,10 +601,6 @@ impl Store {
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 
     /// Watch node records from `after_rev + 1` on.

@@ -163,16 +163,19 @@ fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_
         14,
         15,
     );
-    ok(&[
-        "lab",
-        "fabric",
-        "--name",
-        "auto",
-        "--segment",
-        "a",
-        "--drop-pod-traffic",
-        "true",
-    ]);
+    let fabric_drops = |drop: &str| {
+        ok(&[
+            "lab",
+            "fabric",
+            "--name",
+            "auto",
+            "--segment",
+            "a",
+            "--drop-pod-traffic",
+            drop,
+        ])
+    };
+    fabric_drops("true");
     eventually("n1 and n2 to move each other to VXLAN", 15, || {
         peer(&lab, "n1", "n2")["mode"] == "vxlan" && peer(&lab, "n2", "n1")["mode"] == "vxlan"
     });
@@ -180,16 +183,7 @@ fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_
         .as_str()
         .unwrap()
         .contains("does not get through"));
-    ok(&[
-        "lab",
-        "fabric",
-        "--name",
-        "auto",
-        "--segment",
-        "a",
-        "--drop-pod-traffic",
-        "false",
-    ]);
+    fabric_drops("false");
     eventually("n1 and n2 to go direct again", 15, || {
         peer(&lab, "n1", "n2")["mode"] == "direct" && peer(&lab, "n2", "n1")["mode"] == "direct"
     });
