@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real agent with N Services × 10 endpoints in etcd: restart it, wait
 # for its first full sync, report the sync time it logs and its peak RSS
-# (VmHWM). Usage: sudo bench/agent-rss.sh [N...] (default 1000 10000 30000)
+# (VmHWM). Usage (as root): bench/agent-rss.sh [N...] (default 1000 10000 30000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("${@:-1000 10000 30000}"); read -r -a sizes <<< "${sizes[*]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CNI ADD latency, tweed vs the reference bridge + host-local plugins, in one
-# lab node, side by side. Usage: sudo bench/cni-add.sh [ROUNDS] [PER_ROUND]
+# lab node, side by side. Usage (as root): bench/cni-add.sh [ROUNDS] [PER_ROUND]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-4}; per=${2:-50}

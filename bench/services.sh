@@ -4,7 +4,7 @@
 # namespace, then the same services as kube-proxy iptables-mode chains
 # loaded with iptables-restore in another; connect() timed through the
 # first and the last service in both.
-# Usage: sudo bench/services.sh [N...]   (default: 1000 10000 30000)
+# Usage (as root): bench/services.sh [N...]   (default: 1000 10000 30000)
 # IPT_TIMEOUT (default 180) caps each iptables-restore.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
 # rounds interleaved. One lab (backend auto): direct while the fabric
 # passes pod-addressed traffic, VXLAN while `tweed lab fabric` makes it drop
 # it (auto moves the peers over); node to node for the underlay.
-# Usage: sudo bench/throughput.sh [ROUNDS] [SECONDS]
+# Usage (as root): bench/throughput.sh [ROUNDS] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}; secs=${2:-5}

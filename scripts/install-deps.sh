@@ -13,8 +13,13 @@ pkgs=(
   iproute2 nftables iptables conntrack iputils-ping util-linux procps ethtool
   # the datastore: a real etcd v3 and etcdctl
   etcd-server etcd-client
-  # build: etcd-client's gRPC code is generated with protoc
-  protobuf-compiler gcc pkg-config
+  # build: a C toolchain that links (gcc alone has no crt1.o or libc.so:
+  # that is libc6-dev); etcd-client's gRPC code is generated with protoc,
+  # which needs the well-known .proto files (descriptor.proto, struct.proto)
+  # from libprotobuf-dev; cargo fetches crates over TLS (ca-certificates)
+  gcc libc6-dev pkg-config protobuf-compiler libprotobuf-dev ca-certificates
+  # the benchmarks' helpers
+  python3
   # a real CNI runtime and the reference plugins (for comparison benchmarks)
   podman runc busybox-static containernetworking-plugins
   # measurement and debugging
