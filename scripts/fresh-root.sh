@@ -92,6 +92,11 @@ if ! mmdebstrap --quiet --variant=apt --mode=root bookworm "$root" >/dev/null; t
 fi
 echo "== fresh-root: root made in $(( $(date +%s) - started )) s"
 
+# The root must be a mount point of its own: `ip netns exec` and `ip -n`
+# run `mount --make-rslave /`, which fails on a plain directory. Private, so
+# nothing mounted inside propagates back to this machine's mounts.
+mount --bind "$root" "$root"
+mount --make-private "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys" && mount --make-rslave "$root/sys"
 mount --rbind /dev "$root/dev" && mount --make-rslave "$root/dev"

@@ -92,6 +92,11 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`: handled like external IPs, as
+    /// kube-proxy does (so traffic from inside the cluster to a load
+    /// balancer's address short-cuts to the endpoints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `Some(timeout seconds)` for sessionAffinity ClientIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout: Option<u32>,
@@ -285,6 +290,7 @@ impl Service {
         if self.external_traffic_policy == TrafficPolicy::Local
             && self.service_type == ServiceType::ClusterIP
             && self.external_ips.is_empty()
+            && self.load_balancer_ips.is_empty()
         {
             return Err(ferr(
                 "spec.externalTrafficPolicy",
@@ -350,6 +356,7 @@ mod tests {
                 node_port: None,
             }],
             external_ips: vec![],
+            load_balancer_ips: vec![],
             affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,

@@ -50,6 +50,7 @@ fn svc(name: &str, ip: &str, np: Option<u16>, affinity: Option<u32>) -> Service 
             node_port: np,
         }],
         external_ips: vec![],
+        load_balancer_ips: vec![],
         affinity_timeout: affinity,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,

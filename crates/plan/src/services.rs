@@ -88,6 +88,10 @@ pub enum Elem {
     MasqNp(PortKey),
     RejLb(SvcKey),
     RejNp(PortKey),
+    /// `drop-lb`: policy Local, endpoints only on other nodes (kube-proxy
+    /// drops rather than refuses).
+    DropLb(SvcKey),
+    DropNp(PortKey),
     /// `hostports`: (proto . port) → pod.
     HostPort(PortKey, Backend),
 }
@@ -112,6 +116,8 @@ impl Elem {
             Elem::MasqNp(_) => Group::MasqNp,
             Elem::RejLb(_) => Group::RejLb,
             Elem::RejNp(_) => Group::RejNp,
+            Elem::DropLb(_) => Group::DropLb,
+            Elem::DropNp(_) => Group::DropNp,
             Elem::HostPort(..) => Group::HostPorts,
         })
     }
@@ -149,10 +155,14 @@ impl Elem {
                     }
                 })
             }
-            Elem::MasqLb((ip, p, port)) | Elem::RejLb((ip, p, port)) => {
+            Elem::MasqLb((ip, p, port))
+            | Elem::RejLb((ip, p, port))
+            | Elem::DropLb((ip, p, port)) => {
                 write!(s, "{ip} . {} . {port}", p.nft())
             }
-            Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) => write!(s, "{} . {port}", p.nft()),
+            Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => {
+                write!(s, "{} . {port}", p.nft())
+            }
             Elem::HostPort((p, port), (ip, cport)) => {
                 write!(s, "{} . {port}", p.nft()).and_then(|_| {
                     if with_value {
@@ -171,8 +181,10 @@ impl Elem {
                 Some((p, Some(ip), port, Some(b)))
             }
             Elem::NpBe((p, port), _, (b, _)) => Some((p, None, port, Some(b))),
-            Elem::RejLb((ip, p, port)) => Some((p, Some(ip), port, None)),
-            Elem::RejNp((p, port)) => Some((p, None, port, None)),
+            Elem::RejLb((ip, p, port)) | Elem::DropLb((ip, p, port)) => {
+                Some((p, Some(ip), port, None))
+            }
+            Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => Some((p, None, port, None)),
             _ => None,
         }
     }
@@ -199,6 +211,8 @@ enum Group {
     MasqNp,
     RejLb,
     RejNp,
+    DropLb,
+    DropNp,
     HostPorts,
 }
 
@@ -216,6 +230,8 @@ impl Group {
             Group::MasqNp => "masq-np".into(),
             Group::RejLb => "rej-lb".into(),
             Group::RejNp => "rej-np".into(),
+            Group::DropLb => "drop-lb".into(),
+            Group::DropNp => "drop-np".into(),
             Group::HostPorts => "hostports".into(),
         }
     }
@@ -363,24 +379,13 @@ pub fn plan_service_from(
     let mut c = Contribution::default();
     let Some(cip) = svc.cluster_ip else { return c };
     let (prev_lb, prev_np) = slot_orders(prev);
-    let ready: Vec<_> = eps
-        .map(|e| e.endpoints.iter().filter(|e| e.ready).collect())
-        .unwrap_or_default();
+    let eps: &[tweed_model::Endpoint] = eps.map(|e| e.endpoints.as_slice()).unwrap_or_default();
     for p in &svc.ports {
-        let mut all: Vec<Backend> = Vec::new();
-        let mut local: Vec<Backend> = Vec::new();
-        for e in &ready {
-            if let Some(port) = e.port(&p.name) {
-                all.push((e.ip, port));
-                if e.node == cfg.node {
-                    local.push((e.ip, port));
-                }
-            }
-        }
-        all.sort();
-        all.dedup();
-        local.sort();
-        local.dedup();
+        let (all, local) = usable_endpoints(eps, &p.name, &cfg.node);
+        // kube-proxy: no endpoint anywhere is refused (reset / ICMP), while
+        // a Local policy on a node with endpoints only elsewhere drops, so
+        // a load balancer's health check moves traffic away instead.
+        let none = if all.is_empty() { Refuse::Reject } else { Refuse::Drop };
         let internal = match svc.internal_traffic_policy {
             TrafficPolicy::Cluster => &all,
             TrafficPolicy::Local => &local,
@@ -396,8 +401,9 @@ pub fn plan_service_from(
             k,
             &stable(prev_lb.get(&k), internal),
             svc.affinity_timeout,
+            none,
         );
-        for eip in &svc.external_ips {
+        for eip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
             let k = (*eip, p.protocol, p.port);
             if ext_masq {
                 c.elems.push(Elem::MasqLb(k));
@@ -407,6 +413,7 @@ pub fn plan_service_from(
                 k,
                 &stable(prev_lb.get(&k), external),
                 svc.affinity_timeout,
+                none,
             );
         }
         if let (Some(np), ServiceType::NodePort | ServiceType::LoadBalancer) =
@@ -417,7 +424,10 @@ pub fn plan_service_from(
                 c.elems.push(Elem::MasqNp(k));
             }
             if external.is_empty() {
-                c.elems.push(Elem::RejNp(k));
+                c.elems.push(match none {
+                    Refuse::Reject => Elem::RejNp(k),
+                    Refuse::Drop => Elem::DropNp(k),
+                });
             } else {
                 let external = stable(prev_np.get(&k), external);
                 c.elems.push(Elem::Np(k, external.len() as u16));
@@ -443,9 +453,60 @@ fn affinity_chain(k: &SvcKey, timeout: u32) -> String {
     )
 }
 
-fn lb(c: &mut Contribution, k: SvcKey, backends: &[Backend], affinity: Option<u32>) {
+/// What a key with no usable backend on this node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refuse {
+    Reject,
+    Drop,
+}
+
+/// The backends for service port `port` (all, and this node's), chosen as
+/// kube-proxy chooses them: the ready endpoints; where there are none, the
+/// ones still serving while they terminate (so connections drain during a
+/// rolling update instead of being refused). Local is decided on its own:
+/// a node with only terminating local endpoints uses them even if other
+/// nodes have ready ones.
+fn usable_endpoints(
+    eps: &[tweed_model::Endpoint],
+    port: &str,
+    node: &str,
+) -> (Vec<Backend>, Vec<Backend>) {
+    let pick = |local_only: bool| {
+        let with_port = || {
+            eps.iter()
+                .filter(move |e| !local_only || e.node == node)
+                .filter_map(|e| e.port(port).map(|p| (e, p)))
+        };
+        let any_ready = with_port().any(|(e, _)| e.ready);
+        let mut v: Vec<Backend> = with_port()
+            .filter(|(e, _)| {
+                if any_ready {
+                    e.ready
+                } else {
+                    e.serving && e.terminating
+                }
+            })
+            .map(|(e, p)| (e.ip, p))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    (pick(false), pick(true))
+}
+
+fn lb(
+    c: &mut Contribution,
+    k: SvcKey,
+    backends: &[Backend],
+    affinity: Option<u32>,
+    none: Refuse,
+) {
     if backends.is_empty() {
-        c.elems.push(Elem::RejLb(k));
+        c.elems.push(match none {
+            Refuse::Reject => Elem::RejLb(k),
+            Refuse::Drop => Elem::DropLb(k),
+        });
         return;
     }
     if let Some(t) = affinity {
@@ -615,6 +676,8 @@ pub fn render_full<'a>(
     decl(&mut s, "set", Group::RejLb, svc_key);
     decl(&mut s, "set", Group::MasqNp, port_key);
     decl(&mut s, "set", Group::RejNp, port_key);
+    decl(&mut s, "set", Group::DropLb, svc_key);
+    decl(&mut s, "set", Group::DropNp, port_key);
     for p in PROTOS {
         decl(
             &mut s,
@@ -698,11 +761,16 @@ pub fn render_full<'a>(
     masquerade fully-random
   }}
   chain reject-chain {{ meta l4proto tcp reject with tcp reset; reject; }}
-  chain filter-input {{ type filter hook input priority 0; policy accept; ct state new meta l4proto . th dport @rej-np jump reject-chain; }}
+  chain filter-input {{
+    type filter hook input priority 0; policy accept;
+    ct state new meta l4proto . th dport @rej-np jump reject-chain
+    ct state new meta l4proto . th dport @drop-np drop
+  }}
   chain filter-forward {{ type filter hook forward priority 0; policy accept; jump service-checks; }}
   chain filter-output {{ type filter hook output priority 0; policy accept; jump service-checks; }}
   chain service-checks {{
     ct state new ip daddr . meta l4proto . th dport @rej-lb jump reject-chain
+    ct state new ip daddr . meta l4proto . th dport @drop-lb drop
     ct state new ip daddr {sc} jump reject-chain
   }}
   chain services {{
@@ -895,6 +963,7 @@ mod tests {
                 node_port: Some(30080).filter(|_| t != ServiceType::ClusterIP),
             }],
             external_ips: vec![],
+            load_balancer_ips: vec![],
             affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -1001,7 +1070,9 @@ mod tests {
             &s,
             Some(&all),
         );
-        assert!(elsewhere.elems.contains(&Elem::RejNp(np)));
+        // Endpoints only elsewhere: dropped, as kube-proxy does.
+        assert!(elsewhere.elems.contains(&Elem::DropNp(np)));
+        assert!(!elsewhere.elems.contains(&Elem::RejNp(np)));
         // Policy Cluster masquerades node-port traffic.
         let cl = plan_service(&cfg(), &svc(ServiceType::NodePort), Some(&all));
         assert!(cl.elems.contains(&Elem::MasqNp(np)) && cl.elems.contains(&Elem::Np(np, 2)));
@@ -1019,6 +1090,36 @@ mod tests {
             &s,
             Some(&eps(&[("10.244.1.2", "n1")])),
         );
+        assert!(c.elems.contains(&Elem::DropLb(key())));
+        assert!(!c.elems.contains(&Elem::RejLb(key())));
+        // With no endpoint anywhere it is refused.
+        let c = plan_service(&cfg(), &s, Some(&eps(&[])));
+        assert!(c.elems.contains(&Elem::RejLb(key())));
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let s = svc(ServiceType::ClusterIP);
+        let mut e = eps(&[("10.244.1.2", "n1"), ("10.244.2.2", "n2"), ("10.244.3.2", "n3")]);
+        // n1: ready; n2: terminating but serving; n3: terminating, not serving.
+        e.endpoints[1].ready = false;
+        e.endpoints[1].terminating = true;
+        e.endpoints[2].ready = false;
+        e.endpoints[2].serving = false;
+        e.endpoints[2].terminating = true;
+        let c = plan_service(&cfg(), &s, Some(&e));
+        assert!(c.elems.contains(&Elem::Lb(key(), 1)), "only the ready one");
+        // The ready one goes: the serving, terminating one drains traffic.
+        e.endpoints[0].ready = false;
+        e.endpoints[0].serving = false;
+        let c = plan_service(&cfg(), &s, Some(&e));
+        assert!(c.elems.contains(&Elem::Lb(key(), 1)));
+        assert!(c
+            .elems
+            .contains(&Elem::Be(key(), 0, ("10.244.2.2".parse().unwrap(), 8080))));
+        // Not ready and not terminating (e.g. failing its probe): nothing.
+        e.endpoints[1].terminating = false;
+        let c = plan_service(&cfg(), &s, Some(&e));
         assert!(c.elems.contains(&Elem::RejLb(key())));
     }
 

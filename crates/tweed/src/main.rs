@@ -691,6 +691,7 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
             node_port: None,
         }],
         external_ips: vec![],
+        load_balancer_ips: vec![],
         affinity_timeout: None,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,

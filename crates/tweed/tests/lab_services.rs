@@ -188,7 +188,9 @@ fn source_addresses_match_kube_proxy_row_by_row() {
         (s["pod"].as_str(), s["client"].as_str()),
         (Some("b"), Some(EXT_IP))
     );
-    // outside host → NodePort on node 2, policy Local, no local pod: no connection.
+    // outside host → NodePort on node 2, policy Local, no local pod: no
+    // connection. kube-proxy drops (not refuses) here, so a load balancer's
+    // health check, not a reset, moves the client away: the SYN times out.
     let t = Instant::now();
     let o = lab.exec(
         &ext,
@@ -198,7 +200,7 @@ fn source_addresses_match_kube_proxy_row_by_row() {
             "http",
             &format!("{}:{}", NODE_IPS[1], node_port(&lab, "np-b-local")),
             "--timeout",
-            "3",
+            "2",
         ],
     );
     assert!(
@@ -206,12 +208,12 @@ fn source_addresses_match_kube_proxy_row_by_row() {
         "policy Local answered on a node without a local pod: {}",
         String::from_utf8_lossy(&o.stdout)
     );
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("refused"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+        !err.contains("refused") && t.elapsed().as_secs_f64() >= 1.9,
+        "dropped packets time out, after {:?}: {err}",
+        t.elapsed()
     );
-    assert!(t.elapsed().as_secs_f64() < 1.0, "took {:?}", t.elapsed());
     let _ = (b, c);
 }
 
