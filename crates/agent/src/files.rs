@@ -56,7 +56,12 @@ pub struct AgentStatus {
     pub underlay_dev: String,
     pub bind_ip: String,
     pub public_ip: String,
+    /// connected, disconnected, retrying (watches failing, data plane
+    /// kept) or waiting (e.g. for the Node's spec.podCIDR).
     pub datastore: String,
+    /// Which datastore, and where.
+    #[serde(default)]
+    pub datastore_at: String,
     pub peers: Vec<PeerStatus>,
     pub last_error: Option<String>,
 }

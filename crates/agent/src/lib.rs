@@ -8,12 +8,17 @@
 #![forbid(unsafe_code)]
 
 mod dataplane;
+mod datastore;
 mod files;
+mod health;
+mod kube;
 mod probe;
 mod proxy;
 mod run;
 
 pub use dataplane::{reconcile, Dataplane, ReconcileReport};
+pub use datastore::{Datastore, Snapshot, Update};
 pub use files::{conflist, write_atomic, AgentStatus, PeerStatus};
 pub use proxy::{read_hostports, table_present, Proxy, SyncReport};
-pub use run::{run, AgentError, AgentOpts};
+pub use run::{run, AgentError, AgentOpts, DatastoreOpts};
+pub use tweed_k8s::client::KubeOpts;

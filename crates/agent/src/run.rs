@@ -5,14 +5,17 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{signal, SignalKind};
+use tweed_k8s::client::{KubeError, KubeOpts};
 use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
-use tweed_model::{Endpoints, Service};
 use tweed_netlink::{Netlink, NetlinkError};
 use tweed_plan::services::ProxyConfig;
 use tweed_plan::{plan_node, select_underlay, LocalNode, UnderlaySelector};
-use tweed_store::{apply_events, KeyEvent, NodeEvent, Store, StoreError};
+use tweed_store::StoreError;
 
+use crate::datastore::{Datastore, Etcd, Update};
 use crate::files::{conflist, write_atomic, AgentStatus, PeerStatus};
+use crate::health;
+use crate::kube::Kubernetes;
 use crate::proxy::{table_present, Proxy};
 use crate::reconcile;
 
@@ -22,6 +25,10 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("{0}")]
+    Invalid(String),
     #[error("no underlay interface: {0}")]
     Underlay(String),
     #[error("{path}: {source}")]
@@ -39,8 +46,7 @@ pub enum AgentError {
 #[derive(Debug, Clone)]
 pub struct AgentOpts {
     pub node_name: String,
-    pub etcd_endpoints: Vec<String>,
-    pub etcd_prefix: String,
+    pub datastore: DatastoreOpts,
     /// How to choose the underlay interface and address.
     pub underlay: UnderlaySelector,
     /// Turn VXLAN TX checksum offload off: `None` decides by kernel version
@@ -50,6 +56,9 @@ pub struct AgentOpts {
     /// bound one (1:1 NAT).
     pub public_ip: Option<Ipv4Addr>,
     pub cni_conf_dir: PathBuf,
+    /// Where to install this binary as the CNI plugin `tweed` before the
+    /// conflist appears (in a cluster: the host's /opt/cni/bin).
+    pub cni_bin_dir: Option<PathBuf>,
     pub run_dir: PathBuf,
     pub data_dir: PathBuf,
     pub lease_ttl: i64,
@@ -59,6 +68,20 @@ pub struct AgentOpts {
     /// Seconds between full service-proxy syncs (the table is also re-made
     /// at once if it goes missing, checked every resync).
     pub proxy_full_sync: Duration,
+    /// Where to serve /healthz, /readyz and /metrics (`None`: nowhere).
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+/// Which datastore, and how to reach it.
+#[derive(Debug, Clone)]
+pub enum DatastoreOpts {
+    /// tweed's own keys in etcd v3 (the lab's).
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+    /// The Kubernetes API (in a cluster).
+    Kubernetes(KubeOpts),
 }
 
 impl AgentOpts {
@@ -95,6 +118,25 @@ async fn detect_underlay(nl: &Netlink, sel: &UnderlaySelector) -> Result<Underla
     Ok(Underlay { dev, ip, mtu })
 }
 
+/// Copy this very binary to `DIR/tweed`, where runtimes look for the CNI
+/// plugin the conflist names: atomically (a runtime may be executing the
+/// old one) and only when it differs, so an agent restart does not rewrite it.
+fn install_plugin(dir: &std::path::Path) -> Result<(), AgentError> {
+    let file_err = |path: PathBuf| move |source| AgentError::File { path, source };
+    let me = std::env::current_exe().map_err(file_err("/proc/self/exe".into()))?;
+    let body = std::fs::read(&me).map_err(file_err(me.clone()))?;
+    let dst = dir.join("tweed");
+    if std::fs::read(&dst).is_ok_and(|old| old == body) {
+        return Ok(());
+    }
+    write_atomic(&dst, &body).map_err(file_err(dst.clone()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))
+        .map_err(file_err(dst.clone()))?;
+    tracing::info!(plugin = %dst.display(), "CNI plugin installed");
+    Ok(())
+}
+
 /// Waits out a failure, growing from 0.5 s to 10 s.
 struct Backoff(Duration);
 
@@ -126,23 +168,6 @@ fn peak_rss_mib() -> u64 {
         .unwrap_or(0)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {
-    serde_json::from_slice(v)
-        .map_err(|e| tracing::warn!(%key, error = %e, "ignoring a record that does not decode"))
-        .ok()
-}
-
-fn report(r: Option<crate::proxy::SyncReport>) {
-    if let Some(r) = r {
-        tracing::info!(
-            full = r.full,
-            services = r.services,
-            millis = format!("{:.2}", r.millis),
-            "service proxy: applied"
-        );
-    }
-}
-
 struct Agent {
     opts: AgentOpts,
     nl: Netlink,
@@ -163,6 +188,8 @@ struct Agent {
     dataplane_ok: bool,
     /// Has the service proxy completed a full sync (the table exists)?
     proxy_synced: bool,
+    /// What /healthz, /readyz and /metrics serve.
+    health: health::Shared,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -185,6 +212,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bind_ip: underlay.ip.to_string(),
         public_ip: opts.public_ip.unwrap_or(underlay.ip).to_string(),
         datastore: String::new(),
+        datastore_at: String::new(),
         peers: Vec::new(),
         last_error: None,
     };
@@ -201,7 +229,17 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         mtu: 1450,
         dataplane_ok: false,
         proxy_synced: false,
+        health: health::Shared::default(),
     };
+    if let Some(addr) = agent.opts.health_listen {
+        let stale = agent.opts.resync * 3 + Duration::from_secs(30);
+        health::serve(addr, agent.health.clone(), stale)
+            .await
+            .map_err(|source| AgentError::File {
+                path: format!("health listener {addr}").into(),
+                source,
+            })?;
+    }
     let mut term = signal(SignalKind::terminate()).map_err(|source| AgentError::File {
         path: "SIGTERM".into(),
         source,
@@ -223,7 +261,13 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
                 tracing::info!("stopping; the data plane stays as it is");
                 return Ok(());
             }
-            Err(e @ (AgentError::Store(_) | AgentError::RecordGone | AgentError::Proxy(_))) => {
+            Err(
+                e @ (AgentError::Store(_)
+                | AgentError::Kube(_)
+                | AgentError::Invalid(_)
+                | AgentError::RecordGone
+                | AgentError::Proxy(_)),
+            ) => {
                 let wait = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?wait, "datastore session ended; keeping the data plane as it is");
                 agent.write_status(None, Some(e.to_string()));
@@ -239,11 +283,29 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
 }
 
 impl Agent {
-    /// One connection to the datastore: claim, publish, watch, reconcile,
-    /// until something breaks.
+    /// One connection to the datastore, whichever it is.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<Exit, AgentError> {
-        let mut store = Store::connect(&self.opts.etcd_endpoints, &self.opts.etcd_prefix).await?;
-        let cfg = store.init_config(&self.opts.default_config).await?;
+        match self.opts.datastore.clone() {
+            DatastoreOpts::Etcd { endpoints, prefix } => {
+                let ds = Etcd::connect(&endpoints, &prefix, self.opts.lease_ttl).await?;
+                self.follow(ds, backoff).await
+            }
+            DatastoreOpts::Kubernetes(k) => {
+                let ds = Kubernetes::connect(&k, &self.opts.node_name).await?;
+                self.follow(ds, backoff).await
+            }
+        }
+    }
+
+    /// Register, snapshot, reconcile, then follow the datastore's updates
+    /// until something breaks.
+    async fn follow<D: Datastore>(
+        &mut self,
+        mut ds: D,
+        backoff: &mut Backoff,
+    ) -> Result<Exit, AgentError> {
+        self.status.datastore_at = ds.describe();
+        let cfg = ds.config(&self.opts.default_config).await?;
         let want = NodeRecord {
             name: self.opts.node_name.clone(),
             subnet: self
@@ -254,23 +316,30 @@ impl Agent {
             vtep_mac: vtep_mac_for(&self.opts.node_name),
             unreachable: Vec::new(),
         };
-        let (me, lease) = store.claim(&cfg, &want, self.opts.lease_ttl).await?;
-        if let Some(old) = self.subnet.filter(|s| *s != me.subnet) {
-            tracing::error!(%old, new = %me.subnet, "our subnet was taken while we were away; pods on the old subnet must be recreated");
+        let mut waits = Vec::new();
+        let me = ds
+            .register(&cfg, &want, &mut |why: &str| waits.push(why.to_string()))
+            .await;
+        if let Some(why) = waits.pop() {
+            // Only the last reason matters; it is already logged.
+            self.status.datastore = "waiting".into();
+            self.status.last_error = Some(why);
+            self.write_status_file();
         }
-        tracing::info!(subnet = %me.subnet, lease, "subnet claimed");
+        let me = me?;
+        if let Some(old) = self.subnet.filter(|s| *s != me.subnet) {
+            tracing::error!(%old, new = %me.subnet, "our subnet changed while we were away; pods on the old subnet must be recreated");
+        }
         self.subnet = Some(me.subnet);
         let path = self.opts.data_dir.join("subnet.json");
         write_atomic(&path, &serde_json::to_vec(&me).expect("json"))
             .map_err(|source| AgentError::File { path, source })?;
-        let (mut keeper, mut ka) = store.keep_alive(lease).await?;
         backoff.reset();
 
-        let (nodes, _, rev) = store.nodes().await?;
-        let mut map: BTreeMap<Ipv4Net, NodeRecord> = nodes
-            .into_iter()
-            .map(|n| (n.record.subnet, n.record))
-            .collect();
+        tracing::debug!(hwm_mib = peak_rss_mib(), "before listing");
+        let snap = ds.snapshot(&cfg).await?;
+        tracing::debug!(hwm_mib = peak_rss_mib(), "snapshot decoded");
+        let mut map = snap.nodes;
         let local = LocalNode {
             record: me.clone(),
             bind_ip: self.underlay.ip,
@@ -279,10 +348,9 @@ impl Agent {
         };
         let mut mine = me.clone();
         self.converge(&cfg, &local, &map).await?;
-        self.report_unreachable(&mut store, &mut mine, lease)
-            .await?;
+        self.report_unreachable(&mut ds, &mut mine).await?;
 
-        // Services: list, full sync, then follow the watches.
+        // Services: full sync from the snapshot, then follow the updates.
         let proxy_cfg = ProxyConfig {
             node: me.name.clone(),
             cluster_cidr: cfg.cluster_cidr,
@@ -290,29 +358,9 @@ impl Agent {
             node_subnet: me.subnet,
         };
         let mut proxy = Proxy::new(proxy_cfg, self.opts.run_dir.clone());
-        let svc_prefix = store.services_prefix();
-        let ep_prefix = store.endpoints_prefix();
-        tracing::debug!(hwm_mib = peak_rss_mib(), "before listing services");
-        let mut svcs = BTreeMap::new();
-        let svc_rev = store
-            .scan_prefix(&svc_prefix, |k, v| {
-                if let Some(s) = decode::<Service>(&k, v) {
-                    svcs.insert(k, s);
-                }
-            })
-            .await?;
-        let mut eps = BTreeMap::new();
-        let ep_rev = store
-            .scan_prefix(&ep_prefix, |k, v| {
-                if let Some(mut e) = decode::<Endpoints>(&k, v) {
-                    e.compact();
-                    eps.insert(k, e);
-                }
-            })
-            .await?;
-        tracing::debug!(hwm_mib = peak_rss_mib(), "services and endpoints decoded");
-        proxy.load(svcs, eps);
+        proxy.load(snap.services, snap.endpoints);
         let rep = proxy.full_sync()?;
+        self.record_sync(&rep);
         tracing::debug!(hwm_mib = peak_rss_mib(), "after the first full sync");
         self.proxy_synced = true;
         tracing::info!(
@@ -323,68 +371,65 @@ impl Agent {
         if !self.ready && self.dataplane_ok {
             self.publish_ready(&local, self.mtu)?;
         }
-        let mut svc_watch = store.watch_prefix(&svc_prefix, svc_rev).await?;
-        let mut ep_watch = store.watch_prefix(&ep_prefix, ep_rev).await?;
+        if self.ready {
+            ds.network_ready().await?;
+        }
+        let mut announced = self.ready;
+        self.beat();
         let mut full_tick = tokio::time::interval(self.opts.proxy_full_sync);
         full_tick.tick().await;
-
-        let mut watch = store.watch_nodes(rev).await?;
-        let ka_every = Duration::from_secs((self.opts.lease_ttl as u64 / 3).max(1));
-        let mut ka_tick = tokio::time::interval(ka_every);
         let mut resync = tokio::time::interval(self.opts.resync);
         resync.tick().await;
         loop {
             tokio::select! {
-                    evs = watch.next() => {
-                        let evs = evs?;
-                        if evs.iter().any(|e| matches!(e, NodeEvent::Gone(s) if *s == me.subnet)) {
-                            return Err(AgentError::RecordGone);
-                        }
-                        apply_events(&mut map, evs);
+                u = ds.next(&cfg) => match u? {
+                    Update::Nodes(nodes) => {
+                        map = nodes;
                         self.converge(&cfg, &local, &map).await?;
-            self.report_unreachable(&mut store, &mut mine, lease).await?;
+                        self.report_unreachable(&mut ds, &mut mine).await?;
                     }
-                    _ = ka_tick.tick() => {
-                        keeper.keep_alive().await.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
-                    }
-                    msg = ka.message() => {
-                        let msg = msg.map_err(|source| StoreError::Etcd { endpoints: self.opts.etcd_endpoints.join(","), source })?;
-                        match msg {
-                            Some(m) if m.ttl() > 0 => {}
-                            _ => return Err(StoreError::LeaseExpired(self.opts.node_name.clone()).into()),
+                    Update::Services(changes) => {
+                        for (id, s) in changes {
+                            proxy.set_service(id, s);
                         }
+                        self.report(proxy.flush()?);
                     }
-                    _ = resync.tick() => {
-                        self.converge(&cfg, &local, &map).await?;
-            self.report_unreachable(&mut store, &mut mine, lease).await?;
-                        if !table_present() {
-                            tracing::warn!("the service table is gone; re-making it");
-                            proxy.full_sync()?;
+                    Update::Endpoints(changes) => {
+                        for (id, e) in changes {
+                            proxy.set_endpoints(id, e);
                         }
+                        self.report(proxy.flush()?);
                     }
-                    evs = svc_watch.next() => {
-                        for (id, v) in evs? {
-                            proxy.set_service(id.clone(), v.and_then(|v| decode::<Service>(&id, &v)));
-                        }
-                        report(proxy.flush()?);
+                    Update::Trouble(why) => {
+                        self.status.datastore = "retrying".into();
+                        self.health.lock().expect("health").datastore_connected = false;
+                        self.status.last_error = Some(why);
+                        self.write_status_file();
                     }
-                    evs = ep_watch.next() => {
-                        let evs: Vec<KeyEvent> = evs?;
-                        for (id, v) in evs {
-                            proxy.set_endpoints(
-                                id.clone(),
-                                v.and_then(|v| decode::<Endpoints>(&id, &v)).map(|mut e| {
-                                    e.compact();
-                                    e
-                                }),
-                            );
-                        }
-                        report(proxy.flush()?);
+                    Update::Healthy => {
+                        self.status.datastore = "connected".into();
+                        self.health.lock().expect("health").datastore_connected = true;
+                        self.status.last_error = None;
+                        self.write_status_file();
                     }
-                    _ = full_tick.tick() => {
-                        report(Some(proxy.full_sync()?));
+                },
+                _ = resync.tick() => {
+                    self.converge(&cfg, &local, &map).await?;
+                    self.report_unreachable(&mut ds, &mut mine).await?;
+                    if !table_present() {
+                        tracing::warn!("the service table is gone; re-making it");
+                        proxy.full_sync()?;
                     }
                 }
+                _ = full_tick.tick() => {
+                    self.report(Some(proxy.full_sync()?));
+                }
+            }
+            if self.ready && !announced {
+                ds.network_ready().await?;
+                announced = true;
+            }
+            self.beat();
         }
     }
 
@@ -419,6 +464,11 @@ impl Agent {
             {
                 tracing::warn!(peer = %s.node, reason = %s.reason, "peer skipped");
             }
+            let mut by_mode: BTreeMap<String, u64> = BTreeMap::new();
+            for (_, m) in &modes {
+                *by_mode.entry(m.to_string()).or_default() += 1;
+            }
+            self.health.lock().expect("health").peers_by_mode = by_mode.into_iter().collect();
             self.modes = modes;
         }
         self.unreachable = plan
@@ -440,6 +490,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!(error = %e, "reconcile failed; retrying at the next resync");
+                self.health.lock().expect("health").reconcile_errors += 1;
                 Some(e.to_string())
             }
         };
@@ -520,15 +571,14 @@ impl Agent {
     }
 
     /// Put the peers we cannot route to into our record, when that changed.
-    async fn report_unreachable(
+    async fn report_unreachable<D: Datastore>(
         &self,
-        store: &mut Store,
+        ds: &mut D,
         mine: &mut NodeRecord,
-        lease: i64,
     ) -> Result<(), AgentError> {
         if mine.unreachable != self.unreachable {
             mine.unreachable = self.unreachable.clone();
-            store.publish(mine, lease).await?;
+            ds.publish(mine).await?;
         }
         Ok(())
     }
@@ -623,6 +673,9 @@ impl Agent {
         let p = self.opts.run_dir.join("node.json");
         write_atomic(&p, &serde_json::to_vec(&state).expect("json"))
             .map_err(|source| AgentError::File { path: p, source })?;
+        if let Some(dir) = &self.opts.cni_bin_dir {
+            install_plugin(dir)?;
+        }
         let c = self.opts.cni_conf_dir.join("10-tweed.conflist");
         let body = serde_json::to_vec_pretty(&conflist(&self.opts.run_dir, &self.opts.ipam_dir()))
             .expect("json");
@@ -635,6 +688,44 @@ impl Agent {
         Ok(())
     }
 
+    fn report(&self, r: Option<crate::proxy::SyncReport>) {
+        if let Some(r) = r {
+            tracing::info!(
+                full = r.full,
+                services = r.services,
+                millis = format!("{:.2}", r.millis),
+                "service proxy: applied"
+            );
+            self.record_sync(&r);
+        }
+    }
+
+    fn record_sync(&self, r: &crate::proxy::SyncReport) {
+        let mut h = self.health.lock().expect("health");
+        if r.full {
+            h.full_syncs += 1;
+        } else {
+            h.delta_syncs += 1;
+        }
+        h.services = r.services as u64;
+        h.last_sync_seconds = r.millis / 1000.0;
+    }
+
+    /// The loop is alive; readiness as it stands.
+    fn beat(&self) {
+        let mut h = self.health.lock().expect("health");
+        h.heartbeat = std::time::Instant::now();
+        h.not_ready = if !self.dataplane_ok {
+            Some("the pod network is not programmed (see the log)".into())
+        } else if !self.proxy_synced {
+            Some("the Service proxy has not synced".into())
+        } else if !self.ready {
+            Some("the CNI config is not written yet".into())
+        } else {
+            None
+        };
+    }
+
     /// Update the status `tweed status` shows, and write it out. The agent
     /// keeps it in memory; the file is only ever written.
     fn write_status(
@@ -642,6 +733,7 @@ impl Agent {
         now: Option<(&LocalNode, Vec<PeerStatus>)>,
         last_error: Option<String>,
     ) {
+        self.health.lock().expect("health").datastore_connected = now.is_some();
         let st = &mut self.status;
         if let Some((local, peers)) = now {
             st.subnet = local.record.subnet.to_string();
@@ -651,6 +743,10 @@ impl Agent {
             st.datastore = "disconnected".into();
         }
         st.last_error = last_error;
+        self.write_status_file();
+    }
+
+    fn write_status_file(&self) {
         let p = self.opts.run_dir.join("status.json");
         if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(&self.status).expect("json")) {
             tracing::warn!(path = %p.display(), error = %e, "cannot write status");

@@ -83,7 +83,11 @@ pub fn node_pod_cidr(node: &Node) -> Result<Option<Ipv4Net>, FieldError> {
         .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c))
         .collect();
     if cidrs.is_empty() {
-        cidrs.extend(spec.pod_cidr.iter().map(|c| ("spec.podCIDR".to_string(), c)));
+        cidrs.extend(
+            spec.pod_cidr
+                .iter()
+                .map(|c| ("spec.podCIDR".to_string(), c)),
+        );
     }
     for (field, c) in cidrs {
         match c.parse::<IpNet>() {
@@ -108,9 +112,12 @@ pub fn node_record(node: &Node) -> Result<Option<NodeRecord>, FieldError> {
     let Some(ip) = get(ANN_PUBLIC_IP) else {
         return Ok(None);
     };
-    let public_ip: Ipv4Addr = ip
-        .parse()
-        .map_err(|_| ferr(field(ANN_PUBLIC_IP), format!("{ip:?} is not an IPv4 address")))?;
+    let public_ip: Ipv4Addr = ip.parse().map_err(|_| {
+        ferr(
+            field(ANN_PUBLIC_IP),
+            format!("{ip:?} is not an IPv4 address"),
+        )
+    })?;
     let backend: Backend = match get(ANN_BACKEND) {
         None => Backend::Vxlan,
         Some(b) => serde_json::from_value(serde_json::Value::String(b.clone()))
@@ -118,7 +125,9 @@ pub fn node_record(node: &Node) -> Result<Option<NodeRecord>, FieldError> {
     };
     let vtep_mac: MacAddr = match get(ANN_VTEP_MAC) {
         None => tweed_model::vtep_mac_for(&name),
-        Some(m) => m.parse().map_err(|e: String| ferr(field(ANN_VTEP_MAC), e))?,
+        Some(m) => m
+            .parse()
+            .map_err(|e: String| ferr(field(ANN_VTEP_MAC), e))?,
     };
     let unreachable: Vec<String> = match get(ANN_UNREACHABLE) {
         None => Vec::new(),
@@ -296,7 +305,7 @@ pub fn service(s: &KService, service_cidr: Ipv4Net) -> Result<Option<Service>, F
 /// An EndpointSlice as served by `discovery.k8s.io/v1` and `v1beta1` alike
 /// (k8s-openapi models only v1; 1.20 serves only v1beta1). Only what
 /// kube-proxy reads is decoded.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSlice {
     #[serde(default)]
@@ -309,7 +318,7 @@ pub struct EndpointSlice {
     pub ports: Option<Vec<SlicePort>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceEndpoint {
     #[serde(default)]
@@ -326,14 +335,14 @@ pub struct SliceEndpoint {
     pub target_ref: Option<TargetRef>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct SliceConditions {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct TargetRef {
     #[serde(default)]
     pub kind: Option<String>,
@@ -341,7 +350,7 @@ pub struct TargetRef {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct SlicePort {
     pub name: Option<String>,
     pub protocol: Option<String>,

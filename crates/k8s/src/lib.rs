@@ -6,10 +6,13 @@
 //! headless and ExternalName Services, non-IPv4 families), how the slices of
 //! one Service merge, and what ready / serving / terminating mean. It is
 //! pure: the agent's Kubernetes datastore feeds it what it lists and
-//! watches, and the tests feed it recorded JSON.
+//! watches, and the tests feed it recorded JSON. [`mirror`] turns watch
+//! events into changes, level-triggered; [`client`] is the API calls.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod convert;
+pub mod mirror;
 
 pub use convert::{
     node_pod_cidr, node_record, record_annotations, service, slices_to_endpoints, EndpointSlice,

@@ -112,7 +112,10 @@ fn seed_001_nodeport_service() {
     assert_eq!(s.cluster_ip.unwrap().to_string(), "10.96.113.7");
     assert_eq!(s.ports.len(), 1);
     let p = &s.ports[0];
-    assert_eq!((p.name.as_str(), p.protocol, p.port), ("http", Protocol::TCP, 80));
+    assert_eq!(
+        (p.name.as_str(), p.protocol, p.port),
+        ("http", Protocol::TCP, 80)
+    );
     assert_eq!(p.target_port, Some(TargetPort::Number(8080)));
     assert_eq!(p.node_port, Some(30080));
     assert_eq!(s.affinity_timeout, None);
@@ -185,8 +188,13 @@ fn by_service(slices: &[EndpointSlice], id: &str) -> tweed_model::Endpoints {
 fn v1_slices_merge_with_conditions_and_nodes() {
     let slices: Vec<EndpointSlice> = items("endpointslices-v1.json");
     let eps = by_service(&slices, "default/myapp");
-    assert_eq!((eps.namespace.as_str(), eps.name.as_str()), ("default", "myapp"));
-    let got: Vec<(String, &str, bool, bool, bool, Vec<(String, u16)>)> = eps
+    assert_eq!(
+        (eps.namespace.as_str(), eps.name.as_str()),
+        ("default", "myapp")
+    );
+    // (ip, node, ready, serving, terminating, ports)
+    type Row<'a> = (String, &'a str, bool, bool, bool, Vec<(String, u16)>);
+    let got: Vec<Row> = eps
         .endpoints
         .iter()
         .map(|e| {

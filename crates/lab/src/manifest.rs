@@ -219,6 +219,7 @@ fn service(v: &Value) -> Result<Service, FieldError> {
         cluster_ip,
         ports,
         external_ips,
+        load_balancer_ips: Vec::new(),
         affinity_timeout,
         external_traffic_policy: policy(v, "spec.externalTrafficPolicy")?,
         internal_traffic_policy: policy(v, "spec.internalTrafficPolicy")?,

@@ -385,7 +385,11 @@ pub fn plan_service_from(
         // kube-proxy: no endpoint anywhere is refused (reset / ICMP), while
         // a Local policy on a node with endpoints only elsewhere drops, so
         // a load balancer's health check moves traffic away instead.
-        let none = if all.is_empty() { Refuse::Reject } else { Refuse::Drop };
+        let none = if all.is_empty() {
+            Refuse::Reject
+        } else {
+            Refuse::Drop
+        };
         let internal = match svc.internal_traffic_policy {
             TrafficPolicy::Cluster => &all,
             TrafficPolicy::Local => &local,
@@ -495,13 +499,7 @@ fn usable_endpoints(
     (pick(false), pick(true))
 }
 
-fn lb(
-    c: &mut Contribution,
-    k: SvcKey,
-    backends: &[Backend],
-    affinity: Option<u32>,
-    none: Refuse,
-) {
+fn lb(c: &mut Contribution, k: SvcKey, backends: &[Backend], affinity: Option<u32>, none: Refuse) {
     if backends.is_empty() {
         c.elems.push(match none {
             Refuse::Reject => Elem::RejLb(k),
@@ -1100,7 +1098,11 @@ mod tests {
     #[test]
     fn terminating_endpoints_serve_only_when_none_is_ready() {
         let s = svc(ServiceType::ClusterIP);
-        let mut e = eps(&[("10.244.1.2", "n1"), ("10.244.2.2", "n2"), ("10.244.3.2", "n3")]);
+        let mut e = eps(&[
+            ("10.244.1.2", "n1"),
+            ("10.244.2.2", "n2"),
+            ("10.244.3.2", "n3"),
+        ]);
         // n1: ready; n2: terminating but serving; n3: terminating, not serving.
         e.endpoints[1].ready = false;
         e.endpoints[1].terminating = true;

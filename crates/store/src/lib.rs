@@ -22,7 +22,7 @@ use tweed_model::{
     ClusterConfig, Endpoints, FieldError, NodeRecord, Service,
 };
 
-pub use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+pub use etcd_client::{Error as EtcdError, LeaseKeepAliveStream, LeaseKeeper};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

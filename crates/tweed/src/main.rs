@@ -3,7 +3,9 @@
 //! the tools around them.
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod agent;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tweed_lab::{probe, Lab, Topology};
-use tweed_model::ClusterConfig;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Show what this node's agent reports (peers, subnet, datastore).
     Status {
         #[arg(long, default_value = "/run/tweed")]
@@ -111,49 +112,6 @@ enum StoreCmd {
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
     },
-}
-
-#[derive(clap::Args)]
-struct AgentArgs {
-    /// This node's name (default: the hostname).
-    #[arg(long)]
-    node_name: Option<String>,
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd_endpoints: Vec<String>,
-    #[arg(long, default_value = "/tweed")]
-    etcd_prefix: String,
-    /// How to choose the underlay interface and address: first-found,
-    /// interface=REGEX, can-reach=IP, cidr=CIDR or address=IP.
-    #[arg(long, default_value = "first-found")]
-    underlay: tweed_plan::UnderlaySelector,
-    /// The underlay interface by name (short for --underlay interface=NAME).
-    #[arg(long, conflicts_with = "underlay")]
-    iface: Option<String>,
-    /// VXLAN TX checksum offload: auto (off on kernels before 5.7, whose
-    /// offload corrupts NATed VXLAN checksums: flannel's 63-second delays), on or off.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
-    vxlan_checksum_offload: String,
-    /// The address peers reach this node at, if not its own (1:1 NAT).
-    #[arg(long)]
-    public_ip: Option<Ipv4Addr>,
-    #[arg(long, default_value = "/etc/cni/net.d")]
-    cni_conf_dir: PathBuf,
-    #[arg(long, default_value = "/run/tweed")]
-    run_dir: PathBuf,
-    #[arg(long, default_value = "/var/lib/tweed")]
-    data_dir: PathBuf,
-    /// Seconds the node's subnet lease lives without renewal.
-    #[arg(long, default_value_t = 30)]
-    lease_ttl: i64,
-    /// Seconds between full resyncs of the data plane (at most 30).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
-    resync: u64,
-    /// Cluster config (JSON) to write to the datastore if it holds none yet.
-    #[arg(long)]
-    cluster_config: Option<PathBuf>,
-    /// Seconds between full service-proxy syncs.
-    #[arg(long, default_value_t = 600)]
-    proxy_full_sync: u64,
 }
 
 #[derive(Subcommand)]
@@ -383,7 +341,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent(a) => agent(a)?,
+        Cmd::Agent(a) => agent::run(*a)?,
         Cmd::Status { run_dir } => {
             let p = run_dir.join("status.json");
             let body = std::fs::read_to_string(&p)
@@ -424,69 +382,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         } => bench_proxy(services, endpoints, listen)?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn agent(a: AgentArgs) -> Result<()> {
-    let node_name = match a.node_name {
-        Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
-            .trim()
-            .to_string(),
-    };
-    let default_config = match &a.cluster_config {
-        Some(p) => {
-            ClusterConfig::from_json(&std::fs::read(p).with_context(|| p.display().to_string())?)
-                .with_context(|| format!("cluster config {}", p.display()))?
-        }
-        None => ClusterConfig::default(),
-    };
-    if a.lease_ttl < 2 {
-        bail!("--lease-ttl must be at least 2 seconds");
-    }
-    let opts = tweed_agent::AgentOpts {
-        node_name,
-        etcd_endpoints: a.etcd_endpoints,
-        etcd_prefix: a.etcd_prefix,
-        underlay: match a.iface {
-            Some(name) => format!("interface={}", regex_escape(&name))
-                .parse()
-                .map_err(anyhow::Error::msg)?,
-            None => a.underlay,
-        },
-        vxlan_csum_off: match a.vxlan_checksum_offload.as_str() {
-            "on" => Some(false),
-            "off" => Some(true),
-            _ => None,
-        },
-        public_ip: a.public_ip,
-        cni_conf_dir: a.cni_conf_dir,
-        run_dir: a.run_dir,
-        data_dir: a.data_dir,
-        lease_ttl: a.lease_ttl,
-        resync: Duration::from_secs(a.resync),
-        default_config,
-        proxy_full_sync: Duration::from_secs(a.proxy_full_sync.max(1)),
-    };
-    // One event loop is all the agent needs; one thread also keeps the
-    // allocator to one arena, which matters for its memory at 10k Services.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(tweed_agent::run(opts))?;
-    Ok(())
-}
-
-/// An interface name as a regex matching exactly it.
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c.to_string()
-            } else {
-                format!("\\{c}")
-            }
-        })
-        .collect()
 }
 
 fn print_matrix(lab: &Lab) -> Result<bool> {
