@@ -18,8 +18,9 @@ pkgs=(
   # which needs the well-known .proto files (descriptor.proto, struct.proto)
   # from libprotobuf-dev; cargo fetches crates over TLS (ca-certificates)
   gcc libc6-dev pkg-config protobuf-compiler libprotobuf-dev ca-certificates
-  # the benchmarks' helpers
-  python3
+  # the benchmarks' helpers; the Kubernetes lab's certificates; the
+  # offline image build (scripts/build-image.sh)
+  python3 openssl mmdebstrap
   # a real CNI runtime and the reference plugins (for comparison benchmarks)
   podman runc busybox-static containernetworking-plugins
   # measurement and debugging

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: pure unit and property tests, root tests of the netlink
 # appliers in their own namespaces, then the lab end-to-end tests (a real
-# etcd per lab, the real CNI plugin, podman). Ends with one summary line.
+# etcd per lab, the real CNI plugin, podman, a real Kubernetes control
+# plane). Ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 ./scripts/install-deps.sh
+# Real Kubernetes 1.20.2 for the Kubernetes lab tests: built from Debian's
+# source once (~6-10 min), then cached.
+./scripts/install-kubernetes.sh
 cargo build --workspace --all-targets --locked
 log=$(mktemp)
 rm -f target/tmp/skipped-tests.txt

@@ -91,8 +91,7 @@ fn feed<K: kube::Resource, V: Clone + PartialEq>(
 
 impl Kubernetes {
     pub async fn connect(opts: &KubeOpts, node: &str) -> Result<Self, AgentError> {
-        let client = kc::connect(opts).await?;
-        let describe = format!("kubernetes {}", client.default_namespace());
+        let (client, url) = kc::connect(opts).await?;
         // Fail now, naming the call, if the API server is away or refuses.
         let v = client
             .apiserver_version()
@@ -104,7 +103,7 @@ impl Kubernetes {
         Ok(Self {
             client,
             node: node.to_string(),
-            describe: format!("{describe} (API server {}.{})", v.major, v.minor),
+            describe: format!("kubernetes {url} ({})", v.git_version),
             nodes: Mirror::default(),
             services: Mirror::default(),
             slices: Slices::default(),
@@ -292,7 +291,7 @@ impl Kubernetes {
     async fn wait_pod_cidr(&self) -> Result<Ipv4Net, AgentError> {
         let api = Api::<Node>::all(self.client.clone());
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
-        let mut w = std::pin::pin!(watcher(api, cfg).default_backoff());
+        let mut w = std::pin::pin!(watcher(api, cfg).backoff(kc::RetryBackoff::default()));
         while let Some(ev) = w.next().await {
             let node = match ev {
                 Ok(Event::Apply(n) | Event::InitApply(n)) => n,

@@ -137,6 +137,14 @@ fn install_plugin(dir: &std::path::Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Write what `tweed status` shows (RUN_DIR/status.json).
+fn save_status(run_dir: &std::path::Path, status: &AgentStatus) {
+    let p = run_dir.join("status.json");
+    if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(status).expect("json")) {
+        tracing::warn!(path = %p.display(), error = %e, "cannot write status");
+    }
+}
+
 /// Waits out a failure, growing from 0.5 s to 10 s.
 struct Backoff(Duration);
 
@@ -190,6 +198,9 @@ struct Agent {
     proxy_synced: bool,
     /// What /healthz, /readyz and /metrics serve.
     health: health::Shared,
+    /// The datastore's own trouble (a watch failing and retrying), shown
+    /// until it clears even though the data plane keeps converging.
+    store_trouble: Option<String>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -230,6 +241,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         dataplane_ok: false,
         proxy_synced: false,
         health: health::Shared::default(),
+        store_trouble: None,
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -270,6 +282,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
             ) => {
                 let wait = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?wait, "datastore session ended; keeping the data plane as it is");
+                agent.store_trouble = None;
                 agent.write_status(None, Some(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -316,17 +329,14 @@ impl Agent {
             vtep_mac: vtep_mac_for(&self.opts.node_name),
             unreachable: Vec::new(),
         };
-        let mut waits = Vec::new();
+        let (status, run_dir) = (&mut self.status, &self.opts.run_dir);
         let me = ds
-            .register(&cfg, &want, &mut |why: &str| waits.push(why.to_string()))
-            .await;
-        if let Some(why) = waits.pop() {
-            // Only the last reason matters; it is already logged.
-            self.status.datastore = "waiting".into();
-            self.status.last_error = Some(why);
-            self.write_status_file();
-        }
-        let me = me?;
+            .register(&cfg, &want, &mut |why: &str| {
+                status.datastore = "waiting".into();
+                status.last_error = Some(why.to_string());
+                save_status(run_dir, status);
+            })
+            .await?;
         if let Some(old) = self.subnet.filter(|s| *s != me.subnet) {
             tracing::error!(%old, new = %me.subnet, "our subnet changed while we were away; pods on the old subnet must be recreated");
         }
@@ -401,15 +411,17 @@ impl Agent {
                         self.report(proxy.flush()?);
                     }
                     Update::Trouble(why) => {
+                        self.store_trouble = Some(why.clone());
                         self.status.datastore = "retrying".into();
-                        self.health.lock().expect("health").datastore_connected = false;
                         self.status.last_error = Some(why);
+                        self.health.lock().expect("health").datastore_connected = false;
                         self.write_status_file();
                     }
                     Update::Healthy => {
+                        self.store_trouble = None;
                         self.status.datastore = "connected".into();
-                        self.health.lock().expect("health").datastore_connected = true;
                         self.status.last_error = None;
+                        self.health.lock().expect("health").datastore_connected = true;
                         self.write_status_file();
                     }
                 },
@@ -733,23 +745,24 @@ impl Agent {
         now: Option<(&LocalNode, Vec<PeerStatus>)>,
         last_error: Option<String>,
     ) {
-        self.health.lock().expect("health").datastore_connected = now.is_some();
         let st = &mut self.status;
         if let Some((local, peers)) = now {
             st.subnet = local.record.subnet.to_string();
             st.peers = peers;
             st.datastore = "connected".into();
-        } else {
+        } else if self.store_trouble.is_none() {
             st.datastore = "disconnected".into();
         }
         st.last_error = last_error;
+        if let Some(t) = &self.store_trouble {
+            st.datastore = "retrying".into();
+            st.last_error.get_or_insert_with(|| t.clone());
+        }
+        self.health.lock().expect("health").datastore_connected = st.datastore == "connected";
         self.write_status_file();
     }
 
     fn write_status_file(&self) {
-        let p = self.opts.run_dir.join("status.json");
-        if let Err(e) = write_atomic(&p, &serde_json::to_vec_pretty(&self.status).expect("json")) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot write status");
-        }
+        save_status(&self.opts.run_dir, &self.status);
     }
 }

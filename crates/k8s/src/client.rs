@@ -57,7 +57,7 @@ fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
 
 /// Build a client: the kubeconfig if given, else the pod's service account,
 /// with the API endpoint override applied to either.
-pub async fn connect(opts: &KubeOpts) -> Result<Client, KubeError> {
+pub async fn connect(opts: &KubeOpts) -> Result<(Client, String), KubeError> {
     let cfg_err = |e: &dyn std::fmt::Display| KubeError::Config(e.to_string());
     let mut cfg = match (&opts.kubeconfig, &opts.api_server) {
         (Some(path), _) => {
@@ -83,7 +83,8 @@ pub async fn connect(opts: &KubeOpts) -> Result<Client, KubeError> {
             .map_err(|e| KubeError::Config(format!("API server {ep:?}: {e}")))?;
     }
     cfg.connect_timeout = Some(Duration::from_secs(5));
-    Client::try_from(cfg).map_err(|e| cfg_err(&e))
+    let url = cfg.cluster_url.to_string();
+    Ok((Client::try_from(cfg).map_err(|e| cfg_err(&e))?, url))
 }
 
 /// Which EndpointSlice API the server serves: `discovery.k8s.io/v1` from
@@ -141,11 +142,38 @@ impl kube::Resource for EndpointSlice {
     }
 }
 
+/// How long a failed watch waits before it retries: doubling from 0.5 s to
+/// at most 5 s (kube-rs's default grows to 30 s, which after an API server
+/// restart would leave the data plane stale for up to half a minute).
+#[derive(Debug, Clone)]
+pub struct RetryBackoff(Duration);
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(500))
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        Some(d)
+    }
+}
+
+impl kube::runtime::utils::Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Watches that restart themselves (with backoff) after errors, each
 /// beginning with a complete list.
 pub fn watch_nodes(client: &Client) -> impl Stream<Item = Result<watcher::Event<Node>, KubeError>> {
     watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(RetryBackoff::default())
         .map(|r| {
             r.map_err(|source| KubeError::Watch {
                 what: "nodes",
@@ -161,7 +189,7 @@ pub fn watch_services(
         Api::<KService>::all(client.clone()),
         watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
     )
-    .default_backoff()
+    .backoff(RetryBackoff::default())
     .map(|r| {
         r.map_err(|source| KubeError::Watch {
             what: "services",
@@ -178,7 +206,7 @@ pub fn watch_slices(
         Api::<EndpointSlice>::all_with(client.clone(), api),
         watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
     )
-    .default_backoff()
+    .backoff(RetryBackoff::default())
     .map(|r| {
         r.map_err(|source| KubeError::Watch {
             what: "endpointslices",

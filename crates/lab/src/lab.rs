@@ -146,6 +146,9 @@ pub struct LabState {
     pub endpoints: BTreeMap<String, tweed_model::Endpoints>,
     #[serde(default)]
     pub seq: u64,
+    /// The Kubernetes control plane (`kubernetes: true`).
+    #[serde(default)]
+    pub kube: Option<crate::kube::KubeState>,
 }
 
 impl LabState {
@@ -253,7 +256,7 @@ fn ours_alive(pid: u32, marker: &str) -> bool {
 
 /// SIGTERM, then SIGKILL after 5 s. Only for a PID whose command line
 /// carries `marker`. Returns an error description if it would not die.
-fn stop_pid(pid: u32, marker: &str) -> Option<String> {
+pub(crate) fn stop_pid(pid: u32, marker: &str) -> Option<String> {
     if !ours_alive(pid, marker) {
         return None;
     }
@@ -347,7 +350,7 @@ impl Lab {
 
     /// Start a long-running process inside `ns`, detached, its output
     /// appended to `log`. Equivalent: `ip netns exec NS CMD... >>LOG 2>&1 &`.
-    fn spawn_in(
+    pub(crate) fn spawn_in(
         &self,
         ns: &str,
         program: &Path,
@@ -433,6 +436,7 @@ impl Lab {
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             seq: 0,
+            kube: None,
         };
         // The state file exists from the first step on, so `down` can undo a partial build.
         self.save(&st)?;
@@ -569,6 +573,12 @@ impl Lab {
             }
             std::fs::create_dir_all(self.node_dir(&n.name))
                 .map_err(io_err(&self.node_dir(&n.name)))?;
+        }
+        if topo.kubernetes {
+            // On a copy: `attach` above still borrows parts of `st`.
+            let mut with = st.clone();
+            self.kube_up(&mut with)?;
+            st.kube = with.kube;
         }
         for i in 0..st.nodes.len() {
             let pid = self.start_agent(&st, &st.nodes[i].name)?;
@@ -754,12 +764,20 @@ impl Lab {
 
     fn agent_args(&self, st: &LabState, node: &str) -> Vec<String> {
         let d = self.node_dir(node);
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--node-name".into(),
-            node.into(),
-            "--etcd-endpoints".into(),
-            st.etcd_url(),
+        let mut args: Vec<String> = vec!["agent".into(), "--node-name".into(), node.into()];
+        if st.kube.is_some() {
+            args.extend([
+                "--datastore=kubernetes".into(),
+                format!("--kubeconfig={}", d.join("kubeconfig").display()),
+            ]);
+        } else {
+            args.extend([
+                "--datastore=etcd".into(),
+                "--etcd-endpoints".into(),
+                st.etcd_url(),
+            ]);
+        }
+        args.extend([
             "--cni-conf-dir".into(),
             d.join("net.d").display().to_string(),
             "--run-dir".into(),
@@ -772,7 +790,7 @@ impl Lab {
             st.topology.agent.resync.to_string(),
             "--cluster-config".into(),
             self.dir.join("cluster.json").display().to_string(),
-        ];
+        ]);
         let spec = st.topology.nodes.iter().find(|n| n.name == node);
         args.push("--underlay".into());
         args.push(
@@ -1157,6 +1175,7 @@ impl Lab {
                 .values()
                 .filter_map(|p| p.echo_pid)
                 .chain(st.nodes.iter().filter_map(|n| n.agent_pid))
+                .chain(st.kube.iter().flat_map(|k| k.pids()))
                 .chain(st.etcd_pid);
             for pid in pids {
                 errs.extend(stop_pid(pid, &marker));

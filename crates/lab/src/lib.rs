@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod kube;
 pub mod lab;
 pub mod manifest;
 pub mod probe;

@@ -38,6 +38,10 @@ pub struct Topology {
     pub routers: Vec<RouterSpec>,
     #[serde(default)]
     pub agent: AgentSpec,
+    /// A real Kubernetes control plane (kube-apiserver, controller-manager,
+    /// scheduler) and agents on the Kubernetes datastore.
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

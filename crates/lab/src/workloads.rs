@@ -20,6 +20,9 @@ type Result<T, E = LabError> = std::result::Result<T, E>;
 impl Lab {
     /// Run `tweed store CMD` inside the control-plane namespace with JSON in and out.
     fn store_call(&self, st: &LabState, cmd: &str, input: &Value) -> Result<Value> {
+        if st.kube.is_some() {
+            return self.kube_call(st, cmd, input);
+        }
         let out = run_stdin(
             Command::new("ip")
                 .args(["netns", "exec", &st.cp_ns])
@@ -28,6 +31,26 @@ impl Lab {
             &input.to_string(),
         )?;
         serde_json::from_str(&out).map_err(|e| LabError::Invalid(format!("tweed store {cmd}: {e}")))
+    }
+
+    /// The same calls against the Kubernetes API (a `kubernetes: true` lab).
+    fn kube_call(&self, st: &LabState, cmd: &str, input: &Value) -> Result<Value> {
+        let bad = |e: serde_json::Error| LabError::Invalid(format!("{cmd}: {e}"));
+        match cmd {
+            "apply-services" => {
+                let svcs: Vec<Service> = serde_json::from_value(input.clone()).map_err(bad)?;
+                self.kube_apply_services(st, &svcs.iter().collect::<Vec<_>>())
+            }
+            "delete-services" => {
+                let ids: Vec<String> = serde_json::from_value(input.clone()).map_err(bad)?;
+                self.kube_delete_services(st, &ids).map(|_| Value::Null)
+            }
+            "put-endpoints" => {
+                let eps: Vec<Endpoints> = serde_json::from_value(input.clone()).map_err(bad)?;
+                self.kube_put_endpoints(st, &eps).map(|_| Value::Null)
+            }
+            other => Err(LabError::Invalid(format!("no Kubernetes call {other}"))),
+        }
     }
 
     /// `kubectl apply -f`: every valid document is applied; invalid ones are

@@ -167,6 +167,19 @@ enum LabCmd {
         #[command(subcommand)]
         cmd: EtcdCmd,
     },
+    /// Stop or start the lab's kube-apiserver (a `kubernetes: true` lab).
+    Apiserver {
+        #[command(subcommand)]
+        cmd: EtcdCmd,
+    },
+    /// Real kubectl against a `kubernetes: true` lab, e.g.
+    /// `tweed lab kubectl --name k8s -- get nodes -o wide`.
+    Kubectl {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Apply Deployment, Pod and Service manifests (like kubectl apply -f).
     Apply {
         #[arg(short = 'f', long)]
@@ -538,6 +551,21 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
         LabCmd::Etcd {
             cmd: EtcdCmd::Start { name },
         } => Lab::new(&name)?.etcd_start()?,
+        LabCmd::Apiserver {
+            cmd: EtcdCmd::Stop { name },
+        } => Lab::new(&name)?.apiserver_stop()?,
+        LabCmd::Apiserver {
+            cmd: EtcdCmd::Start { name },
+        } => Lab::new(&name)?.apiserver_start()?,
+        LabCmd::Kubectl { name, args } => {
+            let lab = Lab::new(&name)?;
+            let status = lab.kubectl_command(&lab.state()?)?.args(&args).status()?;
+            return Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         LabCmd::Exec { name, target, cmd } => {
             let ns = Lab::new(&name)?.target_ns(&target)?;
             let status = std::process::Command::new("ip")
