@@ -64,4 +64,9 @@ pub struct AgentStatus {
     pub datastore_at: String,
     pub peers: Vec<PeerStatus>,
     pub last_error: Option<String>,
+    /// Services in the proxy's last sync, and when it was (RFC 3339, UTC).
+    #[serde(default)]
+    pub services: u64,
+    #[serde(default)]
+    pub last_sync: String,
 }

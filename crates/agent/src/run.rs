@@ -226,6 +226,8 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         datastore_at: String::new(),
         peers: Vec::new(),
         last_error: None,
+        services: 0,
+        last_sync: String::new(),
     };
     let mut agent = Agent {
         opts,
@@ -700,7 +702,7 @@ impl Agent {
         Ok(())
     }
 
-    fn report(&self, r: Option<crate::proxy::SyncReport>) {
+    fn report(&mut self, r: Option<crate::proxy::SyncReport>) {
         if let Some(r) = r {
             tracing::info!(
                 full = r.full,
@@ -712,7 +714,10 @@ impl Agent {
         }
     }
 
-    fn record_sync(&self, r: &crate::proxy::SyncReport) {
+    fn record_sync(&mut self, r: &crate::proxy::SyncReport) {
+        self.status.services = r.services as u64;
+        // RFC 3339, UTC, to the second.
+        self.status.last_sync = format!("{:.0}", k8s_openapi::jiff::Timestamp::now());
         let mut h = self.health.lock().expect("health");
         if r.full {
             h.full_syncs += 1;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,10 +31,7 @@ enum Cmd {
     /// Run the node agent.
     Agent(Box<agent::AgentArgs>),
     /// Show what this node's agent reports (peers, subnet, datastore).
-    Status {
-        #[arg(long, default_value = "/run/tweed")]
-        run_dir: PathBuf,
-    },
+    Status(status::StatusArgs),
     /// A multi-node cluster in network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -355,12 +353,7 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Agent(a) => agent::run(*a)?,
-        Cmd::Status { run_dir } => {
-            let p = run_dir.join("status.json");
-            let body = std::fs::read_to_string(&p)
-                .with_context(|| format!("no agent status at {}", p.display()))?;
-            println!("{body}");
-        }
+        Cmd::Status(a) => status::run(a)?,
         Cmd::Lab { cmd } => return lab(cmd),
         Cmd::Echo {
             pod,

@@ -231,6 +231,18 @@ fn least_privilege_is_enough_and_a_missing_verb_is_named() {
     assert_eq!(can("patch", "nodes"), "no", "only nodes/status");
     assert_eq!(can("patch", "nodes/status"), "yes");
     ok(&["lab", "matrix", "--name", "k8srbac"]);
+    // `tweed status` inside a node finds that node's agent by itself.
+    let table = lab.exec_ok(&lab.node_ns("n1"), &[TWEED, "status"]);
+    assert!(table.contains("NODE         n1"), "{table}");
+    assert!(
+        table.contains("DATASTORE    connected kubernetes https://"),
+        "{table}"
+    );
+    assert!(table.contains("n2 "), "the peer is listed: {table}");
+    let json = lab.exec_ok(&lab.node_ns("n2"), &[TWEED, "status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["node"], "n2");
+    assert_eq!(v["subnet"].as_str(), Some(lab.node_subnet("n2").as_str()));
 
     // Take `list` on Services away: a restarted agent says which call was
     // refused, keeps running and keeps retrying.
