@@ -7,7 +7,7 @@
 #     kube-proxy kubectl pause
 #
 # Why from Debian's source package: no package registry ships the Kubernetes
-# server binaries, and tweed does not download release tarballs. Debian 12's
+# server binaries (Debian itself builds only kubectl from them), but Debian 12's
 # own `kubernetes` source package (1.20.2, with vendor/) builds all of them
 # with Debian's Go 1.19, so everything comes from the Debian archive this
 # machine already trusts:
@@ -26,21 +26,27 @@
 # needs (golang-1.19-go, dpkg-dev, gcc, libc6-dev, make, rsync), and fetches
 # sources with a private apt sources list and private index/cache directories
 # (the mirror is taken from the machine's own apt sources): /etc/apt is not
-# changed. It only builds: it starts no service, changes no machine-wide
-# setting and does not touch the network.
+# changed. It only builds: it starts no Kubernetes component or service,
+# changes no machine-wide setting and leaves the network configuration alone.
 #
-# Time: about 7 minutes on 2 cores (kube-apiserver alone ~3.5 min), ~30 s of
-# downloads (~45 MB). Space: ~3 GB temporary (source tree, Go build cache),
-# removed at the end whatever happens; ~0.5 GB kept (bin/ only).
+# Time on 2 cores: ~6 min on an idle machine; 10-13 min measured (590-760 s
+# wall, removing the build directory included) while other builds shared the
+# CPUs. kube-apiserver alone is 3.5-7 min of that. Downloads ~45 MB (+ ~100 MB
+# of Debian packages the first time). Space: ~2.8 GB temporary at peak
+# (source tree, Go build cache), removed at the end whatever happens; 414 MB
+# kept (bin/ only).
 # When the binaries are already cached it does nothing and exits at once
 # (then root is not needed), so callers can run it unconditionally.
 #
-# Usage:  sudo scripts/install-kubernetes.sh
+# Usage (as root):  scripts/install-kubernetes.sh
 #   TWEED_K8S_CACHE=DIR     cache root (default /var/cache/tweed/kubernetes)
 #   TWEED_DEBIAN_MIRROR=URL Debian mirror to fetch from (default: the one in
 #                           this machine's apt sources for bookworm main)
 #   TMPDIR=DIR              where the temporary build directory goes
-# The last line printed is the bin directory.
+# Output: progress on stderr; stdout gets one line, the bin directory, so
+#   bin=$(scripts/install-kubernetes.sh)
+# works. Exit status 0 when the binaries are cached, 1 with a message naming
+# what failed otherwise.
 set -euo pipefail
 
 prog=install-kubernetes.sh
@@ -56,7 +62,12 @@ server_bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-
 all_bins=("${server_bins[@]}" kubectl pause)
 build_pkgs=(golang-1.19-go dpkg-dev gcc libc6-dev make rsync ca-certificates)
 
-log() { printf '%s: [%4ss] %s\n' "$prog" "$SECONDS" "$*"; }
+log() { printf '%s: [%4ss] %s\n' "$prog" "$SECONDS" "$*" >&2; }
+done_cached() {
+  printf '%s: Kubernetes %s binaries are cached in:\n' "$prog" "$K8S_VERSION" >&2
+  echo "$bin_dir"
+  exit 0
+}
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
 # What the script is doing right now, named in the error message if a
@@ -76,12 +87,9 @@ cache_is_complete() {
   [ "$("$bin_dir/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $K8S_VERSION" ]
 }
 
-if cache_is_complete; then
-  echo "Kubernetes $K8S_VERSION binaries are cached in $bin_dir"
-  exit 0
-fi
+cache_is_complete && done_cached
 
-[ "$(id -u)" = 0 ] || die "the Kubernetes $K8S_VERSION binaries are not in $bin_dir yet; building them needs root (it installs Debian packages): run it with sudo"
+[ "$(id -u)" = 0 ] || die "the Kubernetes $K8S_VERSION binaries are not in $bin_dir yet; building them needs root (it installs Debian packages): run it as root"
 . /etc/os-release 2>/dev/null || true
 [ "${VERSION_CODENAME:-}" = "$SUITE" ] ||
   die "this builds Kubernetes $K8S_VERSION from Debian 12 ($SUITE) packages; this machine is '${PRETTY_NAME:-unknown}'"
@@ -99,10 +107,7 @@ exec 9<"$version_dir"
 if ! flock -n 9; then
   log "another $prog is building into $version_dir; waiting for it (up to 30 min)"
   flock -w 1800 9 || die "timed out waiting for the other $prog building into $version_dir"
-  if cache_is_complete; then
-    echo "Kubernetes $K8S_VERSION binaries are cached in $bin_dir"
-    exit 0
-  fi
+  cache_is_complete && done_cached
 fi
 
 # ---------------------------------------------------------------------------
@@ -121,6 +126,7 @@ cleanup() {
   [ -n "$staging" ] && rm -rf "$staging"
   rm -rf "$work"
   if [ "$rc" != 0 ]; then
+    rmdir "$version_dir" 2>/dev/null || true
     printf '%s: build failed; removed %s (nothing cached)\n' "$prog" "$work" >&2
   fi
 }
@@ -137,12 +143,16 @@ for p in "${build_pkgs[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq ||
+  apt-get -o DPkg::Lock::Timeout=600 update -qq >"$work/apt-install.log" 2>&1 || {
+    cat "$work/apt-install.log" >&2
     die "apt-get update failed; cannot install ${missing[*]}"
+  }
   # RUNLEVEL=1: rsync's package ships a daemon; never start it.
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get -o DPkg::Lock::Timeout=600 \
-    install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    install -y -qq --no-install-recommends "${missing[@]}" >>"$work/apt-install.log" 2>&1 || {
+    cat "$work/apt-install.log" >&2
     die "apt-get install -y --no-install-recommends ${missing[*]} failed"
+  }
 fi
 go=$GOROOT_DIR/bin/go
 [ -x "$go" ] || die "$go is missing although golang-1.19-go is installed"
@@ -252,11 +262,11 @@ apt_opts=(
   # downloads land in this script's private (root-only) directories
   -o "APT::Sandbox::User=root"
 )
-papt() { apt-get "${apt_opts[@]}" "$@"; }
+papt() { apt-get "${apt_opts[@]}" "$@" >&2; }
 
 step="updating the private apt index ($mirror $SUITE main)"
 log "fetching the package indexes for $SUITE main (private lists in $apt_dir)"
-papt -qq update || die "apt-get update of the private sources list failed (mirror $mirror)"
+papt -qq --error-on=any update || die "apt-get update of the private sources list failed (mirror $mirror)"
 
 # ---------------------------------------------------------------------------
 step="downloading Debian's kubernetes source package"
@@ -278,8 +288,13 @@ step="downloading kubernetes-client and golang-github-modern-go-reflect2-dev"
 step="unpacking the kubernetes source package (dpkg-source -x)"
 tree=$work/src/kubernetes
 mkdir -p "$work/src"
-dpkg-source --no-check -x "$dsc" "$tree" >/dev/null ||
+# --no-check: apt has already checked every file against the signed Sources
+# index; dpkg-source would only warn that it cannot check the uploader's
+# signature (no debian-keyring).
+dpkg-source --no-check -x "$dsc" "$tree" >"$work/dpkg-source.log" 2>&1 || {
+  cat "$work/dpkg-source.log" >&2
   die "dpkg-source -x $dsc failed"
+}
 [ -d "$tree/vendor/k8s.io/component-base/version" ] && [ -f "$tree/build/pause/linux/pause.c" ] ||
   die "the unpacked source in $tree lacks vendor/ or build/pause/linux/pause.c"
 
@@ -336,7 +351,7 @@ done
 
 step="building pause (gcc -static build/pause/linux/pause.c)"
 pause_tag=$(sed -n 's/^TAG *= *//p' "$tree/build/pause/Makefile" | head -n 1)
-gcc -Os -Wall -Werror -static -DVERSION="v${pause_tag:-3.4}-debian" \
+gcc -Os -Wall -Werror -static -DVERSION="v${pause_tag:-3.4}" \
   -o "$out/pause" "$tree/build/pause/linux/pause.c" ||
   die "gcc -static of build/pause/linux/pause.c failed (gcc and libc6-dev are needed)"
 strip "$out/pause"
@@ -366,6 +381,6 @@ mv "$staging" "$bin_dir"
 staging=""
 cache_is_complete || die "the binaries in $bin_dir do not pass the cache check"
 
-log "peak temporary space: $(du -sh "$work" 2>/dev/null | cut -f1) in $work (removed now)"
-log "cached: $(du -sh "$bin_dir" | cut -f1) in $bin_dir; total $SECONDS s"
-echo "Kubernetes $K8S_VERSION binaries are cached in $bin_dir"
+log "build directory: $(du -sh "$work" 2>/dev/null | cut -f1) in $work; removing it"
+log "cached $(du -sh "$bin_dir" | cut -f1) of binaries; total $SECONDS s"
+done_cached

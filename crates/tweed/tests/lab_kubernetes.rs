@@ -40,23 +40,6 @@ fn status(lab: &LabGuard, node: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-fn apply(lab: &LabGuard, text: &str) {
-    let file = std::env::temp_dir().join(format!(
-        "tweed-k8s-{}-{}.yaml",
-        lab.name,
-        std::process::id()
-    ));
-    std::fs::write(&file, text).unwrap();
-    ok(&[
-        "lab",
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        &lab.name,
-    ]);
-}
-
 fn svc_ip(lab: &LabGuard, name: &str) -> String {
     kubectl(
         lab,
@@ -137,7 +120,7 @@ fn agents_follow_the_api_nodes_services_slices_outages_and_deletions() {
         "/../../examples/seed-001-myapp.yaml"
     ))
     .unwrap();
-    apply(&lab, &seed);
+    lab.apply_ok(&seed);
     let addr = format!("{}:80", svc_ip(&lab, "myapp"));
     let client = lab.pod_ns("a");
     let mut seen = std::collections::BTreeSet::new();
@@ -184,8 +167,7 @@ fn agents_follow_the_api_nodes_services_slices_outages_and_deletions() {
     std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
     ok(&["lab", "apiserver", "start", "--name", "k8sapi"]);
     finish_hold(hold, "the API server outage", 100);
-    apply(
-        &lab,
+    lab.apply_ok(
         "kind: Service\nmetadata: {name: later}\nspec:\n  selector: {app: myapp}\n  ports: [{port: 81, targetPort: 80}]\n",
     );
     let later = format!("{}:81", svc_ip(&lab, "later"));
@@ -261,19 +243,7 @@ fn least_privilege_is_enough_and_a_missing_verb_is_named() {
     let file = std::env::temp_dir().join("tweed-k8srbac-role.json");
     std::fs::write(&file, v.to_string()).unwrap();
     let text = std::fs::read_to_string(&file).unwrap();
-    let o = std::process::Command::new(TWEED)
-        .args([
-            "lab", "kubectl", "--name", "k8srbac", "--", "replace", "-f", "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(text.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let o = lab.kubectl_stdin(&["replace", "-f", "-"], &text);
     assert!(o.status.success());
     restart_no_wait(&lab, "n1");
     eventually("the agent names the refused call", 30, || {
@@ -292,19 +262,7 @@ fn least_privilege_is_enough_and_a_missing_verb_is_named() {
     ok(&["lab", "matrix", "--name", "k8srbac"]);
     // Given the verb back, it recovers by itself.
     let restored = text.replace("[\"watch\"]", "[\"list\",\"watch\"]");
-    let o = std::process::Command::new(TWEED)
-        .args([
-            "lab", "kubectl", "--name", "k8srbac", "--", "replace", "-f", "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(restored.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let o = lab.kubectl_stdin(&["replace", "-f", "-"], &restored);
     assert!(o.status.success());
     eventually("the agent recovers", 40, || {
         status(&lab, "n1")["datastore"] == "connected"
@@ -328,19 +286,7 @@ fn a_node_without_a_pod_cidr_waits_and_says_why() {
         format!("{{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{{\"name\":\"{name}\"}}}}")
     };
     let create = |name: &str| {
-        let o = std::process::Command::new(TWEED)
-            .args([
-                "lab", "kubectl", "--name", "k8scidr", "--", "create", "-f", "-",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(node(name).as_bytes())?;
-                c.wait_with_output()
-            })
-            .unwrap();
+        let o = lab.kubectl_stdin(&["create", "-f", "-"], &node(name));
         assert!(o.status.success(), "create node {name}");
     };
     create("squatter");

@@ -25,30 +25,11 @@ fn service(name: &str, app: &str, extra: &str) -> String {
 }
 
 fn apply(lab: &LabGuard, text: &str) -> std::process::Output {
-    let file = std::env::temp_dir().join(format!(
-        "tweed-manifest-{}-{}.yaml",
-        lab.name,
-        std::process::id()
-    ));
-    std::fs::write(&file, text).unwrap();
-    tweed(&[
-        "lab",
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--name",
-        &lab.name,
-    ])
+    lab.apply(text)
 }
 
 fn apply_ok(lab: &LabGuard, text: &str) {
-    let o = apply(lab, text);
-    assert!(
-        o.status.success(),
-        "apply failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    lab.apply_ok(text)
 }
 
 fn svc_ip(lab: &LabGuard, name: &str) -> String {

@@ -104,6 +104,49 @@ impl LabGuard {
         g
     }
 
+    /// `tweed lab apply -f` of a manifest given as text.
+    pub fn apply(&self, text: &str) -> Output {
+        let file = std::env::temp_dir().join(format!(
+            "tweed-manifest-{}-{}.yaml",
+            self.name,
+            std::process::id()
+        ));
+        std::fs::write(&file, text).unwrap();
+        tweed(&[
+            "lab",
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            &self.name,
+        ])
+    }
+
+    pub fn apply_ok(&self, text: &str) {
+        let o = self.apply(text);
+        assert!(
+            o.status.success(),
+            "apply failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// `tweed lab kubectl -- ARGS` with `input` on its standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut c = Command::new(TWEED)
+            .args(["lab", "kubectl", "--name", &self.name, "--"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    }
+
     pub fn state(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.dir.join("state.json")).unwrap()).unwrap()
     }
