@@ -15,7 +15,7 @@ use tweed_model::{ClusterConfig, Endpoints, NodeRecord, Service};
 use tweed_store::{apply_events, LeaseKeepAliveStream, LeaseKeeper, NodeEvent, NodeWatch};
 use tweed_store::{PrefixWatch, Store, StoreError};
 
-use crate::run::AgentError;
+use crate::error::AgentError;
 
 /// Everything the agent follows, complete, at one moment.
 #[derive(Debug, Default)]

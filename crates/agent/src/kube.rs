@@ -25,7 +25,7 @@ use tweed_k8s::{node_pod_cidr, node_record, EndpointSlice};
 use tweed_model::{ClusterConfig, NodeRecord, Service};
 
 use crate::datastore::{Datastore, Snapshot, Update};
-use crate::run::AgentError;
+use crate::error::AgentError;
 
 type Watch<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, KubeError>> + Send>>;
 

@@ -9,6 +9,7 @@
 
 mod dataplane;
 mod datastore;
+mod error;
 mod files;
 mod health;
 mod kube;

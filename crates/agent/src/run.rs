@@ -5,43 +5,19 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{signal, SignalKind};
-use tweed_k8s::client::{KubeError, KubeOpts};
+use tweed_k8s::client::KubeOpts;
 use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
-use tweed_netlink::{Netlink, NetlinkError};
+use tweed_netlink::Netlink;
 use tweed_plan::services::ProxyConfig;
 use tweed_plan::{plan_node, select_underlay, LocalNode, UnderlaySelector};
-use tweed_store::StoreError;
 
 use crate::datastore::{Datastore, Etcd, Update};
+pub use crate::error::AgentError;
 use crate::files::{conflist, write_atomic, AgentStatus, PeerStatus};
 use crate::health;
 use crate::kube::Kubernetes;
 use crate::proxy::{table_present, Proxy};
 use crate::reconcile;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Netlink(#[from] NetlinkError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Kube(#[from] KubeError),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("no underlay interface: {0}")]
-    Underlay(String),
-    #[error("{path}: {source}")]
-    File {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("our subnet record was removed from the datastore")]
-    RecordGone,
-    #[error("service proxy: {0}")]
-    Proxy(#[from] tweed_nft::NftError),
-}
 
 #[derive(Debug, Clone)]
 pub struct AgentOpts {

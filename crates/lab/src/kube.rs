@@ -15,10 +15,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tweed_model::{Endpoints, Service, ServiceType, TargetPort, TrafficPolicy};
 
+pub use crate::kube_state::KubeState;
 use crate::lab::{run, run_stdin, wait_for, Lab, LabError, LabState};
 
 type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -46,29 +46,6 @@ fn bin(name: &str) -> Result<PathBuf> {
             "kubernetes: true needs {} (run scripts/install-kubernetes.sh)",
             p.display()
         )))
-    }
-}
-
-/// The control plane's processes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct KubeState {
-    pub apiserver_pid: Option<u32>,
-    pub controller_manager_pid: Option<u32>,
-    pub scheduler_pid: Option<u32>,
-    /// The discovery.k8s.io version the API server serves slices in.
-    #[serde(default)]
-    pub slices_api: String,
-}
-
-impl KubeState {
-    pub fn pids(&self) -> impl Iterator<Item = u32> {
-        [
-            self.apiserver_pid,
-            self.controller_manager_pid,
-            self.scheduler_pid,
-        ]
-        .into_iter()
-        .flatten()
     }
 }
 

@@ -148,7 +148,7 @@ pub struct LabState {
     pub seq: u64,
     /// The Kubernetes control plane (`kubernetes: true`).
     #[serde(default)]
-    pub kube: Option<crate::kube::KubeState>,
+    pub kube: Option<crate::kube_state::KubeState>,
 }
 
 impl LabState {

@@ -9,6 +9,7 @@
 
 pub mod echo;
 pub mod kube;
+mod kube_state;
 pub mod lab;
 pub mod manifest;
 pub mod probe;

@@ -80,7 +80,26 @@ fn node_addrs(lab: &LabGuard, i: usize, node: &str) -> Vec<String> {
 
 #[test]
 fn source_addresses_match_kube_proxy_row_by_row() {
-    let lab = LabGuard::up("srcaddr", TOPO);
+    source_address_rows(LabGuard::up("srcaddr", TOPO));
+}
+
+/// The same table with Services and EndpointSlices through a real
+/// Kubernetes API server (the agents on the Kubernetes datastore).
+#[test]
+fn source_addresses_match_kube_proxy_through_the_kubernetes_api() {
+    let bin = std::env::var("TWEED_K8S_BIN")
+        .unwrap_or_else(|_| "/var/cache/tweed/kubernetes/v1.20.2/bin".into());
+    if !std::path::Path::new(&bin).join("kube-apiserver").exists() {
+        skip(
+            "source_addresses_match_kube_proxy_through_the_kubernetes_api",
+            &format!("no Kubernetes binaries in {bin}: run scripts/install-kubernetes.sh"),
+        );
+        return;
+    }
+    source_address_rows(LabGuard::up("srck8s", &format!("kubernetes: true\n{TOPO}")));
+}
+
+fn source_address_rows(lab: LabGuard) {
     let m = [
         pod("a", "n1", "a", ""),
         pod("b", "n1", "b", ""),
