@@ -375,80 +375,96 @@ impl EndpointSlice {
     }
 }
 
-/// Merge the slices of one Service into its endpoints. `id` is "NS/NAME".
-/// Slices of other address types, ports without a number and endpoints
-/// without an address are skipped, as kube-proxy skips them.
-pub fn slices_to_endpoints<'a>(
-    id: &str,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> Endpoints {
-    let (namespace, name) = id.split_once('/').unwrap_or(("default", id));
-    // (ip, ready, serving, terminating) → ports, in first-seen order.
-    let mut out: Vec<Endpoint> = Vec::new();
-    for s in slices {
-        if s.address_type != "IPv4" {
+/// One slice's endpoints, each with the slice's ports. Slices of other
+/// address types, ports without a number and endpoints without an address
+/// are skipped, as kube-proxy skips them; only the first address counts.
+pub fn slice_endpoints(s: &EndpointSlice) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    if s.address_type != "IPv4" {
+        return out;
+    }
+    let ports: Vec<(String, u16)> = s
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let n = u16::try_from(p.port?).ok().filter(|n| *n > 0)?;
+            Some((p.name.clone().unwrap_or_default(), n))
+        })
+        .collect();
+    for e in s.endpoints.iter().flatten() {
+        let Some(ip) = e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
             continue;
-        }
-        let ports: Vec<(String, u16)> = s
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                let n = u16::try_from(p.port?).ok().filter(|n| *n > 0)?;
-                Some((p.name.clone().unwrap_or_default(), n))
-            })
-            .collect();
-        for e in s.endpoints.iter().flatten() {
-            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
-                continue;
-            };
-            let c = e.conditions.clone().unwrap_or_default();
-            let ready = c.ready.unwrap_or(true);
-            let serving = c.serving.unwrap_or(ready);
-            let terminating = c.terminating.unwrap_or(false);
-            let node = e
+        };
+        let c = e.conditions.clone().unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        let ep = Endpoint {
+            ip,
+            node: e
                 .node_name
                 .clone()
                 .or_else(|| e.topology.as_ref()?.get(HOSTNAME_TOPOLOGY).cloned())
-                .unwrap_or_default();
-            let pod = e
+                .unwrap_or_default(),
+            ports: Vec::new(),
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+            pod: e
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
                 .and_then(|r| r.name.clone())
-                .unwrap_or_default();
-            for (pname, port) in &ports {
-                // A duplicate (address, port name) is kept once; a ready
-                // copy replaces one that is not.
-                if let Some(i) = out
-                    .iter()
-                    .position(|o| o.ip == ip && o.port(pname).is_some())
-                {
-                    if out[i].ready || !ready {
-                        continue;
-                    }
-                    out[i].ports.retain(|(n, _)| n != pname);
-                    if out[i].ports.is_empty() {
-                        out.remove(i);
-                    }
-                }
-                match out.iter_mut().find(|o| {
-                    o.ip == ip
-                        && o.ready == ready
-                        && o.serving == serving
-                        && o.terminating == terminating
-                }) {
-                    Some(o) => o.ports.push((pname.clone(), *port)),
-                    None => out.push(Endpoint {
-                        ip,
-                        node: node.clone(),
-                        ports: vec![(pname.clone(), *port)],
-                        ready,
-                        serving,
-                        terminating,
-                        pod: pod.clone(),
-                    }),
-                }
+                .unwrap_or_default(),
+        };
+        for (pname, port) in &ports {
+            add_port(&mut out, &ep, pname, *port);
+        }
+    }
+    for e in &mut out {
+        e.ports.shrink_to_fit();
+    }
+    out.shrink_to_fit();
+    out
+}
+
+/// Add (`e`'s address, port `pname` = `port`) to `out`. A duplicate
+/// (address, port name) is kept once; a ready copy replaces one that is not.
+fn add_port(out: &mut Vec<Endpoint>, e: &Endpoint, pname: &str, port: u16) {
+    if let Some(i) = out
+        .iter()
+        .position(|o| o.ip == e.ip && o.port(pname).is_some())
+    {
+        if out[i].ready || !e.ready {
+            return;
+        }
+        out[i].ports.retain(|(n, _)| n != pname);
+        if out[i].ports.is_empty() {
+            out.remove(i);
+        }
+    }
+    match out.iter_mut().find(|o| {
+        o.ip == e.ip
+            && o.ready == e.ready
+            && o.serving == e.serving
+            && o.terminating == e.terminating
+    }) {
+        Some(o) => o.ports.push((pname.to_string(), port)),
+        None => out.push(Endpoint {
+            ports: vec![(pname.to_string(), port)],
+            ..e.clone()
+        }),
+    }
+}
+
+/// A Service's endpoints (`id` is "NS/NAME") from its slices' endpoints
+/// ([`slice_endpoints`] of each), merged.
+pub fn merge_endpoints<'a>(id: &str, parts: impl IntoIterator<Item = &'a [Endpoint]>) -> Endpoints {
+    let (namespace, name) = id.split_once('/').unwrap_or(("default", id));
+    let mut out: Vec<Endpoint> = Vec::new();
+    for part in parts {
+        for e in part {
+            for (pname, port) in &e.ports {
+                add_port(&mut out, e, pname, *port);
             }
         }
     }
@@ -459,4 +475,13 @@ pub fn slices_to_endpoints<'a>(
     };
     eps.compact();
     eps
+}
+
+/// Merge the slices of one Service into its endpoints. `id` is "NS/NAME".
+pub fn slices_to_endpoints<'a>(
+    id: &str,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Endpoints {
+    let parts: Vec<Vec<Endpoint>> = slices.into_iter().map(slice_endpoints).collect();
+    merge_endpoints(id, parts.iter().map(Vec::as_slice))
 }

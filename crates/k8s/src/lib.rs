@@ -15,6 +15,7 @@ pub mod convert;
 pub mod mirror;
 
 pub use convert::{
-    node_pod_cidr, node_record, record_annotations, service, slices_to_endpoints, EndpointSlice,
-    SliceKey, ANNOTATION_PREFIX, PROXY_LABEL_SELECTOR, SERVICE_NAME_LABEL,
+    merge_endpoints, node_pod_cidr, node_record, record_annotations, service, slice_endpoints,
+    slices_to_endpoints, EndpointSlice, SliceKey, ANNOTATION_PREFIX, PROXY_LABEL_SELECTOR,
+    SERVICE_NAME_LABEL,
 };

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tweed_model::Endpoints;
 
-use crate::convert::{slices_to_endpoints, EndpointSlice};
+use tweed_model::Endpoint;
+
+use crate::convert::{merge_endpoints, slice_endpoints, EndpointSlice};
 
 /// One id's change: what it was, what it is now (`None`: absent).
 #[derive(Debug, Clone, PartialEq)]
@@ -113,20 +115,22 @@ impl<V: Clone + PartialEq> Mirror<V> {
     }
 }
 
-/// A slice as kept: which Service it belongs to, and the slice itself with
-/// its metadata dropped (managedFields and the like are most of its size).
+/// A slice as kept: which Service it belongs to, and its endpoints in the
+/// model's compact form (the API object, its metadata above all, is many
+/// times larger: at 10k Services that is the agent's memory).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeptSlice {
     pub service: String,
-    pub slice: EndpointSlice,
+    pub endpoints: Vec<Endpoint>,
 }
 
 impl KeptSlice {
     /// `None` for a slice kube-proxy ignores.
-    pub fn new(mut slice: EndpointSlice) -> Option<Self> {
-        let service = slice.service_id()?;
-        slice.metadata = Default::default();
-        Some(Self { service, slice })
+    pub fn new(slice: EndpointSlice) -> Option<Self> {
+        Some(Self {
+            service: slice.service_id()?,
+            endpoints: slice_endpoints(&slice),
+        })
     }
 }
 
@@ -173,9 +177,12 @@ impl Slices {
     pub fn endpoints(&self, service: &str) -> Option<Endpoints> {
         let names = self.by_service.get(service)?;
         let known = self.mirror.known();
-        Some(slices_to_endpoints(
+        Some(merge_endpoints(
             service,
-            names.iter().filter_map(|n| known.get(n)).map(|k| &k.slice),
+            names
+                .iter()
+                .filter_map(|n| known.get(n))
+                .map(|k| k.endpoints.as_slice()),
         ))
     }
 
