@@ -14,6 +14,8 @@ fi
 # Real Kubernetes 1.20.2 for the Kubernetes lab tests: built from Debian's
 # source once (~6-10 min), then cached.
 ./scripts/install-kubernetes.sh
+# containerd 1.6 and the pause image for the lab's real kubelets (seconds).
+./scripts/install-containerd.sh
 cargo build --workspace --all-targets --locked
 log=$(mktemp)
 rm -f target/tmp/skipped-tests.txt

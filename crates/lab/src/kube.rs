@@ -3,9 +3,11 @@
 //! node CIDRs, kube-scheduler, all in the control-plane namespace, and the
 //! agents on the Kubernetes datastore, each with the credentials of the
 //! ServiceAccount that `deploy/tweed.yaml` creates, so its RBAC is tested
-//! for real. Nodes are registered as Node objects; pods are the lab's own
-//! (wired by the real CNI plugin) and the lab writes their EndpointSlices,
-//! as the EndpointSlice controller would. Kubelets are not run yet.
+//! for real. Without kubelets, nodes are registered as Node objects, pods
+//! are the lab's own (wired by the real CNI plugin) and the lab writes
+//! their EndpointSlices, as the EndpointSlice controller would; with them
+//! (`kubelet:`, see `kubelet.rs`) the kubelets register their Nodes and
+//! run the pods kubectl creates.
 //!
 //! The binaries are Kubernetes 1.20.2 built from Debian's source package by
 //! `scripts/install-kubernetes.sh` (no registry ships them); the version the
@@ -51,6 +53,40 @@ fn bin(name: &str) -> Result<PathBuf> {
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     run(Command::new("openssl").current_dir(dir).args(args)).map(|_| ())
+}
+
+/// A key and a certificate signed by the lab's CA: `NAME.key`, `NAME.crt`.
+fn issue(d: &Path, name: &str, subj: &str, ext: &str) -> Result<()> {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    openssl(d, &["genrsa", "-out", &key, "2048"])?;
+    openssl(
+        d,
+        &["req", "-new", "-key", &key, "-subj", subj, "-out", &csr],
+    )?;
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-out",
+            &crt,
+            "-extfile",
+            ext,
+        ],
+    )
 }
 
 fn kubeconfig(server: &str, ca: &Path, user: Value) -> String {
@@ -113,44 +149,34 @@ impl Lab {
                 "ca.crt",
             ],
         )?;
-        for (name, subj, ext) in [
-            ("apiserver", "/CN=kube-apiserver", "server.ext"),
-            (
-                "admin",
-                "/O=system:masters/CN=kubernetes-admin",
-                "client.ext",
-            ),
-        ] {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            openssl(&d, &["genrsa", "-out", &key, "2048"])?;
-            openssl(
-                &d,
-                &["req", "-new", "-key", &key, "-subj", subj, "-out", &csr],
-            )?;
-            openssl(
-                &d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    days,
-                    "-out",
-                    &crt,
-                    "-extfile",
-                    ext,
-                ],
-            )?;
+        issue(&d, "apiserver", "/CN=kube-apiserver", "server.ext")?;
+        issue(
+            &d,
+            "admin",
+            "/O=system:masters/CN=kubernetes-admin",
+            "client.ext",
+        )?;
+        // Each kubelet as the Node authorizer expects it.
+        if st.topology.kubelet.is_some() {
+            for n in &st.nodes {
+                let name = format!("kubelet-{}", n.name);
+                issue(
+                    &d,
+                    &name,
+                    &format!("/O=system:nodes/CN=system:node:{}", n.name),
+                    "client.ext",
+                )?;
+                let kc = kubeconfig(
+                    &Self::server(st),
+                    &d.join("ca.crt"),
+                    json!({"client-certificate": d.join(format!("{name}.crt")), "client-key": d.join(format!("{name}.key"))}),
+                );
+                let p = self.kubelet_kubeconfig(&n.name);
+                std::fs::create_dir_all(p.parent().expect("in a dir"))
+                    .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))?;
+                std::fs::write(&p, kc)
+                    .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))?;
+            }
         }
         openssl(&d, &["genrsa", "-out", "sa.key", "2048"])?;
         openssl(&d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
@@ -185,6 +211,10 @@ impl Lab {
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
             format!("--cert-dir={}", p("certs")),
+            // kubectl logs/exec reach kubelets by the address they report.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--kubelet-client-certificate={}", p("admin.crt")),
+            format!("--kubelet-client-key={}", p("admin.key")),
             "--v=1".into(),
         ];
         self.spawn_in(
@@ -305,26 +335,12 @@ impl Lab {
         self.save(st)?;
 
         // tweed's objects as users apply them, its ConfigMap holding this
-        // lab's cluster config. Without kubelets the DaemonSet could only
-        // make Pending pods, so it is left out.
-        let mut docs = Vec::new();
-        for mut d in serde_saphyr::from_multiple::<Value>(DEPLOY_YAML)
-            .map_err(|e| LabError::Invalid(format!("deploy/tweed.yaml: {e}")))?
-        {
-            if d["kind"] == "DaemonSet" {
-                continue;
-            }
-            if d["kind"] == "ConfigMap" {
-                d["data"]["cluster-config.json"] = Value::String(
-                    serde_json::to_string_pretty(&st.topology.cluster).expect("json"),
-                );
-            }
-            docs.push(d);
-        }
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
-        self.kubectl(st, &["apply", "-f", "-"], Some(&list.to_string()))?;
+        // lab's cluster config. The DaemonSet comes later, and only when
+        // the agents are to run as its pods.
+        self.kube_apply_deploy(st, false)?;
 
-        for n in &st.nodes {
+        // Kubelets register their own Nodes.
+        for n in st.nodes.iter().filter(|_| st.topology.kubelet.is_none()) {
             let node = json!({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux"}},
@@ -360,6 +376,32 @@ impl Lab {
             std::fs::write(&p, kc)
                 .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))?;
         }
+        Ok(())
+    }
+
+    /// `deploy/tweed.yaml` as users apply it, with the ConfigMap holding
+    /// this lab's cluster config and, for the DaemonSet's agents, the API
+    /// server's address (there is no kube-proxy to reach its ClusterIP)
+    /// and the underlay interface. The DaemonSet only if `daemonset`.
+    pub(crate) fn kube_apply_deploy(&self, st: &LabState, daemonset: bool) -> Result<()> {
+        let mut docs = Vec::new();
+        for mut d in serde_saphyr::from_multiple::<Value>(DEPLOY_YAML)
+            .map_err(|e| LabError::Invalid(format!("deploy/tweed.yaml: {e}")))?
+        {
+            if d["kind"] == "DaemonSet" && !daemonset {
+                continue;
+            }
+            if d["kind"] == "ConfigMap" {
+                d["data"]["cluster-config.json"] = Value::String(
+                    serde_json::to_string_pretty(&st.topology.cluster).expect("json"),
+                );
+                d["data"]["api-server"] = Value::String(format!("{}:{APISERVER_PORT}", st.cp_ip));
+                d["data"]["underlay"] = Value::String("interface=eth0".into());
+            }
+            docs.push(d);
+        }
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
+        self.kubectl(st, &["apply", "-f", "-"], Some(&list.to_string()))?;
         Ok(())
     }
 

@@ -12,6 +12,16 @@ pub struct KubeState {
     /// The discovery.k8s.io version the API server serves slices in.
     #[serde(default)]
     pub slices_api: String,
+    /// Each node's containerd and kubelet (`kubelet:` labs).
+    #[serde(default)]
+    pub kubelets: std::collections::BTreeMap<String, NodeRuntime>,
+}
+
+/// A node's container runtime and kubelet.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeRuntime {
+    pub containerd_pid: Option<u32>,
+    pub kubelet_pid: Option<u32>,
 }
 
 impl KubeState {

@@ -580,10 +580,38 @@ impl Lab {
             self.kube_up(&mut with)?;
             st.kube = with.kube;
         }
-        for i in 0..st.nodes.len() {
-            let pid = self.start_agent(&st, &st.nodes[i].name)?;
-            st.nodes[i].agent_pid = Some(pid);
-            self.save(&st)?;
+        let kubelet = topo.kubelet.clone();
+        if kubelet.is_some() {
+            // On a copy, as above.
+            let mut with = st.clone();
+            for i in 0..with.nodes.len() {
+                let (name, ip) = (with.nodes[i].name.clone(), with.nodes[i].ip);
+                self.kubelet_up(&mut with, &name, ip)?;
+                st.kube = with.kube.clone();
+            }
+            for n in &st.nodes {
+                wait_for(
+                    &format!("the kubelet on {} to register its Node", n.name),
+                    60,
+                    &format!(
+                        "; see {}",
+                        self.node_dir(&n.name).join("k/kubelet.log").display()
+                    ),
+                    || self.kubectl(&st, &["get", "node", &n.name], None).is_ok(),
+                )?;
+            }
+        }
+        if kubelet
+            .as_ref()
+            .is_some_and(|k| k.agent == crate::topology::AgentMode::DaemonSet)
+        {
+            self.kube_apply_deploy(&st, true)?;
+        } else {
+            for i in 0..st.nodes.len() {
+                let pid = self.start_agent(&st, &st.nodes[i].name)?;
+                st.nodes[i].agent_pid = Some(pid);
+                self.save(&st)?;
+            }
         }
         for (i, h) in topo.hosts.iter().enumerate() {
             let host = HostState {
@@ -597,7 +625,21 @@ impl Lab {
             default_via(&host.ns, &topo.host_segment(i))?;
         }
         for n in &st.nodes {
-            self.wait_node_ready(&n.name, 60)?;
+            self.wait_node_ready(&n.name, 90)?;
+        }
+        if kubelet.is_some() {
+            // The runtime reports the network ready once it has read the conflist.
+            self.kubectl(
+                &st,
+                &[
+                    "wait",
+                    "--for=condition=Ready",
+                    "node",
+                    "--all",
+                    "--timeout=90s",
+                ],
+                None,
+            )?;
         }
         for p in &topo.pods {
             let spec = NewPod {
@@ -791,6 +833,16 @@ impl Lab {
             "--cluster-config".into(),
             self.dir.join("cluster.json").display().to_string(),
         ]);
+        if st.topology.kubelet.is_some() {
+            // The runtime runs the plugin from the node's /opt/cni/bin.
+            args.push("--cni-bin-dir".into());
+            args.push(
+                self.node_dir(node)
+                    .join("k/opt/cni/bin")
+                    .display()
+                    .to_string(),
+            );
+        }
         let spec = st.topology.nodes.iter().find(|n| n.name == node);
         args.push("--underlay".into());
         args.push(
@@ -1169,6 +1221,8 @@ impl Lab {
     pub fn down(&self) -> Result<()> {
         let mut errs = Vec::new();
         let marker = self.marker();
+        // Kubelets first: nothing may restart the pods killed next.
+        errs.extend(self.kubelets_down(self.state().ok().as_ref()));
         if let Ok(st) = self.state() {
             let pids = st
                 .pods
@@ -1197,6 +1251,7 @@ impl Lab {
                 errs.push(e.to_string());
             }
         }
+        errs.extend(self.remove_cgroups());
         if self.dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 errs.push(format!("{}: {e}", self.dir.display()));
@@ -1237,6 +1292,30 @@ impl Lab {
         Ok(out)
     }
 
+    /// Are the agents the DaemonSet's pods (not lab processes)?
+    pub fn agents_are_pods(&self, st: &LabState) -> bool {
+        st.topology
+            .kubelet
+            .as_ref()
+            .is_some_and(|k| k.agent == crate::topology::AgentMode::DaemonSet)
+    }
+
+    /// Where a node's agent writes its status: the lab's run directory, or
+    /// for a DaemonSet pod `/run/tweed` in the node's own mount namespace
+    /// (seen through its containerd's `/proc/PID/root`).
+    pub fn agent_status_path(&self, st: &LabState, node: &str) -> PathBuf {
+        let pod_run = self.agents_are_pods(st).then(|| {
+            st.kube
+                .as_ref()
+                .and_then(|k| k.kubelets.get(node))
+                .and_then(|r| r.containerd_pid)
+        });
+        match pod_run.flatten() {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/root/run/tweed/status.json")),
+            None => self.node_dir(node).join("run/status.json"),
+        }
+    }
+
     pub fn status_text(&self) -> Result<String> {
         use std::fmt::Write;
         let st = self.state()?;
@@ -1255,19 +1334,23 @@ impl Lab {
             "NODE", "UNDERLAY", "SUBNET", "AGENT"
         );
         for n in &st.nodes {
-            let status: serde_json::Value =
-                std::fs::read(self.node_dir(&n.name).join("run/status.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
+            let status: serde_json::Value = std::fs::read(self.agent_status_path(&st, &n.name))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             let alive = n.agent_pid.is_some_and(|p| ours_alive(p, &self.marker()));
+            let alive = alive || (self.agents_are_pods(&st) && !status.is_null());
             let _ = writeln!(
                 s,
                 "{:<12} {:<16} {:<18} {:<8} {}",
                 n.name,
                 n.ip,
                 status["subnet"].as_str().unwrap_or("-"),
-                if alive { "running" } else { "stopped" },
+                match (alive, self.agents_are_pods(&st)) {
+                    (true, true) => "pod",
+                    (true, false) => "running",
+                    (false, _) => "stopped",
+                },
                 status["datastore"].as_str().unwrap_or("-"),
             );
         }

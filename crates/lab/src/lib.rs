@@ -10,6 +10,7 @@
 pub mod echo;
 pub mod kube;
 mod kube_state;
+pub mod kubelet;
 pub mod lab;
 pub mod manifest;
 pub mod probe;

@@ -42,6 +42,32 @@ pub struct Topology {
     /// scheduler) and agents on the Kubernetes datastore.
     #[serde(default)]
     pub kubernetes: bool,
+    /// A real kubelet and containerd on every node (implies `kubernetes`):
+    /// workloads are applied with kubectl, not listed under `pods`.
+    #[serde(default)]
+    pub kubelet: Option<KubeletSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeletSpec {
+    /// OCI archives imported into every node's containerd (there is no
+    /// registry), e.g. from `scripts/build-image.sh`; relative paths are
+    /// from where `tweed lab up` runs.
+    #[serde(default)]
+    pub images: Vec<std::path::PathBuf>,
+    /// How tweed's agent runs: as a lab process (default) or as
+    /// `deploy/tweed.yaml`'s DaemonSet, its image among `images`.
+    #[serde(default)]
+    pub agent: AgentMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    #[default]
+    Process,
+    DaemonSet,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,8 +170,9 @@ pub fn valid_name(s: &str) -> bool {
 
 impl Topology {
     pub fn parse(text: &str) -> Result<Self, TopologyError> {
-        let t: Topology =
+        let mut t: Topology =
             serde_saphyr::from_str(text).map_err(|e| TopologyError::Decode(e.to_string()))?;
+        t.kubernetes |= t.kubelet.is_some();
         t.validate()?;
         Ok(t)
     }
@@ -175,6 +202,11 @@ impl Topology {
                 "underlay.mtu {} is out of range (576..=9000)",
                 self.underlay.mtu
             ));
+        }
+        if self.kubelet.is_some() && !self.pods.is_empty() {
+            return bad(
+                "pods: a lab with kubelets runs the pods kubectl applies; list none here".into(),
+            );
         }
         if self.nodes.is_empty() {
             return bad("nodes: at least one node is required".into());
@@ -416,6 +448,18 @@ pods:
     }
 
     #[test]
+    fn kubelets_imply_kubernetes_and_the_example_parses() {
+        let t = Topology::parse(include_str!("../../../examples/kubelets.yaml")).unwrap();
+        assert!(t.kubernetes);
+        let k = t.kubelet.unwrap();
+        assert_eq!(k.agent, AgentMode::DaemonSet);
+        assert_eq!(
+            k.images,
+            vec![std::path::PathBuf::from("target/image/lab.oci.tar")]
+        );
+    }
+
+    #[test]
     fn impossible_topologies_name_the_problem() {
         let cases = [
             ("nodes: []", "at least one node"),
@@ -433,6 +477,14 @@ pods:
             (
                 "cluster: {nodeSubnetLen: 8}\nnodes: [{name: a}]",
                 "cluster:",
+            ),
+            (
+                "kubelet: {}\nnodes: [{name: a}]\npods: [{name: p, node: a}]",
+                "pods: a lab with kubelets",
+            ),
+            (
+                "kubelet: {agent: pod}\nnodes: [{name: a}]",
+                "does not decode",
             ),
         ];
         for (text, want) in cases {

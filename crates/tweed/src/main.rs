@@ -37,11 +37,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
-    /// The echo server lab pods run.
+    /// The echo server lab pods run (also the default command of tweed's
+    /// image, so a pod of it answers who it is).
     Echo {
-        #[arg(long)]
-        pod: String,
-        #[arg(long)]
+        /// Default: the hostname, which Kubernetes sets to the pod's name.
+        #[arg(long, env = "POD_NAME")]
+        pod: Option<String>,
+        #[arg(long, env = "NODE_NAME", default_value = "")]
         node: String,
         /// Where to serve (repeatable): HTTP on TCP and echo on UDP.
         #[arg(long, default_value = "0.0.0.0:8080")]
@@ -177,6 +179,13 @@ enum LabCmd {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Import an OCI image archive into every node's containerd (labs with
+    /// kubelets; there is no registry), e.g. a re-tagged agent image.
+    ImageImport {
+        file: PathBuf,
+        #[arg(long, default_value = "demo")]
+        name: String,
     },
     /// Apply Deployment, Pod and Service manifests (like kubectl apply -f).
     Apply {
@@ -365,6 +374,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
+            let pod = match pod {
+                Some(p) => p,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default(),
+            };
             rt.block_on(tweed_lab::echo::serve(tweed_lab::echo::EchoOpts {
                 pod,
                 node,
@@ -558,6 +573,10 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        LabCmd::ImageImport { file, name } => {
+            Lab::new(&name)?.import_image(&file)?;
+            println!("imported {} on every node of lab {name}", file.display());
         }
         LabCmd::Exec { name, target, cmd } => {
             let ns = Lab::new(&name)?.target_ns(&target)?;

@@ -21,16 +21,21 @@ pub struct StatusArgs {
 
 /// The lab node whose network namespace this process is in, as its run
 /// directory: namespaces are `tw-LAB_n-NODE`, their agents' state under
-/// /run/tweed/lab/LAB/nodes/NODE/run.
+/// /run/tweed/lab/LAB/nodes/NODE/run (or inside the node, for a DaemonSet).
 fn lab_run_dir() -> Option<PathBuf> {
     let mine = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
     for e in std::fs::read_dir("/run/netns").ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == mine) {
             let (lab, node) = name.strip_prefix("tw-")?.split_once("_n-")?;
-            return Some(PathBuf::from(format!(
-                "/run/tweed/lab/{lab}/nodes/{node}/run"
-            )));
+            // The lab knows where: its own directory, or for a DaemonSet
+            // agent, /run/tweed in the node's mount namespace.
+            let lab = tweed_lab::Lab::new(lab).ok()?;
+            let st = lab.state().ok()?;
+            return lab
+                .agent_status_path(&st, node)
+                .parent()
+                .map(Path::to_path_buf);
         }
     }
     None

@@ -294,6 +294,26 @@ impl Drop for LabGuard {
             self.processes()
         );
         assert!(!self.dir.exists(), "lab down left {}", self.dir.display());
+        assert!(
+            self.cgroups().is_empty(),
+            "lab down left cgroups: {:?}",
+            self.cgroups()
+        );
+    }
+}
+
+impl LabGuard {
+    /// The lab's pod cgroups (kubelet labs), in every hierarchy.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        let prefix = format!("tweed-lab-{}_", self.name);
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
     }
 }
 
