@@ -20,7 +20,7 @@ cargo build --workspace --all-targets --locked
 log=$(mktemp)
 rm -f target/tmp/skipped-tests.txt
 set +e
-cargo test --workspace --all-targets --locked -- --test-threads 4 2>&1 | tee "$log"
+cargo test --workspace --all-targets --locked --no-fail-fast -- --test-threads 4 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 skipped=0

@@ -49,18 +49,19 @@ fn id_of<K: kube::Resource>(o: &K) -> String {
     )
 }
 
-fn record_of(n: &Node) -> Option<NodeRecord> {
-    node_record(n)
-        .map_err(|e| tracing::warn!(node = %n.name_any(), error = %e, "ignoring a node whose tweed record is malformed"))
-        .ok()
-        .flatten()
+/// Conversions answer `Err(())` for an object tweed cannot use (logged
+/// here, naming the object and the field): its last good version, if any,
+/// stays in force, so a bad edit loses nothing.
+fn record_of(n: &Node) -> Result<Option<NodeRecord>, ()> {
+    node_record(n).map_err(|e| {
+        tracing::warn!(node = %n.name_any(), error = %e, "malformed tweed record on a Node; keeping its last good one, if any")
+    })
 }
 
-fn service_of(s: &KService, cfg: &ClusterConfig) -> Option<Service> {
-    tweed_k8s::service(s, cfg.service_cidr)
-        .map_err(|e| tracing::warn!(service = %id_of(s), error = %e, "ignoring a Service tweed cannot proxy"))
-        .ok()
-        .flatten()
+fn service_of(s: &KService, cfg: &ClusterConfig) -> Result<Option<Service>, ()> {
+    tweed_k8s::service(s, cfg.service_cidr).map_err(|e| {
+        tracing::warn!(service = %id_of(s), error = %e, "a Service tweed cannot proxy; keeping its last good version, if any")
+    })
 }
 
 /// Feed one watch event to a mirror: the changes it makes.
@@ -68,7 +69,7 @@ fn feed<K: kube::Resource, V: Clone + PartialEq>(
     m: &mut Mirror<V>,
     ev: Event<K>,
     id: impl Fn(&K) -> String,
-    conv: impl Fn(K) -> Option<V>,
+    conv: impl Fn(K) -> Result<Option<V>, ()>,
 ) -> Vec<Change<V>> {
     match ev {
         Event::Init => {
@@ -77,13 +78,17 @@ fn feed<K: kube::Resource, V: Clone + PartialEq>(
         }
         Event::InitApply(o) => {
             let i = id(&o);
-            m.init_apply(i, conv(o));
+            let v = conv(o).unwrap_or_else(|()| m.known().get(&i).cloned());
+            m.init_apply(i, v);
             Vec::new()
         }
         Event::InitDone => m.init_done(),
         Event::Apply(o) => {
             let i = id(&o);
-            m.apply(i, conv(o)).into_iter().collect()
+            match conv(o) {
+                Ok(v) => m.apply(i, v).into_iter().collect(),
+                Err(()) => Vec::new(),
+            }
         }
         Event::Delete(o) => m.delete(&id(&o)).into_iter().collect(),
     }
@@ -139,7 +144,9 @@ impl Kubernetes {
                     .then(|| Update::Services(ch.into_iter().map(|c| (c.id, c.new)).collect()))
             }
             Item::Slice(ev) => {
-                let ch = feed(&mut self.slices.mirror, *ev, id_of, KeptSlice::new);
+                let ch = feed(&mut self.slices.mirror, *ev, id_of, |s| {
+                    Ok(KeptSlice::new(s))
+                });
                 let eps = self.slices.absorb(ch);
                 (!eps.is_empty()).then_some(Update::Endpoints(eps))
             }

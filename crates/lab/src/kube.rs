@@ -211,6 +211,10 @@ impl Lab {
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
             format!("--cert-dir={}", p("certs")),
+            // Objects in etcd as JSON, not protobuf: etcdctl can read and
+            // edit them, e.g. to plant an object the API server's own
+            // validation would refuse (a test of tweed's bad-input path).
+            "--storage-media-type=application/json".into(),
             // kubectl logs/exec reach kubelets by the address they report.
             "--kubelet-preferred-address-types=InternalIP".into(),
             format!("--kubelet-client-certificate={}", p("admin.crt")),

@@ -328,3 +328,75 @@ fn a_node_without_a_pod_cidr_waits_and_says_why() {
     let late = lab.pod_ip("late");
     assert!(lab.get(&lab.pod_ns("a"), &late).is_some());
 }
+
+/// A Service the API server would refuse (a port name used twice), planted
+/// in its etcd as old versions or bugs could leave one: the agent names the
+/// object and the field, keeps the Service's last good version, and every
+/// other Service keeps working.
+#[test]
+fn a_malformed_service_in_the_api_is_named_and_loses_nothing() {
+    if !have_kubernetes("a_malformed_service_in_the_api_is_named_and_loses_nothing") {
+        return;
+    }
+    let lab = LabGuard::up(
+        "k8sbad",
+        "kubernetes: true\nnodes: [{name: n1}]\npods: [{name: a, node: n1}]\n",
+    );
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/seed-001-myapp.yaml"
+    ))
+    .unwrap();
+    let victim = "apiVersion: v1\nkind: Service\nmetadata: {name: victim, namespace: default}\nspec:\n  selector: {app: myapp, release: canary}\n  ports:\n  - {name: http, port: 80, targetPort: 80}\n  - {name: alt, port: 81, targetPort: 80}\n";
+    lab.apply_ok(&format!("{seed}\n---\n{victim}"));
+    let client = lab.pod_ns("a");
+    let good = format!("{}:80", svc_ip(&lab, "myapp"));
+    let bad = format!("{}:81", svc_ip(&lab, "victim"));
+    eventually("both Services answer", 20, || {
+        who(&lab, &client, &good).is_some() && who(&lab, &client, &bad).is_some()
+    });
+
+    // Rewrite the stored object: its second port takes the first one's name.
+    let etcdctl = |args: &[&str]| {
+        let mut a = vec!["etcdctl", "--endpoints", "http://198.51.100.2:2379"];
+        a.extend_from_slice(args);
+        lab.exec_ok("tw-k8sbad_cp", &a)
+    };
+    let key = "/registry/services/specs/default/victim";
+    let stored = etcdctl(&["get", key, "--print-value-only"]);
+    let mut v: serde_json::Value = serde_json::from_str(stored.trim()).unwrap();
+    v["spec"]["ports"][1]["name"] = "http".into();
+    etcdctl(&["put", key, &v.to_string()]);
+    eventually("the API server to serve the planted object", 10, || {
+        !kubectl(&lab, &["get", "svc", "victim", "-o", "json"]).contains("\"alt\"")
+    });
+
+    let log = lab.dir.join("nodes/n1/agent.log");
+    eventually("the agent to name the Service and the field", 20, || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("default/victim") && l.contains("spec.ports[1].name")
+    });
+    // Nothing is lost: the last good version stays, and the others work.
+    assert!(
+        who(&lab, &client, &bad).is_some(),
+        "the bad edit took the Service's last good version away"
+    );
+    ok(&[
+        "lab",
+        "scale",
+        "deployment/myapp",
+        "--replicas",
+        "2",
+        "--name",
+        "k8sbad",
+    ]);
+    let mut seen = std::collections::BTreeSet::new();
+    eventually("the good Service follows its endpoints", 20, || {
+        seen.extend(who(&lab, &client, &good));
+        seen.len() == 2
+    });
+    let st = ok(&[
+        "lab", "exec", "--name", "k8sbad", "n1", "--", TWEED, "status", "-o", "json",
+    ]);
+    assert!(st.contains("\"connected\""), "{st}");
+}
