@@ -29,7 +29,12 @@ command -v runc >/dev/null || { echo "install-containerd.sh: no runc (run script
 work=$(mktemp -d /var/tmp/tweed-containerd.XXXXXX)
 trap 'rm -rf --one-file-system "$work"' EXIT
 chmod 0755 "$work"   # apt's download user must be able to write here
-(cd "$work" && apt-get download -qq containerd 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+download() { (cd "$work" && apt-get download -qq containerd 2>&1 | grep -v '^W: Download is performed unsandboxed' || true); }
+download
+if ! ls "$work"/containerd_*.deb >/dev/null 2>&1; then
+  apt-get update -qq --error-on=any   # stale or missing package lists
+  download
+fi
 deb=$(ls "$work"/containerd_*.deb 2>/dev/null | head -1)
 [ -n "$deb" ] || { echo "install-containerd.sh: apt-get download containerd failed (apt-get update?)" >&2; exit 1; }
 dpkg -x "$deb" "$work/x"
