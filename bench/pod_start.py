@@ -20,7 +20,8 @@ BRIDGE = os.path.join(net_d, "00-bench-bridge.conflist")
 BRIDGE_CONF = {
     "cniVersion": "1.0.0", "name": "bench-bridge",
     "plugins": [{"type": "bridge", "bridge": "cni-bench0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]]}}],
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                          "routes": [{"dst": "0.0.0.0/0"}]}}],
 }
 
 
@@ -55,23 +56,35 @@ def start(name, deadline=90):
 
 def use(plugin):
     """Make `plugin` the node's network; a warm-up pod proves the runtime took it."""
-    if plugin == "bridge+host-local":
-        tmp = BRIDGE + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(BRIDGE_CONF, f)
-        os.rename(tmp, BRIDGE)
-    elif os.path.exists(BRIDGE):
-        os.remove(BRIDGE)
-    # containerd re-reads the conf dir when it changes: each warm-up pod
-    # checks whether it has.
+    def write():
+        if plugin == "bridge+host-local":
+            tmp = BRIDGE + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(BRIDGE_CONF, f)
+            os.rename(tmp, BRIDGE)
+        elif os.path.exists(BRIDGE):
+            os.remove(BRIDGE)
+        else:
+            # containerd re-reads the conf dir on any change in it: nudge it.
+            nudge = os.path.join(net_d, "bench-nudge")
+            open(nudge, "w").close()
+            os.remove(nudge)
+    # Each warm-up pod checks whether the runtime has re-read the conf dir
+    # (it does so when the directory changes; an attempt that finds the old
+    # network changes it again).
     want = "10.88." if plugin == "bridge+host-local" else "10.244."
-    for i in range(60):
+    for i in range(20):
+        write()
         name = f"warm-{plugin.split('+')[0]}-{time.monotonic_ns()}"
         start(name)
-        ip = kubectl("get", "pod", name, "-o", "jsonpath={.status.podIP}")
+        # The kubelet posts the pod's IP moments after it has started.
+        deadline = time.monotonic() + 30
+        ip = ""
+        while not ip and time.monotonic() < deadline:
+            ip = kubectl("get", "pod", name, "-o", "jsonpath={.status.podIP}")
         kubectl("delete", "pod", name, "--wait=true")
         if ip.startswith(want):
-            return
+            return i
     sys.exit(f"the runtime did not switch to {plugin}")
 
 
@@ -79,7 +92,9 @@ results = {"tweed": [], "bridge+host-local": []}
 order = ["tweed", "bridge+host-local"]
 for r in range(rounds):
     for plugin in (order if r % 2 == 0 else order[::-1]):
-        use(plugin)
+        tries = use(plugin)
+        if tries:
+            print(f"(round {r}: the runtime took {plugin} after {tries + 1} warm-up pods)", file=sys.stderr)
         for i in range(per):
             results[plugin].append(start(f"ps-{plugin.split('+')[0]}-{r}-{i}") * 1000)
         kubectl("delete", "pods", "-l", "bench=pod-start", "--wait=true")

@@ -262,6 +262,147 @@ fn sysctls() -> Vec<String> {
     .collect()
 }
 
+/// GET ADDR through a pod's own network (`kubectl exec`), a node's or an
+/// outside host's namespace; the echo answer, or None when nothing answers.
+fn get(lab: &LabGuard, from: &From, addr: &str) -> Option<serde_json::Value> {
+    let probe = [TWEED, "probe", "http", addr, "--timeout", "2"];
+    let o = match from {
+        From::Pod(p) => {
+            let mut a = vec![
+                "lab", "kubectl", "--name", &lab.name, "--", "exec", p, "--", "tweed",
+            ];
+            a.extend_from_slice(&probe[1..]);
+            tweed(&a)
+        }
+        From::Ns(ns) => lab.exec(ns, &probe),
+    };
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+enum From {
+    Pod(String),
+    Ns(String),
+}
+
+/// DESIGN.md's source-address table, row by row, on real pods.
+fn source_address_rows(lab: &LabGuard) {
+    let pod = |name: &str, node: &str| {
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: echo\n    image: tweed:0.1.0\n    imagePullPolicy: Never\n    ports: [{{name: http, containerPort: 8080}}]\n")
+    };
+    let svc = |name: &str, app: &str, extra: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {app}}}\n  ports: [{{port: 80, targetPort: http}}]\n{extra}")
+    };
+    let m = [
+        pod("a", "n1"),
+        pod("b", "n1"),
+        pod("c", "n2"),
+        svc("to-a", "a", ""),
+        svc("to-b", "b", ""),
+        svc("to-c", "c", ""),
+        svc("np-b", "b", "  type: NodePort\n"),
+        svc(
+            "np-b-local",
+            "b",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        ),
+    ]
+    .concat();
+    let o = lab.kubectl_stdin(&["apply", "-f", "-"], &m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    kubectl(
+        lab,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/a",
+            "pod/b",
+            "pod/c",
+            "--timeout=60s",
+        ],
+    );
+    let ip = |what: &str| jsonpath(lab, &["get", "pod", what], "{.status.podIP}");
+    let node_ip = |n: &str| {
+        jsonpath(
+            lab,
+            &["get", "node", n],
+            "{.status.addresses[?(@.type==\"InternalIP\")].address}",
+        )
+    };
+    let vtep = |n: &str| {
+        let cidr = jsonpath(lab, &["get", "node", n], "{.spec.podCIDR}");
+        cidr.split('/').next().unwrap().to_string()
+    };
+    let node_addrs = |n: &str| [node_ip(n), vtep(n)];
+    let cluster = |s: &str| {
+        format!(
+            "{}:80",
+            jsonpath(lab, &["get", "svc", s], "{.spec.clusterIP}")
+        )
+    };
+    let node_port = |s: &str| jsonpath(lab, &["get", "svc", s], "{.spec.ports[0].nodePort}");
+    let a = From::Pod("a".into());
+    let answer = |from: &From, addr: &str| {
+        let mut got = None;
+        eventually(&format!("an answer from {addr}"), 10, || {
+            got = get(lab, from, addr);
+            got.is_some()
+        });
+        got.unwrap()
+    };
+    let row = |s: serde_json::Value| {
+        (
+            s["pod"].as_str().unwrap_or_default().to_string(),
+            s["client"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+
+    // pod A on node 1 → ClusterIP → pod B on node 1 / pod C on node 2: A's IP.
+    assert_eq!(row(answer(&a, &cluster("to-b"))), ("b".into(), ip("a")));
+    assert_eq!(row(answer(&a, &cluster("to-c"))), ("c".into(), ip("a")));
+    // pod A → its own Service (hairpin): works, seen as a node-1 address.
+    let (p, c) = row(answer(&a, &cluster("to-a")));
+    assert!(
+        p == "a" && node_addrs("n1").contains(&c),
+        "hairpin seen as {c}"
+    );
+    // a process on node 1 (and on node 3, with no endpoint) → ClusterIP: a node address.
+    let n1 = From::Ns(lab.node_ns("n1"));
+    for s in ["to-b", "to-c"] {
+        let (_, c) = row(answer(&n1, &cluster(s)));
+        assert!(node_addrs("n1").contains(&c), "{s}: node 1 seen as {c}");
+    }
+    let (_, c) = row(answer(&From::Ns(lab.node_ns("n3")), &cluster("to-c")));
+    assert!(node_addrs("n3").contains(&c), "node 3 seen as {c}");
+    // outside host → NodePort on node 2, Cluster → pod on node 1: node 2's address.
+    let ext = From::Ns(format!("tw-{}_h-outside", lab.name));
+    let (p, c) = row(answer(
+        &ext,
+        &format!("{}:{}", node_ip("n2"), node_port("np-b")),
+    ));
+    assert!(
+        p == "b" && node_addrs("n2").contains(&c),
+        "NodePort via n2 seen as {c}"
+    );
+    // outside host → NodePort on node 1, Local → pod on node 1: the host's own IP.
+    let (p, c) = row(answer(
+        &ext,
+        &format!("{}:{}", node_ip("n1"), node_port("np-b-local")),
+    ));
+    assert_eq!((p.as_str(), c.as_str()), ("b", "198.51.100.200"));
+    // ... on node 2, Local, no local pod: no connection (dropped, not refused).
+    let t = Instant::now();
+    let none = get(
+        lab,
+        &ext,
+        &format!("{}:{}", node_ip("n2"), node_port("np-b-local")),
+    );
+    assert!(
+        none.is_none() && t.elapsed() >= Duration::from_millis(1900),
+        "Local without a local pod: {none:?} after {:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn seed_001_runs_on_real_kubelets_and_the_data_plane_follows_kubectl() {
     if !have_kubelets("seed_001_runs_on_real_kubelets_and_the_data_plane_follows_kubectl") {
@@ -400,6 +541,8 @@ fn seed_001_runs_on_real_kubelets_and_the_data_plane_follows_kubectl() {
         seen.extend(who(&lab, &lab.node_ns("n2"), &addr));
         seen == names
     });
+
+    source_address_rows(&lab);
 }
 
 /// Wait for the DaemonSet's rollout to finish.
