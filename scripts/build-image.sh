@@ -13,17 +13,22 @@
 # its entrypoint is `tweed`, its default command `echo` (HTTP/UDP echo on
 # :80 and :8080).
 #
+# The binary is built statically by default (glibc, `crt-static`): the
+# agent copies itself onto the host as the CNI plugin, and the host's libc
+# may be older than Debian 12's (CentOS 7 has glibc 2.17). The script checks
+# that it runs in an empty root.
+#
 # Usage (as root):
 #   scripts/build-image.sh [--binary PATH] [--tag NAME:TAG]... [--out FILE]
 #                          [--alias NAME:TAG CMD_JSON]... [--rootfs DIR --entrypoint JSON]
-#   defaults: target/release/tweed, tweed:0.1.0, target/image/tweed-0.1.0.oci.tar
+#   defaults: a static release build, tweed:0.1.0, target/image/tweed-0.1.0.oci.tar
 #   --tag      another name for the same image (repeatable)
 #   --alias    another image in the archive, same layers, default command CMD_JSON
 #   --rootfs   a one-layer image of DIR's contents instead (e.g. a static pause)
 # Prints the archive's path. ~30 s the first time (mmdebstrap), then ~3 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/tweed
+bin=""
 tags=()
 aliases=()
 out=""
@@ -38,7 +43,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --rootfs) rootfs=$2; cmd='[]'; shift 2 ;;
     --entrypoint) entrypoint=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "build-image.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +53,21 @@ for t in "${tags[@]}" ${aliases[@]+"${aliases[@]}"}; do
 done
 [ "$(id -u)" = 0 ] || { echo "build-image.sh: run as root (mmdebstrap)" >&2; exit 2; }
 if [ -z "$rootfs" ]; then
-  [ -x "$bin" ] || { echo "build-image.sh: no binary at $bin (cargo build --release)" >&2; exit 2; }
+  if [ -z "$bin" ]; then
+    RUSTFLAGS='-C target-feature=+crt-static' \
+      cargo build --release --locked -q --target x86_64-unknown-linux-gnu -p tweed
+    bin=target/x86_64-unknown-linux-gnu/release/tweed
+    # It must need nothing from the host: run it in an empty root.
+    empty=$(mktemp -d /var/tmp/tweed-static.XXXXXX)
+    cp "$bin" "$empty/tweed"
+    if ! chroot "$empty" /tweed --version >/dev/null 2>&1; then
+      rm -rf "$empty"
+      echo "build-image.sh: $bin does not run without the host's libraries (not static?)" >&2
+      exit 1
+    fi
+    rm -rf "$empty"
+  fi
+  [ -x "$bin" ] || { echo "build-image.sh: no binary at $bin" >&2; exit 2; }
 else
   [ -d "$rootfs" ] || { echo "build-image.sh: --rootfs $rootfs is not a directory" >&2; exit 2; }
 fi

@@ -17,6 +17,8 @@ fi
 # containerd 1.6 and the pause image for the lab's real kubelets (seconds).
 ./scripts/install-containerd.sh
 cargo build --workspace --all-targets --locked
+# The image users install (a static build, checked to run in an empty root).
+./scripts/build-image.sh
 log=$(mktemp)
 rm -f target/tmp/skipped-tests.txt
 set +e

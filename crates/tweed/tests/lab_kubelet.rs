@@ -42,9 +42,9 @@ fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// tweed's image (as `tweed:0.1.0`, the DaemonSet's) with seed 001's image
-/// name as an alias serving on :80, built once per test run from the
-/// binary under test.
+/// tweed's image as users build it (`scripts/build-image.sh`: a static
+/// release build of this tree) as `tweed:0.1.0`, the DaemonSet's, with
+/// seed 001's image name as an alias serving on :80; built once per run.
 fn lab_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
@@ -57,7 +57,6 @@ fn lab_image() -> &'static str {
 fn build_image(tags: &[&str], out: &std::path::Path) {
     let o = Command::new("bash")
         .arg(repo().join("scripts/build-image.sh"))
-        .args(["--binary", TWEED])
         .args(tags)
         .args(["--alias", SEED_IMAGE, r#"["echo","--listen","0.0.0.0:80"]"#])
         .arg("--out")
@@ -69,6 +68,15 @@ fn build_image(tags: &[&str], out: &std::path::Path) {
         "build-image.sh failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// A fresh empty directory of this test run's own.
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 fn kubectl(lab: &LabGuard, args: &[&str]) -> String {
@@ -579,10 +587,22 @@ fn the_daemonset_installs_tweed_and_rolls_without_breaking_connections() {
             .dir
             .join(format!("nodes/{n}/net.d/10-tweed.conflist"))
             .exists());
-        assert!(lab
-            .dir
-            .join(format!("nodes/{n}/k/opt/cni/bin/tweed"))
-            .exists());
+        // ... and it needs nothing of the host's (a static build: hosts
+        // may have an older libc than the image).
+        let plugin = lab.dir.join(format!("nodes/{n}/k/opt/cni/bin/tweed"));
+        let empty = tempdir(&format!("static-{n}"));
+        std::fs::copy(&plugin, empty.join("tweed")).unwrap();
+        let o = Command::new("chroot")
+            .arg(&empty)
+            .args(["/tweed", "--version"])
+            .output()
+            .unwrap();
+        std::fs::remove_dir_all(&empty).unwrap();
+        assert!(
+            o.status.success(),
+            "the installed plugin does not run in an empty root: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert_eq!(
             jsonpath(
                 &lab,
