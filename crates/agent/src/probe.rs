@@ -10,9 +10,7 @@
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-/// The probe's mark and routing table (`ip rule add fwmark 0x7744 lookup 7744`).
-pub const PROBE_MARK: u32 = 0x7744;
-pub const PROBE_TABLE: u32 = 7744;
+pub use tweed_plan::{PROBE_MARK, PROBE_TABLE};
 
 fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
     Command::new("ip").args(args).stdin(Stdio::null()).output()

@@ -177,6 +177,8 @@ struct Agent {
     /// The datastore's own trouble (a watch failing and retrying), shown
     /// until it clears even though the data plane keeps converging.
     store_trouble: Option<String>,
+    /// plan.json as last written.
+    intent_written: Option<Vec<u8>>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -220,6 +222,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         proxy_synced: false,
         health: health::Shared::default(),
         store_trouble: None,
+        intent_written: None,
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -518,7 +521,64 @@ impl Agent {
             })
             .collect();
         self.write_status(Some((local, peers)), err);
+        self.write_intent(cfg, local, &nodes, plan);
         Ok(())
+    }
+
+    /// Write what the node should be (RUN_DIR/plan.json) for `tweed doctor`
+    /// and `tweed trace`; only when it changed, so a quiet resync writes nothing.
+    fn write_intent(
+        &mut self,
+        cfg: &ClusterConfig,
+        local: &LocalNode,
+        nodes: &[NodeRecord],
+        plan: tweed_plan::NodePlan,
+    ) {
+        let peers = nodes
+            .iter()
+            .filter(|n| n.name != local.record.name)
+            .map(|n| {
+                let p = plan.peers.iter().find(|p| p.node == n.name);
+                tweed_plan::PeerIntent {
+                    name: n.name.clone(),
+                    subnet: n.subnet,
+                    public_ip: n.public_ip,
+                    vtep_ip: n.vtep_ip(),
+                    vtep_mac: n.vtep_mac,
+                    mode: p.map(|p| p.mode),
+                    reason: p.map(|p| p.reason.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let intent = tweed_plan::NodeIntent {
+            node: local.record.name.clone(),
+            subnet: local.record.subnet,
+            cluster_cidr: cfg.cluster_cidr.trunc(),
+            service_cidr: cfg.service_cidr.trunc(),
+            backend: cfg.backend,
+            vxlan_port: cfg.port,
+            underlay_dev: local.underlay_dev.clone(),
+            bind_ip: local.bind_ip,
+            public_ip: local.record.public_ip,
+            underlay_mtu: local.underlay_mtu,
+            pod_mtu: cfg.effective_mtu(local.underlay_mtu),
+            cni_conf_dir: self.opts.cni_conf_dir.clone(),
+            cni_bin_dir: self.opts.cni_bin_dir.clone(),
+            resync_secs: self.opts.resync.as_secs(),
+            peers,
+            plan,
+        };
+        let body = serde_json::to_vec_pretty(&intent).expect("json");
+        if self.intent_written.as_deref() == Some(&body[..]) {
+            return;
+        }
+        let p = self.opts.run_dir.join("plan.json");
+        match write_atomic(&p, &body) {
+            Ok(()) => self.intent_written = Some(body),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot write the plan for tweed doctor")
+            }
+        }
     }
 
     /// Turn VXLAN TX checksum offload off where the kernel needs it (see

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod faults;
 pub mod kube;
 mod kube_state;
 pub mod kubelet;

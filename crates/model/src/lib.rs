@@ -10,7 +10,7 @@ mod node;
 mod service;
 mod subnet;
 
-pub use config::{Backend, ClusterConfig, ConfigError, Mtu};
+pub use config::{Backend, ClusterConfig, ConfigError, Mtu, IPIP_OVERHEAD, VXLAN_OVERHEAD};
 pub use node::{vtep_mac_for, HostPorts, MacAddr, NodeRecord, NodeState};
 pub use service::{
     allocate_cluster_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints, FieldError,

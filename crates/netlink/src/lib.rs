@@ -88,6 +88,53 @@ fn errno_of(e: &rtnetlink::Error) -> i32 {
     }
 }
 
+/// The kernel's answer to one route lookup (see [`Netlink::route_lookup`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RouteLookup {
+    /// The prefix of the route that matched.
+    pub prefix: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub table: u32,
+    /// 2 kernel, 3 boot, 4 static, 144 tweed, ...
+    pub protocol: u8,
+    /// unicast, blackhole, unreachable, local, ...
+    pub kind: String,
+    pub onlink: bool,
+    /// The source address the node would use.
+    pub src: Option<Ipv4Addr>,
+    pub metric: u32,
+}
+
+fn route_lookup_of(m: &RouteMessage) -> RouteLookup {
+    let len = m.header.destination_prefix_length;
+    let mut r = RouteLookup {
+        prefix: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, len).unwrap_or_default(),
+        gateway: None,
+        oif: None,
+        table: u32::from(m.header.table),
+        protocol: u8::from(m.header.protocol),
+        kind: format!("{:?}", m.header.kind).to_lowercase(),
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+        src: None,
+        metric: 0,
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                r.prefix = Ipv4Net::new(*ip, len).unwrap_or_default()
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => r.gateway = Some(*ip),
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            RouteAttribute::Table(t) => r.table = *t,
+            RouteAttribute::Priority(p) => r.metric = *p,
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => r.src = Some(*ip),
+            _ => {}
+        }
+    }
+    r
+}
+
 /// What tweed needs to know about a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkState {
@@ -414,19 +461,23 @@ impl Netlink {
         self.tunnel_settings(&cur, spec.mtu, spec.address).await
     }
 
-    /// `ip -4 route show dev DEV proto 144`: the routes tweed owns on a device.
-    pub async fn owned_routes(&self, dev: &str) -> Result<BTreeSet<Route>> {
-        let Some(link) = self.link(dev).await? else {
-            return Ok(BTreeSet::new());
-        };
-        let msgs: Vec<RouteMessage> = self
-            .handle
+    /// Every IPv4 route message, all tables (`op` names it in errors).
+    async fn route_dump(&self, op: &str) -> Result<Vec<RouteMessage>> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .map_err(req("ip route show"))?;
+            .map_err(req(op))
+    }
+
+    /// `ip -4 route show dev DEV proto 144`: the routes tweed owns on a device.
+    pub async fn owned_routes(&self, dev: &str) -> Result<BTreeSet<Route>> {
+        let Some(link) = self.link(dev).await? else {
+            return Ok(BTreeSet::new());
+        };
+        let msgs = self.route_dump("ip route show").await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.protocol == RouteProtocol::Other(TWEED_RTPROTO))
@@ -551,16 +602,91 @@ impl Netlink {
         }
     }
 
+    /// What the kernel decides for a packet to `dst`: the route that
+    /// matched (prefix, table, protocol, type), its gateway and device, and
+    /// the source address the node would use. With `iif` it is an input
+    /// lookup (a packet arriving from `src` on that link: forwarding,
+    /// rp_filter and policy rules apply); without, an output lookup.
+    /// Equivalent: `ip route get fibmatch DST [from SRC iif DEV] [mark M]`
+    /// plus `ip route get DST ...` for the source address. A lookup the
+    /// kernel refuses is `Ok(Err(errno))` (e.g. 101 unreachable, 113 no
+    /// route to host when forwarding is off, 22 rp_filter or blackhole).
+    pub async fn route_lookup(
+        &self,
+        dst: Ipv4Addr,
+        src: Option<Ipv4Addr>,
+        iif: Option<u32>,
+        mark: Option<u32>,
+    ) -> Result<std::result::Result<RouteLookup, i32>> {
+        let request = |fib_match: bool| {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32);
+            if let Some(s) = src {
+                b = b.source_prefix(s, 32);
+            }
+            let mut m = b.build();
+            if let Some(i) = iif {
+                m.attributes.push(RouteAttribute::Iif(i));
+            }
+            if let Some(k) = mark {
+                m.attributes.push(RouteAttribute::Mark(k));
+            }
+            if fib_match {
+                m.header.flags |= RouteFlags::FibMatch;
+            }
+            m
+        };
+        let one = |m: RouteMessage| async move {
+            let mut s = self.handle.route().get(m).execute();
+            match s.try_next().await {
+                Ok(Some(m)) => Ok(Ok(m)),
+                Ok(None) => Ok(Err(ENOENT)),
+                Err(e) if errno_of(&e) != 0 => Ok(Err(errno_of(&e))),
+                Err(e) => Err(req(format!("ip route get {dst}"))(e)),
+            }
+        };
+        let matched = match one(request(true)).await? {
+            Ok(m) => m,
+            Err(errno) => return Ok(Err(errno)),
+        };
+        // The source address only comes with the full (non-fibmatch) answer.
+        let pref = match one(request(false)).await? {
+            Ok(m) => m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            }),
+            Err(_) => None,
+        };
+        let mut out = route_lookup_of(&matched);
+        // The source the kernel would pick comes with the full answer; the
+        // fib-match one only carries the route's own `src`, if any.
+        out.src = pref.or(out.src);
+        Ok(Ok(out))
+    }
+
+    /// Every IPv4 route in every table. Equivalent: `ip -4 route show table all`.
+    pub async fn all_routes(&self) -> Result<Vec<RouteLookup>> {
+        let msgs = self.route_dump("ip -4 route show table all").await?;
+        Ok(msgs.iter().map(route_lookup_of).collect())
+    }
+
+    /// The state of the neighbour entry for `ip` on link `index` (e.g.
+    /// "reachable", "incomplete", "failed", "permanent"), if there is one.
+    /// Equivalent: `ip neigh show IP dev DEV`.
+    pub async fn neigh_state(&self, index: u32, ip: Ipv4Addr) -> Result<Option<String>> {
+        for m in self.neigh_dump(AddressFamily::Inet, index).await? {
+            let hit = m.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            });
+            if hit {
+                return Ok(Some(format!("{:?}", m.header.state).to_lowercase()));
+            }
+        }
+        Ok(None)
+    }
+
     /// Does `ip route show DST dev DEV` find the host route?
     pub async fn has_device_route(&self, dst: Ipv4Net, index: u32) -> Result<bool> {
-        let msgs: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req("ip route show"))?;
+        let msgs = self.route_dump("ip route show").await?;
         Ok(msgs.iter().any(|m| {
             m.header.destination_prefix_length == dst.prefix_len()
                 && m.attributes

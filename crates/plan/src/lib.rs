@@ -4,8 +4,11 @@
 //! root; the appliers in `tweed-netlink` only make the kernel match.
 #![forbid(unsafe_code)]
 
+mod intent;
 pub mod services;
 mod underlay;
+
+pub use intent::{NodeIntent, PeerIntent};
 
 pub use underlay::{select_underlay, LinkAddrs, UnderlaySelector};
 
@@ -13,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tweed_model::{Backend, ClusterConfig, MacAddr, NodeRecord};
 
 /// flannel names its device `flannel.<VNI>`; tweed does the same with its own prefix.
@@ -24,7 +27,7 @@ pub fn vxlan_dev_name(vni: u32) -> String {
 /// The VXLAN device a node needs.
 /// Equivalent: `ip link add tweed.1 type vxlan id 1 local LOCAL dev UNDERLAY dstport 8472 nolearning`,
 /// `ip link set tweed.1 address MAC mtu MTU up`, `ip addr add VTEP_IP/32 dev tweed.1`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanLink {
     pub name: String,
     pub vni: u32,
@@ -38,7 +41,7 @@ pub struct VxlanLink {
 }
 
 /// `ip route replace DST via VIA dev DEV [onlink] [src SRC]`
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Route {
     pub dst: Ipv4Net,
     pub via: Ipv4Addr,
@@ -51,7 +54,7 @@ pub struct Route {
 }
 
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Neigh {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
@@ -59,7 +62,7 @@ pub struct Neigh {
 }
 
 /// `bridge fdb replace MAC dev DEV dst DST self permanent`
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fdb {
     pub mac: MacAddr,
     pub dst: Ipv4Addr,
@@ -67,7 +70,7 @@ pub struct Fdb {
 }
 
 /// A peer that the planner left out, and why (shown in logs and status).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
     pub node: String,
     pub reason: String,
@@ -76,7 +79,7 @@ pub struct Skipped {
 /// Calico's IP-in-IP device: the kernel's fallback tunnel `tunl0` (it
 /// exists as soon as the ipip module is loaded), with the node's VTEP
 /// address. Equivalent: `ip link set tunl0 mtu MTU up && ip addr replace ADDR/32 dev tunl0`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpipLink {
     pub name: String,
     pub mtu: u32,
@@ -84,6 +87,13 @@ pub struct IpipLink {
 }
 
 pub const IPIP_DEV: &str = "tunl0";
+
+/// The agent's path probe marks its packets and routes them through a
+/// table of its own (`ip rule add fwmark 0x7744 lookup 7744`), so probing
+/// never changes how real traffic is routed; `doctor` knows that table as
+/// tweed's.
+pub const PROBE_MARK: u32 = 0x7744;
+pub const PROBE_TABLE: u32 = 7744;
 
 /// What the agent has found out about reaching a peer without a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,7 +106,7 @@ pub struct PeerFacts {
 }
 
 /// How traffic to a peer's pods leaves this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Direct,
@@ -117,7 +127,7 @@ impl std::fmt::Display for Mode {
 }
 
 /// The mode chosen for one peer, and why (shown by `tweed status`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerPlan {
     pub node: String,
     pub mode: Mode,
@@ -125,7 +135,7 @@ pub struct PeerPlan {
 }
 
 /// The desired network state of one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
     /// The VXLAN device (backends vxlan and auto).
     pub vxlan: Option<VxlanLink>,

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod doctor;
 mod status;
 
 use std::net::SocketAddr;
@@ -32,6 +33,8 @@ enum Cmd {
     Agent(Box<agent::AgentArgs>),
     /// Show what this node's agent reports (peers, subnet, datastore).
     Status(status::StatusArgs),
+    /// Find this node's network faults: each with its evidence and the fix.
+    Doctor(doctor::DoctorArgs),
     /// A multi-node cluster in network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -209,6 +212,20 @@ enum LabCmd {
         #[arg(long, default_value = "demo")]
         name: String,
     },
+    /// `tweed doctor` on every node of the lab (or one), at once.
+    Doctor {
+        #[arg(long, default_value = "demo")]
+        name: String,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Break the lab the way clusters break in the field (and mend it).
+    Fault {
+        #[command(subcommand)]
+        cmd: FaultCmd,
+    },
     /// Run a command inside a node's or pod's namespace (also: cp, underlay).
     Exec {
         #[arg(long, default_value = "demo")]
@@ -216,6 +233,30 @@ enum LabCmd {
         target: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FaultCmd {
+    /// The faults a lab can inject.
+    List,
+    /// Inject a fault on a node (towards a peer, for faults between two nodes).
+    Inject {
+        fault: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        peer: Option<String>,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Undo injected faults (all, or those of one kind / on one node).
+    Clear {
+        fault: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value = "demo")]
+        name: String,
     },
 }
 
@@ -363,6 +404,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Agent(a) => agent::run(*a)?,
         Cmd::Status(a) => status::run(a)?,
+        Cmd::Doctor(a) => return doctor::run(a),
         Cmd::Lab { cmd } => return lab(cmd),
         Cmd::Echo {
             pod,
@@ -578,6 +620,34 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
             Lab::new(&name)?.import_image(&file)?;
             println!("imported {} on every node of lab {name}", file.display());
         }
+        LabCmd::Doctor { name, node, output } => {
+            let report = Lab::new(&name)?.doctor(node.as_deref())?;
+            return doctor::print_report(&report, &output);
+        }
+        LabCmd::Fault { cmd } => match cmd {
+            FaultCmd::List => {
+                for (f, peer, how) in tweed_lab::faults::FAULTS {
+                    println!("{f:<22} {:<7} {how}", if *peer { "+peer" } else { "" });
+                }
+            }
+            FaultCmd::Inject {
+                fault,
+                node,
+                peer,
+                name,
+            } => {
+                let i = Lab::new(&name)?.fault_inject(&fault, &node, peer.as_deref())?;
+                match &i.peer {
+                    Some(p) => println!("injected {} on {} (peer {p})", i.fault, i.node),
+                    None => println!("injected {} on {}", i.fault, i.node),
+                }
+            }
+            FaultCmd::Clear { fault, node, name } => {
+                for i in Lab::new(&name)?.fault_clear(fault.as_deref(), node.as_deref())? {
+                    println!("cleared {} on {}", i.fault, i.node);
+                }
+            }
+        },
         LabCmd::Exec { name, target, cmd } => {
             let ns = Lab::new(&name)?.target_ns(&target)?;
             let status = std::process::Command::new("ip")

@@ -22,7 +22,7 @@ pub struct StatusArgs {
 /// The lab node whose network namespace this process is in, as its run
 /// directory: namespaces are `tw-LAB_n-NODE`, their agents' state under
 /// /run/tweed/lab/LAB/nodes/NODE/run (or inside the node, for a DaemonSet).
-fn lab_run_dir() -> Option<PathBuf> {
+pub(crate) fn lab_run_dir() -> Option<PathBuf> {
     let mine = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
     for e in std::fs::read_dir("/run/netns").ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();

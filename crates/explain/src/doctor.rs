@@ -1,0 +1,963 @@
+//! Judging a node: the plan the agent applied against what the kernel says.
+//!
+//! Pure: [`check`] takes the plan and the gathered [`Facts`] and returns the
+//! findings, so every rule here is unit-tested without root. Each finding
+//! says what is wrong, shows what was read, and gives the exact command
+//! that fixes it. A finding must never fire on a healthy node: every rule
+//! names the specific state that breaks traffic, not merely an unusual one.
+//!
+//! Read first, probe second: route, sysctl, firewall and CNI faults come
+//! from reading; the probes (underlay ping, VTEP ping, DF ping) only
+//! decide what reading cannot (a port blocked or a smaller MTU somewhere
+//! on the path), and a peer whose route is already wrong gets no probe
+//! finding of its own: the route finding explains the failed probes.
+
+use std::collections::BTreeSet;
+
+use tweed_netlink::RouteLookup;
+use tweed_plan::{Mode, NodeIntent, PeerIntent, Route, PROBE_TABLE};
+
+use crate::facts::{sample_addr, Facts};
+use crate::Finding;
+
+const MAIN_TABLE: u32 = 254;
+const LOCAL_TABLE: u32 = 255;
+const TWEED_PROTO: u8 = tweed_netlink::TWEED_RTPROTO;
+const EINVAL: i32 = 22;
+
+/// Chain and table names other stacks use for Service and pod traffic.
+const FOREIGN_CHAINS: &[&str] = &["KUBE-", "FLANNEL", "cali-", "CILIUM_", "WEAVE"];
+const FOREIGN_TABLES: &[&str] = &["kube-proxy", "calico", "cilium", "flannel"];
+
+/// Every finding on this node.
+pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let node = intent.node.clone();
+    let finding =
+        |fault: &str, peer: Option<&str>, summary: String, evidence: Vec<String>, fix: String| {
+            Finding {
+                fault: fault.into(),
+                node: node.clone(),
+                peer: peer.map(str::to_string),
+                summary,
+                evidence,
+                fix,
+            }
+        };
+    let mut route_trouble: BTreeSet<String> = BTreeSet::new();
+
+    // Routes someone else made inside peers' subnets (more specific ones,
+    // other tables, local addresses, a Calico blackhole) shadow part of
+    // them even when the lookup of one sample address looks right. A route
+    // for the whole subnet in the main table is the next check's business.
+    for p in &intent.peers {
+        if intent.route_to(p.subnet).is_none() {
+            continue;
+        }
+        let foreign: Vec<&RouteLookup> = f
+            .routes
+            .iter()
+            .filter(|r| {
+                r.prefix.prefix_len() >= p.subnet.prefix_len()
+                    && p.subnet.contains(&r.prefix.network())
+                    && r.table != PROBE_TABLE
+                    && !(r.prefix == p.subnet && r.table == MAIN_TABLE)
+                    && !(r.kind == "broadcast" && r.table == LOCAL_TABLE)
+            })
+            .collect();
+        if !foreign.is_empty() {
+            route_trouble.insert(p.name.clone());
+            let mut evidence: Vec<String> = foreign.iter().map(|r| describe(f, r)).collect();
+            if let Some(planned) = intent.route_to(p.subnet) {
+                evidence.push(format!("tweed's route: {}", planned_text(planned)));
+            }
+            out.push(finding(
+                "foreign-route",
+                Some(&p.name),
+                format!(
+                    "{} route{} that tweed did not make cover{} part of {}'s pod subnet {}: traffic to those pods goes there instead",
+                    foreign.len(),
+                    if foreign.len() == 1 { "" } else { "s" },
+                    if foreign.len() == 1 { "s" } else { "" },
+                    p.name,
+                    p.subnet
+                ),
+                evidence,
+                foreign
+                    .iter()
+                    .map(|r| del_command(f, r))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    + " (and remove what re-creates it: a leftover CNI or BGP daemon, a bridge such as cni0 or docker0)",
+            ));
+        }
+    }
+    // The route each peer's pod traffic actually takes.
+    for p in &intent.peers {
+        let Some(planned) = intent.route_to(p.subnet) else {
+            continue;
+        };
+        if route_trouble.contains(&p.name) {
+            continue;
+        }
+        if let Some(x) = route_finding(intent, f, p, planned) {
+            route_trouble.insert(p.name.clone());
+            out.push(finding(x.0, Some(&p.name), x.1, x.2, x.3));
+        }
+    }
+
+    // Underlay: the source address peers must see. VXLAN (its `local`)
+    // and direct routes (`src`) pin it to the address peers know, so a
+    // second NIC is harmless there; IP-in-IP through tunl0 takes whatever
+    // source the route to the peer picks: seed 002's two-NIC outage.
+    for p in &intent.peers {
+        if p.mode != Some(Mode::Ipip) {
+            continue;
+        }
+        let Some(Ok(u)) = f.underlay_lookups.get(&p.name) else {
+            continue;
+        };
+        let dev = f.dev_name(u.oif);
+        if u.src.is_some_and(|s| s != intent.bind_ip) {
+            route_trouble.insert(p.name.clone());
+            out.push(finding(
+                "wrong-source",
+                Some(&p.name),
+                format!(
+                    "traffic to {} ({}) leaves by {dev} from {}, but this node is known as {} on {}: its replies come from an address {} does not expect",
+                    p.name,
+                    p.public_ip,
+                    u.src.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                    intent.public_ip,
+                    intent.underlay_dev,
+                    p.name
+                ),
+                vec![format!("ip route get {}: {}", p.public_ip, describe(f, u))],
+                format!(
+                    "route the underlay by the known NIC: ip route replace {} dev {} src {} (or move the default route back to {})",
+                    u.prefix, intent.underlay_dev, intent.bind_ip, intent.underlay_dev
+                ),
+            ));
+        }
+    }
+
+    // Probes: only for peers whose routes look right.
+    for pr in &f.probes {
+        let Some(p) = intent.peers.iter().find(|p| p.name == pr.peer) else {
+            continue;
+        };
+        if route_trouble.contains(&p.name) {
+            continue;
+        }
+        let tunnel = intent.tunnelled(p);
+        let ev =
+            |what: &str, ok: bool| format!("{what}: {}", if ok { "answered" } else { "no answer" });
+        let evidence = vec![
+            ev(
+                &format!("ping {} (its underlay address)", p.public_ip),
+                pr.underlay,
+            ),
+            ev(
+                &format!(
+                    "ping {} (its VTEP, in its pod subnet, {})",
+                    p.vtep_ip,
+                    p.mode.map(|m| m.to_string()).unwrap_or_default()
+                ),
+                pr.pod,
+            ),
+            ev(
+                &format!(
+                    "ping -M do -s {} {} (a full pod-MTU packet)",
+                    pr.size, p.vtep_ip
+                ),
+                pr.full_size,
+            ),
+        ];
+        if !pr.underlay && !pr.pod {
+            out.push(finding(
+                "peer-unreachable",
+                Some(&p.name),
+                format!("{} does not answer at its underlay address {} nor in its pod subnet: it is down or cut off", p.name, p.public_ip),
+                evidence,
+                format!("check that {} is up and that the network between the nodes carries ICMP", p.name),
+            ));
+        } else if !pr.pod && tunnel && p.mode == Some(Mode::Vxlan) {
+            out.push(finding(
+                "vxlan-blocked",
+                Some(&p.name),
+                format!(
+                    "{} answers on the underlay but not through the VXLAN tunnel: something between the nodes drops UDP port {} (a security group, a firewall), unless {} routes its answers wrongly (see its own doctor report)",
+                    p.name, intent.vxlan_port, p.name
+                ),
+                evidence,
+                format!(
+                    "allow UDP {} between {} and {} in both directions (cloud security group / firewall)",
+                    intent.vxlan_port, intent.public_ip, p.public_ip
+                ),
+            ));
+        } else if !pr.pod && !tunnel {
+            out.push(finding(
+                "pod-traffic-dropped",
+                Some(&p.name),
+                format!(
+                    "{} answers on the underlay but not to pod-addressed traffic routed straight to it: the fabric drops it (source/destination checks)",
+                    p.name
+                ),
+                evidence,
+                "use backend auto (it falls back to VXLAN for such peers) or vxlan, or turn off the fabric's destination checks".into(),
+            ));
+        } else if !pr.pod {
+            out.push(finding(
+                "peer-unreachable",
+                Some(&p.name),
+                format!(
+                    "{} answers on the underlay but not through the tunnel",
+                    p.name
+                ),
+                evidence,
+                "check that IP-in-IP (protocol 4) passes between the nodes".into(),
+            ));
+        } else if !pr.full_size {
+            out.push(finding(
+                "mtu",
+                Some(&p.name),
+                format!(
+                    "small packets reach {} but a full {}-byte pod packet with DF set does not: the path carries less than the pods' MTU, so large transfers stall",
+                    p.name, intent.pod_mtu
+                ),
+                evidence,
+                format!(
+                    "set the cluster config's mtu to what the path carries (less {} for VXLAN), or raise the path's MTU; pods pick up a new MTU when re-created",
+                    tweed_model::VXLAN_OVERHEAD
+                ),
+            ));
+        }
+    }
+
+    // The runtime's CNI config.
+    let cni = &f.cni;
+    let first = cni.files.iter().find(|x| x.parsed.is_ok());
+    let ours = |x: &crate::facts::CniFile| {
+        x.parsed
+            .as_ref()
+            .is_ok_and(|(_, t)| t.first().is_some_and(|t| t == "tweed"))
+    };
+    let listing: Vec<String> = cni
+        .files
+        .iter()
+        .map(|x| match &x.parsed {
+            Ok((n, t)) => format!(
+                "{}/{}: network {n}, plugins {}",
+                cni.dir.display(),
+                x.name,
+                t.join(", ")
+            ),
+            Err(e) => format!("{}/{}: does not parse ({e})", cni.dir.display(), x.name),
+        })
+        .collect();
+    if cni.node_ready && !cni.files.iter().any(ours) {
+        out.push(finding(
+            "cni-config-missing",
+            None,
+            format!(
+                "the node is ready but {} holds no tweed config: the runtime reports \"cni plugin not initialized\" and no pod starts",
+                cni.dir.display()
+            ),
+            if listing.is_empty() {
+                vec![format!("{}: no .conf, .conflist or .json file", cni.dir.display())]
+            } else {
+                listing.clone()
+            },
+            "restart the tweed agent on this node: it writes 10-tweed.conflist once the node is ready".into(),
+        ));
+    } else if let Some(x) = first.filter(|x| !ours(x)) {
+        out.push(finding(
+            "cni-config-shadowed",
+            None,
+            format!(
+                "the runtime uses the first config in {} by name, {}, not tweed's: pods are wired by another network",
+                cni.dir.display(),
+                x.name
+            ),
+            listing.clone(),
+            format!(
+                "remove {} (left by an earlier network add-on), then re-create the pods it wired",
+                cni.dir.join(&x.name).display()
+            ),
+        ));
+    }
+    if !cni.missing_bins.is_empty() {
+        out.push(finding(
+            "cni-plugin-missing",
+            None,
+            format!(
+                "the CNI config names plugin{} {} that the bin directory does not have: every pod ADD fails",
+                if cni.missing_bins.len() == 1 { "" } else { "s" },
+                cni.missing_bins.join(", ")
+            ),
+            listing,
+            "restart the tweed agent on this node (it installs its plugin before writing the config), or install the missing plugin".into(),
+        ));
+    }
+
+    // Forwarding.
+    if f.ip_forward == Some(false) {
+        out.push(finding(
+            "ip-forward-off",
+            None,
+            "IPv4 forwarding is off: traffic between this node's pods and anything outside the node is dropped".into(),
+            vec!["net.ipv4.ip_forward = 0".into()],
+            "sysctl -w net.ipv4.ip_forward=1, and find what turned it off (a file in /etc/sysctl.d, a hardening baseline)".into(),
+        ));
+    }
+    let cluster = intent.cluster_cidr.network().to_string();
+    for c in &f.nft {
+        if c.hook.as_deref() == Some("forward")
+            && c.policy.as_deref() == Some("drop")
+            && !(c.family == "ip" && c.table == tweed_plan::services::TABLE)
+            && !c
+                .rules
+                .iter()
+                .any(|r| r.contains(&cluster) && r.contains("accept"))
+        {
+            out.push(finding(
+                "forward-drop",
+                None,
+                format!(
+                    "the {} {} chain {} drops forwarded packets by default and accepts nothing for the cluster CIDR {}: pod traffic through this node is dropped",
+                    c.family, c.table, c.name, intent.cluster_cidr
+                ),
+                vec![format!(
+                    "table {} {}, chain {}: hook forward, policy drop, {} rule{}",
+                    c.family,
+                    c.table,
+                    c.name,
+                    c.rules.len(),
+                    if c.rules.len() == 1 { "" } else { "s" }
+                )],
+                format!(
+                    "nft insert rule {} {} {} ip saddr {} accept; nft insert rule {} {} {} ip daddr {} accept (Docker: iptables -I DOCKER-USER ...)",
+                    c.family, c.table, c.name, intent.cluster_cidr, c.family, c.table, c.name, intent.cluster_cidr
+                ),
+            ));
+        }
+    }
+    for c in f
+        .legacy
+        .iter()
+        .filter(|c| c.name == "FORWARD" && c.policy == "DROP")
+    {
+        out.push(finding(
+            "forward-drop",
+            None,
+            "the iptables-legacy FORWARD chain drops forwarded packets by default: pod traffic through this node is dropped".into(),
+            vec![format!("iptables-legacy -t {} -S FORWARD: -P FORWARD DROP", c.table)],
+            format!(
+                "iptables-legacy -I FORWARD -s {0} -j ACCEPT; iptables-legacy -I FORWARD -d {0} -j ACCEPT",
+                intent.cluster_cidr
+            ),
+        ));
+    }
+    let strict: Vec<String> = f
+        .rp_filter
+        .iter()
+        .filter(|(_, v)| *v == 1)
+        .map(|(d, _)| d.clone())
+        .collect();
+    if !strict.is_empty() {
+        out.push(finding(
+            "rp-filter-strict",
+            None,
+            format!(
+                "strict reverse-path filtering on {}: a packet from a peer's pod is dropped whenever it arrives by another device than the one this node routes back by (e.g. a peer sends direct while this node tunnels)",
+                strict.join(", ")
+            ),
+            f.rp_filter
+                .iter()
+                .filter(|(_, v)| *v == 1)
+                .map(|(d, v)| format!("effective net.ipv4.conf.{d}.rp_filter = {v} (max of all and {d})"))
+                .collect(),
+            format!(
+                "sysctl -w net.ipv4.conf.all.rp_filter=2{} (loose mode; 2 keeps spoofing protection for unroutable sources)",
+                strict
+                    .iter()
+                    .map(|d| format!(" net.ipv4.conf.{d}.rp_filter=2"))
+                    .collect::<String>()
+            ),
+        ));
+    }
+
+    // Leftovers of other stacks.
+    let mut leftovers: Vec<String> = f
+        .nft
+        .iter()
+        .filter(|c| {
+            FOREIGN_CHAINS.iter().any(|p| c.name.starts_with(p))
+                || FOREIGN_TABLES.iter().any(|t| c.table == *t)
+        })
+        .map(|c| {
+            format!(
+                "nft: table {} {}, chain {} ({} rules)",
+                c.family,
+                c.table,
+                c.name,
+                c.rules.len()
+            )
+        })
+        .collect();
+    leftovers.extend(
+        f.legacy
+            .iter()
+            .filter(|c| FOREIGN_CHAINS.iter().any(|p| c.name.starts_with(p)))
+            .map(|c| format!("iptables-legacy: table {}, chain {}", c.table, c.name)),
+    );
+    if !leftovers.is_empty() {
+        out.push(finding(
+            "leftover-rules",
+            None,
+            "rules of another Service proxy or pod network are still loaded: they can rewrite or drop Service and pod traffic before tweed's rules see it".into(),
+            leftovers,
+            "remove them once that stack is gone: kube-proxy --cleanup (both iptables-legacy and nft), or delete the tables/chains named above; never run kube-proxy beside tweed".into(),
+        ));
+    }
+
+    // The datastore.
+    if let Some(st) = &f.status {
+        let why = st.last_error.clone().unwrap_or_default();
+        if st.datastore == "waiting" && why.contains("podCIDR") {
+            out.push(finding(
+                "podcidr-unassigned",
+                None,
+                "the Node has no spec.podCIDR yet, so this node has no pod subnet and no pod can start".into(),
+                vec![format!("agent: {why}")],
+                "start kube-controller-manager with --allocate-node-cidrs --cluster-cidr (kubeadm: --pod-network-cidr), or set spec.podCIDR on the Node".into(),
+            ));
+        } else if st.datastore != "connected" && st.datastore != "waiting"
+            || matches!(f.datastore_reach, Some(Err(_)))
+        {
+            let mut ev = vec![format!(
+                "agent: datastore {} {}",
+                st.datastore, st.datastore_at
+            )];
+            if !why.is_empty() {
+                ev.push(format!("agent's last error: {why}"));
+            }
+            if let Some(r) = &f.datastore_reach {
+                ev.push(match r {
+                    Ok(()) => "TCP connect from this node: works".into(),
+                    Err(e) => e.clone(),
+                });
+            }
+            out.push(finding(
+                "datastore-unreachable",
+                None,
+                "the agent cannot reach its datastore: the data plane stays as it is, but no change (new pods elsewhere, Services, nodes) reaches this node".into(),
+                ev,
+                format!("restore the path from this node to {} (firewall, routes, the datastore itself)", st.datastore_at),
+            ));
+        }
+    }
+    out
+}
+
+/// The finding for a peer whose route lookup disagrees with the plan:
+/// (fault, summary, evidence, fix).
+fn route_finding(
+    intent: &NodeIntent,
+    f: &Facts,
+    p: &PeerIntent,
+    planned: &Route,
+) -> Option<(&'static str, String, Vec<String>, String)> {
+    let want = format!(
+        "{} via {} dev {}{} proto 144 (tweed's plan: {})",
+        planned.dst,
+        planned.via,
+        planned.dev,
+        if planned.onlink { " onlink" } else { "" },
+        p.mode.map(|m| m.to_string()).unwrap_or_default()
+    );
+    let fix = format!(
+        "ip route replace {} via {} dev {}{} proto 144 (the agent does this itself at its next resync, every {} s; if the wrong route comes back, something else writes it: stop that)",
+        planned.dst,
+        planned.via,
+        planned.dev,
+        if planned.onlink { " onlink" } else { "" },
+        intent.resync_secs
+    );
+    let probe_ev: Vec<String> = f
+        .probes
+        .iter()
+        .filter(|x| x.peer == p.name)
+        .map(|x| {
+            format!(
+                "ping {}: {}",
+                p.vtep_ip,
+                if x.pod { "answered" } else { "no answer" }
+            )
+        })
+        .collect();
+    let sample = sample_addr(p.subnet);
+    match f.pod_lookups.get(&p.name)? {
+        Err(errno) => Some((
+            "route-missing",
+            format!(
+                "this node has no route to {}'s pod subnet {}",
+                p.name, p.subnet
+            ),
+            vec![
+                format!("ip route get {sample}: {}", errno_text(*errno)),
+                format!("planned: {want}"),
+            ],
+            fix,
+        )),
+        Ok(r) => {
+            let dev = f.dev_name(r.oif);
+            let right = r.prefix == planned.dst
+                && r.table == MAIN_TABLE
+                && r.protocol == TWEED_PROTO
+                && r.gateway == Some(planned.via)
+                && dev == planned.dev;
+            if right {
+                return None;
+            }
+            let mut ev = vec![
+                format!("ip route get fibmatch {sample}: {}", describe(f, r)),
+                format!("planned: {want}"),
+            ];
+            ev.extend(probe_ev);
+            if r.prefix != planned.dst || r.table != MAIN_TABLE {
+                return Some((
+                    "foreign-route",
+                    format!(
+                        "a route tweed did not make ({} in table {}) decides traffic to {}'s pods instead of tweed's route",
+                        r.prefix,
+                        table_name(r.table),
+                        p.name
+                    ),
+                    ev,
+                    format!("{} (and remove what re-creates it)", del_command(f, r)),
+                ));
+            }
+            // Direct routing towards a gateway no connected subnet holds
+            // (flannel host-gw across VLANs, seed 003): the neighbour stays
+            // INCOMPLETE and every packet is lost.
+            if let Some(gw) = r.gateway {
+                let on_link = f
+                    .link(r.oif.unwrap_or(0))
+                    .is_some_and(|l| l.addrs.iter().any(|a| a.contains(&gw)));
+                if gw == p.public_ip && dev == intent.underlay_dev && !on_link {
+                    if let Some(Some(state)) = f.neigh_state(&p.name) {
+                        ev.push(format!("ip neigh show {gw} dev {dev}: {state}"));
+                    }
+                    return Some((
+                        "not-on-link",
+                        format!(
+                            "pod traffic to {} is sent straight to {gw} on {dev}, but {gw} is not on any subnet of {dev}: the peer is on another segment and the packets never arrive",
+                            p.name
+                        ),
+                        ev,
+                        fix,
+                    ));
+                }
+            }
+            Some((
+                "wrong-next-hop",
+                format!(
+                    "traffic to {}'s pods ({}) goes via {} on {dev}, not where tweed planned ({} on {})",
+                    p.name,
+                    p.subnet,
+                    r.gateway.map(|g| g.to_string()).unwrap_or_else(|| "no gateway".into()),
+                    planned.via,
+                    planned.dev
+                ),
+                ev,
+                fix,
+            ))
+        }
+    }
+}
+
+impl Facts {
+    fn neigh_state(&self, peer: &str) -> Option<Option<String>> {
+        self.gateway_neigh.get(peer).cloned()
+    }
+}
+
+fn errno_text(e: i32) -> String {
+    match e {
+        101 => "Network is unreachable".into(),
+        113 => "No route to host".into(),
+        EINVAL => "Invalid argument (a blackhole route, or rp_filter)".into(),
+        e => format!("error {e}"),
+    }
+}
+
+fn planned_text(r: &Route) -> String {
+    format!(
+        "{} via {} dev {}{} proto 144",
+        r.dst,
+        r.via,
+        r.dev,
+        if r.onlink { " onlink" } else { "" }
+    )
+}
+
+fn table_name(t: u32) -> String {
+    match t {
+        MAIN_TABLE => "main".into(),
+        LOCAL_TABLE => "local".into(),
+        t => t.to_string(),
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        2 => "kernel".into(),
+        3 => "boot".into(),
+        4 => "static".into(),
+        12 => "bird".into(),
+        TWEED_PROTO => "144 (tweed)".into(),
+        p => p.to_string(),
+    }
+}
+
+/// A route as `ip route` would print it.
+fn describe(f: &Facts, r: &RouteLookup) -> String {
+    let mut s = String::new();
+    if r.kind != "unicast" {
+        s.push_str(&format!("{} ", r.kind));
+    }
+    s.push_str(&r.prefix.to_string());
+    if let Some(g) = r.gateway {
+        s.push_str(&format!(" via {g}"));
+    }
+    if r.oif.is_some() {
+        s.push_str(&format!(" dev {}", f.dev_name(r.oif)));
+    }
+    if r.onlink {
+        s.push_str(" onlink");
+    }
+    s.push_str(&format!(" proto {}", proto_name(r.protocol)));
+    if r.table != MAIN_TABLE {
+        s.push_str(&format!(" table {}", table_name(r.table)));
+    }
+    if let Some(src) = r.src {
+        s.push_str(&format!(" src {src}"));
+    }
+    s
+}
+
+fn del_command(f: &Facts, r: &RouteLookup) -> String {
+    let mut s = format!(
+        "ip route del {}",
+        if r.kind == "unicast" {
+            String::new()
+        } else {
+            format!("{} ", r.kind)
+        }
+    );
+    s.push_str(&r.prefix.to_string());
+    if r.oif.is_some() && r.kind == "unicast" {
+        s.push_str(&format!(" dev {}", f.dev_name(r.oif)));
+    }
+    if r.table != MAIN_TABLE {
+        s.push_str(&format!(" table {}", table_name(r.table)));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::{CniFacts, CniFile, LinkFact, NftChain, PeerProbe, StatusView};
+    use std::collections::BTreeMap;
+    use tweed_model::{Backend, ClusterConfig, MacAddr, NodeRecord};
+    use tweed_plan::{plan_node, LocalNode, PeerFacts, PeerIntent};
+
+    fn rec(name: &str, subnet: &str, ip: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            subnet: subnet.parse().unwrap(),
+            public_ip: ip.parse().unwrap(),
+            backend: Backend::Vxlan,
+            vtep_mac: MacAddr([0x0e, 0, 0, 0, 0, subnet.as_bytes()[7]]),
+            unreachable: vec![],
+        }
+    }
+
+    /// node1 with one VXLAN peer node2, as the agent would plan it.
+    fn intent() -> NodeIntent {
+        let cfg = ClusterConfig {
+            backend: Backend::Vxlan,
+            ..Default::default()
+        };
+        let me = LocalNode {
+            record: rec("node1", "10.244.0.0/24", "198.51.100.10"),
+            bind_ip: "198.51.100.10".parse().unwrap(),
+            underlay_dev: "eth0".into(),
+            underlay_mtu: 1500,
+        };
+        let peer = rec("node2", "10.244.2.0/24", "198.51.100.11");
+        let plan = plan_node(
+            &cfg,
+            &me,
+            &[me.record.clone(), peer.clone()],
+            &BTreeMap::<String, PeerFacts>::new(),
+        );
+        NodeIntent {
+            node: "node1".into(),
+            subnet: me.record.subnet,
+            cluster_cidr: cfg.cluster_cidr,
+            service_cidr: cfg.service_cidr,
+            backend: cfg.backend,
+            vxlan_port: 8472,
+            underlay_dev: "eth0".into(),
+            bind_ip: me.bind_ip,
+            public_ip: me.bind_ip,
+            underlay_mtu: 1500,
+            pod_mtu: 1450,
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dir: None,
+            resync_secs: 30,
+            peers: vec![PeerIntent {
+                name: "node2".into(),
+                subnet: peer.subnet,
+                public_ip: peer.public_ip,
+                vtep_ip: peer.vtep_ip(),
+                vtep_mac: peer.vtep_mac,
+                mode: Some(Mode::Vxlan),
+                reason: "backend vxlan".into(),
+            }],
+            plan,
+        }
+    }
+
+    fn tweed_route() -> RouteLookup {
+        RouteLookup {
+            prefix: "10.244.2.0/24".parse().unwrap(),
+            gateway: Some("10.244.2.0".parse().unwrap()),
+            oif: Some(3),
+            table: MAIN_TABLE,
+            protocol: TWEED_PROTO,
+            kind: "unicast".into(),
+            onlink: true,
+            src: Some("10.244.0.0".parse().unwrap()),
+            metric: 0,
+        }
+    }
+
+    fn healthy() -> Facts {
+        Facts {
+            links: vec![
+                LinkFact {
+                    index: 2,
+                    name: "eth0".into(),
+                    mtu: 1500,
+                    addrs: vec!["198.51.100.10/24".parse().unwrap()],
+                },
+                LinkFact {
+                    index: 3,
+                    name: "tweed.1".into(),
+                    mtu: 1450,
+                    addrs: vec!["10.244.0.0/32".parse().unwrap()],
+                },
+            ],
+            routes: vec![tweed_route()],
+            pod_lookups: [("node2".to_string(), Ok(tweed_route()))].into(),
+            underlay_lookups: BTreeMap::new(),
+            gateway_neigh: BTreeMap::new(),
+            ip_forward: Some(true),
+            rp_filter: vec![("eth0".into(), 2), ("tweed.1".into(), 0)],
+            nft: vec![],
+            legacy: vec![],
+            cni: CniFacts {
+                dir: "/etc/cni/net.d".into(),
+                files: vec![CniFile {
+                    name: "10-tweed.conflist".into(),
+                    parsed: Ok(("tweed".into(), vec!["tweed".into()])),
+                }],
+                missing_bins: vec![],
+                node_ready: true,
+            },
+            status: Some(StatusView {
+                datastore: "connected".into(),
+                datastore_at: "etcd http://198.51.100.2:2379".into(),
+                last_error: None,
+            }),
+            datastore_reach: Some(Ok(())),
+            probes: vec![PeerProbe {
+                peer: "node2".into(),
+                underlay: true,
+                pod: true,
+                full_size: true,
+                size: 1422,
+            }],
+        }
+    }
+
+    fn faults(f: &Facts) -> Vec<String> {
+        check(&intent(), f).into_iter().map(|x| x.fault).collect()
+    }
+
+    #[test]
+    fn a_healthy_node_has_no_findings() {
+        assert_eq!(faults(&healthy()), Vec::<String>::new());
+        // Loose rp_filter, a Docker-style FORWARD drop that accepts the
+        // cluster CIDR, and tweed's own table are all fine.
+        let mut f = healthy();
+        f.rp_filter = vec![("eth0".into(), 2)];
+        f.nft.push(NftChain {
+            family: "ip".into(),
+            table: "filter".into(),
+            name: "FORWARD".into(),
+            hook: Some("forward".into()),
+            policy: Some("drop".into()),
+            rules: vec![r#"[{"match":{"right":{"prefix":{"addr":"10.244.0.0","len":16}}}},{"accept":null}]"#.into()],
+        });
+        assert_eq!(faults(&f), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_hand_written_next_hop_is_named_and_explains_the_failed_probe() {
+        let mut f = healthy();
+        let mut r = tweed_route();
+        r.gateway = Some("198.51.100.11".parse().unwrap());
+        r.protocol = 3;
+        f.routes = vec![r.clone()];
+        f.pod_lookups.insert("node2".into(), Ok(r));
+        f.probes[0].pod = false;
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].fault, "wrong-next-hop");
+        assert!(
+            found[0]
+                .fix
+                .contains("ip route replace 10.244.2.0/24 via 10.244.2.0 dev tweed.1 onlink"),
+            "{}",
+            found[0].fix
+        );
+    }
+
+    #[test]
+    fn a_more_specific_foreign_route_is_found_even_when_the_sample_looks_right() {
+        let mut f = healthy();
+        f.routes.push(RouteLookup {
+            prefix: "10.244.2.128/26".parse().unwrap(),
+            gateway: None,
+            oif: None,
+            table: MAIN_TABLE,
+            protocol: 12,
+            kind: "blackhole".into(),
+            onlink: false,
+            src: None,
+            metric: 0,
+        });
+        let found = check(&intent(), &f);
+        assert_eq!(
+            found.iter().map(|x| x.fault.as_str()).collect::<Vec<_>>(),
+            ["foreign-route"]
+        );
+        assert!(
+            found[0].evidence[0].contains("blackhole 10.244.2.128/26 proto bird"),
+            "{:?}",
+            found[0].evidence
+        );
+        assert_eq!(
+            found[0].fix.split(" (").next().unwrap(),
+            "ip route del blackhole 10.244.2.128/26"
+        );
+    }
+
+    #[test]
+    fn probes_tell_a_blocked_port_from_a_small_mtu_from_a_dead_peer() {
+        for ((underlay, pod, full), want) in [
+            ((true, false, false), "vxlan-blocked"),
+            ((true, true, false), "mtu"),
+            ((false, false, false), "peer-unreachable"),
+        ] {
+            let mut f = healthy();
+            f.probes[0] = PeerProbe {
+                peer: "node2".into(),
+                underlay,
+                pod,
+                full_size: full,
+                size: 1422,
+            };
+            assert_eq!(faults(&f), [want]);
+        }
+    }
+
+    #[test]
+    fn host_faults_each_name_themselves() {
+        let mut f = healthy();
+        f.ip_forward = Some(false);
+        assert_eq!(faults(&f), ["ip-forward-off"]);
+        let mut f = healthy();
+        f.rp_filter = vec![("eth0".into(), 1)];
+        assert_eq!(faults(&f), ["rp-filter-strict"]);
+        let mut f = healthy();
+        f.cni.files.insert(
+            0,
+            CniFile {
+                name: "00-flannel.conflist".into(),
+                parsed: Ok(("cbr0".into(), vec!["flannel".into()])),
+            },
+        );
+        assert_eq!(faults(&f), ["cni-config-shadowed"]);
+        // An unparseable file before ours is skipped by runtimes: not shadowing.
+        let mut f = healthy();
+        f.cni.files.insert(
+            0,
+            CniFile {
+                name: "00-broken.conf".into(),
+                parsed: Err("EOF".into()),
+            },
+        );
+        assert_eq!(faults(&f), Vec::<String>::new());
+        let mut f = healthy();
+        f.cni.files.clear();
+        assert_eq!(faults(&f), ["cni-config-missing"]);
+        // ... but before the node is ready, no config is what should be.
+        f.cni.node_ready = false;
+        assert_eq!(faults(&f), Vec::<String>::new());
+        let mut f = healthy();
+        f.datastore_reach = Some(Err("TCP connect to 198.51.100.2:2379: timed out".into()));
+        assert_eq!(faults(&f), ["datastore-unreachable"]);
+        let mut f = healthy();
+        f.legacy.push(crate::facts::LegacyChain {
+            table: "nat".into(),
+            name: "KUBE-SERVICES".into(),
+            policy: "-".into(),
+        });
+        assert_eq!(faults(&f), ["leftover-rules"]);
+    }
+
+    #[test]
+    fn a_route_finding_on_one_node_absorbs_the_echo_on_its_peer() {
+        let cause = Finding {
+            fault: "wrong-next-hop".into(),
+            node: "a".into(),
+            peer: Some("b".into()),
+            summary: String::new(),
+            evidence: vec![],
+            fix: String::new(),
+        };
+        let echo = Finding {
+            fault: "vxlan-blocked".into(),
+            node: "b".into(),
+            peer: Some("a".into()),
+            ..cause.clone()
+        };
+        let unrelated = Finding {
+            fault: "vxlan-blocked".into(),
+            node: "c".into(),
+            peer: Some("a".into()),
+            ..cause.clone()
+        };
+        let out = crate::correlate(vec![echo, cause, unrelated]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].fault, "wrong-next-hop");
+        assert!(out[0].evidence[0].contains("b's probes of a fail too"));
+        assert_eq!(out[1].node, "c");
+    }
+}

@@ -1,0 +1,498 @@
+//! `tweed lab fault`: break a lab the way clusters break in the field, so
+//! `tweed doctor` can be shown (and tested) to find each fault by itself.
+//!
+//! Each fault is made the way it happens for real: a route written by hand
+//! on the node, a leftover Calico blackhole, a firewall in the *fabric's*
+//! namespace (never on the nodes) for a blocked port, a switch port with a
+//! smaller MTU, a sysctl flipped, Docker's FORWARD policy, a leftover
+//! kube-proxy chain, a flannel conflist left in the CNI directory. Every
+//! injection records the exact commands that undo it (in the lab's
+//! `faults.json`), and `clear` runs them, collecting every error.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tweed_plan::NodeIntent;
+
+use crate::lab::{run, run_stdin, Lab, LabError, LabState};
+
+type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// The faults a lab can inject: (name, needs a peer, how it is made).
+pub const FAULTS: &[(&str, bool, &str)] = &[
+    ("wrong-next-hop", true, "on NODE, the route to PEER's pod subnet rewritten by hand with the tunnel and underlay addresses mixed up (seed 002, case 1); the agent repairs it at its next resync"),
+    ("foreign-route", true, "on NODE, a leftover Calico block blackhole (proto bird) inside PEER's pod subnet"),
+    ("vxlan-blocked", true, "in the fabric, UDP to the VXLAN port dropped between NODE and PEER (seed 000)"),
+    ("mtu", false, "the fabric's port for NODE carries 100 bytes less than the underlay MTU"),
+    ("ip-forward-off", false, "on NODE, net.ipv4.ip_forward=0"),
+    ("forward-drop", false, "on NODE, Docker's FORWARD chain with policy drop (table ip filter)"),
+    ("rp-filter-strict", false, "on NODE, net.ipv4.conf.all.rp_filter=1"),
+    ("leftover-rules", false, "on NODE, kube-proxy's KUBE-SERVICES and KUBE-POSTROUTING chains in iptables-legacy"),
+    ("cni-config-missing", false, "on NODE, tweed's conflist removed from the CNI config directory"),
+    ("cni-config-shadowed", false, "on NODE, flannel's 10-flannel.conflist left as 00-flannel.conflist, sorting before tweed's"),
+    ("datastore-unreachable", false, "in the fabric, NODE's traffic to the datastore dropped"),
+];
+
+/// One injected fault and how to undo it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Injected {
+    pub fault: String,
+    pub node: String,
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Argument vectors run in order to undo the fault.
+    pub undo: Vec<Vec<String>>,
+}
+
+fn argv(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl Lab {
+    fn faults_path(&self) -> PathBuf {
+        self.dir.join("faults.json")
+    }
+
+    /// Faults injected and not cleared yet.
+    pub fn faults(&self) -> Vec<Injected> {
+        std::fs::read(self.faults_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_faults(&self, f: &[Injected]) -> Result<()> {
+        let p = self.faults_path();
+        std::fs::write(&p, serde_json::to_vec_pretty(f).expect("json"))
+            .map_err(|source| LabError::Io { path: p, source })
+    }
+
+    /// The plan a node's agent last wrote (what doctor judges it by).
+    pub fn node_intent(&self, st: &LabState, node: &str) -> Result<NodeIntent> {
+        let p = self.agent_status_path(st, node).with_file_name("plan.json");
+        let body = std::fs::read(&p).map_err(|source| LabError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&body)
+            .map_err(|e| LabError::Invalid(format!("{}: {e}", p.display())))
+    }
+
+    /// Make `fault` happen on `node` (towards `peer` where it needs one).
+    pub fn fault_inject(&self, fault: &str, node: &str, peer: Option<&str>) -> Result<Injected> {
+        let Some(&(_, needs_peer, _)) = FAULTS.iter().find(|f| f.0 == fault) else {
+            return Err(LabError::Invalid(format!(
+                "no fault {fault:?}; `tweed lab fault list` names them: {}",
+                FAULTS.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let st = self.state()?;
+        let n = st.node(node)?.clone();
+        let peer = match (needs_peer, peer) {
+            (true, Some(p)) => Some(st.node(p)?.clone()),
+            (true, None) => {
+                // The first other node, so `inject vxlan-blocked --node a` just works.
+                let other = st.nodes.iter().find(|m| m.name != node).ok_or_else(|| {
+                    LabError::Invalid(format!(
+                        "fault {fault} needs a peer, and lab {} has one node",
+                        self.name
+                    ))
+                })?;
+                Some(other.clone())
+            }
+            (false, _) => None,
+        };
+        if peer.as_ref().is_some_and(|p| p.name == n.name) {
+            return Err(LabError::Invalid(format!(
+                "--peer must be another node than {node}"
+            )));
+        }
+        let intent = self.node_intent(&st, node)?;
+        let peer_intent = peer
+            .as_ref()
+            .map(|p| {
+                intent
+                    .peers
+                    .iter()
+                    .find(|x| x.name == p.name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!("{node}'s agent does not know {} yet", p.name))
+                    })
+            })
+            .transpose()?;
+        let in_node = |args: &[&str]| -> Vec<String> {
+            let mut v = argv(&["ip", "netns", "exec", &n.ns]);
+            v.extend(argv(args));
+            v
+        };
+        let mut undo: Vec<Vec<String>> = Vec::new();
+        let exec = |v: &[String]| -> Result<String> { run(Command::new(&v[0]).args(&v[1..])) };
+        let nft_in = |ns: &str, script: &str| -> Result<String> {
+            run_stdin(
+                Command::new("ip").args(["netns", "exec", ns, "nft", "-f", "-"]),
+                script,
+            )
+        };
+        // The node's underlay addresses as the fabric may see them (private and public).
+        let addrs_of = |name: &str| -> Vec<Ipv4Addr> {
+            let i = st
+                .nodes
+                .iter()
+                .position(|m| m.name == name)
+                .expect("known node");
+            let mut v = vec![st.nodes[i].ip];
+            v.extend(st.topology.nodes[i].public_ip);
+            v
+        };
+        let set = |v: &[Ipv4Addr]| {
+            format!(
+                "{{ {} }}",
+                v.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        // A firewall in the fabric (the underlay's bridges), never on the
+        // nodes: frames matching any of `rules` are dropped. Returns the undo.
+        // Equivalent: `nft add table bridge T; ... hook forward ... RULE drop`.
+        let fabric_table = format!("lab-fault-{fault}-{node}");
+        let fabric_drop = |rules: &[String]| -> Result<Vec<String>> {
+            let body: String = rules
+                .iter()
+                .map(|r| format!("    ether type ip {r} drop\n"))
+                .collect();
+            nft_in(
+                &st.ul_ns,
+                &format!(
+                    "table bridge {fabric_table} {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n{body}  }}\n}}\n"
+                ),
+            )?;
+            Ok(argv(&[
+                "ip",
+                "netns",
+                "exec",
+                &st.ul_ns,
+                "nft",
+                "delete",
+                "table",
+                "bridge",
+                &fabric_table,
+            ]))
+        };
+        match fault {
+            "wrong-next-hop" => {
+                let p = peer_intent.as_ref().expect("peer");
+                let planned = intent.route_to(p.subnet).ok_or_else(|| {
+                    LabError::Invalid(format!("{node} has no route to {} to break", p.name))
+                })?;
+                // Seed 002: the next hop written by hand is the peer's tunnel
+                // address where its underlay address belongs (or the other way
+                // round on the tunnel device).
+                let (via, dev) = if planned.dev == intent.underlay_dev {
+                    (p.vtep_ip, planned.dev.clone())
+                } else {
+                    (p.public_ip, planned.dev.clone())
+                };
+                let dst = p.subnet.to_string();
+                exec(&in_node(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    &dst,
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    &dev,
+                    "onlink",
+                ]))?;
+                let mut back = vec!["ip", "route", "replace", &dst];
+                let via_s = planned.via.to_string();
+                back.extend(["via", &via_s, "dev", &planned.dev]);
+                if planned.onlink {
+                    back.push("onlink");
+                }
+                back.extend(["proto", "144"]);
+                let src_s = planned.src.map(|s| s.to_string());
+                if let Some(s) = &src_s {
+                    back.extend(["src", s]);
+                }
+                undo.push(in_node(&back));
+            }
+            "foreign-route" => {
+                let p = peer_intent.as_ref().expect("peer");
+                let block = Ipv4Net::new(p.subnet.network(), (p.subnet.prefix_len() + 2).min(32))
+                    .expect("valid prefix")
+                    .to_string();
+                exec(&in_node(&[
+                    "ip",
+                    "route",
+                    "add",
+                    "blackhole",
+                    &block,
+                    "proto",
+                    "bird",
+                ]))?;
+                undo.push(in_node(&["ip", "route", "del", "blackhole", &block]));
+            }
+            "vxlan-blocked" => {
+                let p = peer.as_ref().expect("peer");
+                let (a, b) = (set(&addrs_of(&n.name)), set(&addrs_of(&p.name)));
+                let port = intent.vxlan_port;
+                let rule1 = format!("ip saddr {a} ip daddr {b} udp dport {port}");
+                let rule2 = format!("ip saddr {b} ip daddr {a} udp dport {port}");
+                undo.push(fabric_drop(&[rule1, rule2])?);
+            }
+            "datastore-unreachable" => {
+                let status: serde_json::Value = std::fs::read(self.agent_status_path(&st, node))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                let at = status["datastoreAt"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let addr: std::net::SocketAddr = at
+                    .split([' ', ',', '/'])
+                    .find_map(|w| w.parse().ok())
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!(
+                            "{node}'s agent reports no datastore address ({at:?})"
+                        ))
+                    })?;
+                let a = set(&addrs_of(&n.name));
+                let (ip, port) = (addr.ip(), addr.port());
+                let rule1 = format!("ip saddr {a} ip daddr {ip} tcp dport {port}");
+                let rule2 = format!("ip saddr {ip} ip daddr {a} tcp sport {port}");
+                undo.push(fabric_drop(&[rule1, rule2])?);
+            }
+            "mtu" => {
+                // The fabric's end of the node's underlay NIC: the veth peer
+                // whose index the node's link names.
+                let out = run(Command::new("ip").args([
+                    "-j",
+                    "-n",
+                    &n.ns,
+                    "link",
+                    "show",
+                    &intent.underlay_dev,
+                ]))?;
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                let peer_index = v[0]["link_index"].as_u64().ok_or_else(|| {
+                    LabError::Invalid(format!(
+                        "{node}'s {} is not a veth into the fabric",
+                        intent.underlay_dev
+                    ))
+                })?;
+                let links: serde_json::Value = serde_json::from_str(&run(
+                    Command::new("ip").args(["-j", "-n", &st.ul_ns, "link", "show"])
+                )?)
+                .unwrap_or_default();
+                let port = links
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|l| l["ifindex"].as_u64() == Some(peer_index))
+                    .and_then(|l| l["ifname"].as_str())
+                    .ok_or_else(|| LabError::Invalid(format!("no fabric port for {node}")))?
+                    .to_string();
+                let small = intent.underlay_mtu.saturating_sub(100).to_string();
+                let was = intent.underlay_mtu.to_string();
+                exec(&argv(&[
+                    "ip", "-n", &st.ul_ns, "link", "set", &port, "mtu", &small,
+                ]))?;
+                undo.push(argv(&[
+                    "ip", "-n", &st.ul_ns, "link", "set", &port, "mtu", &was,
+                ]));
+            }
+            "ip-forward-off" => {
+                exec(&in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]))?;
+                undo.push(in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+            }
+            "rp-filter-strict" => {
+                let was = exec(&in_node(&["sysctl", "-n", "net.ipv4.conf.all.rp_filter"]))?;
+                exec(&in_node(&[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.conf.all.rp_filter=1",
+                ]))?;
+                undo.push(in_node(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.all.rp_filter={}", was.trim()),
+                ]));
+            }
+            "forward-drop" => {
+                nft_in(
+                    &n.ns,
+                    "table ip filter {\n  chain FORWARD {\n    type filter hook forward priority 0; policy drop;\n  }\n}\n",
+                )?;
+                undo.push(in_node(&["nft", "delete", "table", "ip", "filter"]));
+            }
+            "leftover-rules" => {
+                for args in [
+                    &["-t", "nat", "-N", "KUBE-SERVICES"][..],
+                    &["-t", "nat", "-N", "KUBE-POSTROUTING"],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "KUBE-POSTROUTING",
+                        "-m",
+                        "mark",
+                        "--mark",
+                        "0x4000/0x4000",
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                    &["-t", "nat", "-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"],
+                ] {
+                    let mut v = vec!["iptables-legacy"];
+                    v.extend(args);
+                    exec(&in_node(&v))?;
+                }
+                for args in [
+                    &["-t", "nat", "-D", "POSTROUTING", "-j", "KUBE-POSTROUTING"][..],
+                    &["-t", "nat", "-F", "KUBE-POSTROUTING"],
+                    &["-t", "nat", "-X", "KUBE-POSTROUTING"],
+                    &["-t", "nat", "-X", "KUBE-SERVICES"],
+                ] {
+                    let mut v = vec!["iptables-legacy"];
+                    v.extend(args);
+                    undo.push(in_node(&v));
+                }
+            }
+            "cni-config-missing" => {
+                let conf = intent.cni_conf_dir.join("10-tweed.conflist");
+                let keep = self.dir.join(format!("fault-{node}-10-tweed.conflist"));
+                std::fs::rename(&conf, &keep).map_err(|source| LabError::Io {
+                    path: conf.clone(),
+                    source,
+                })?;
+                undo.push(argv(&[
+                    "mv",
+                    &keep.display().to_string(),
+                    &conf.display().to_string(),
+                ]));
+            }
+            "cni-config-shadowed" => {
+                let p = intent.cni_conf_dir.join("00-flannel.conflist");
+                let body = serde_json::json!({
+                    "name": "cbr0",
+                    "cniVersion": "0.3.1",
+                    "plugins": [
+                        {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+                        {"type": "portmap", "capabilities": {"portMappings": true}}
+                    ]
+                });
+                std::fs::write(&p, serde_json::to_vec_pretty(&body).expect("json")).map_err(
+                    |source| LabError::Io {
+                        path: p.clone(),
+                        source,
+                    },
+                )?;
+                undo.push(argv(&["rm", "-f", &p.display().to_string()]));
+            }
+            _ => unreachable!("listed in FAULTS"),
+        }
+        let inj = Injected {
+            fault: fault.into(),
+            node: node.into(),
+            peer: peer.map(|p| p.name),
+            undo,
+        };
+        let mut all = self.faults();
+        all.push(inj.clone());
+        self.save_faults(&all)?;
+        Ok(inj)
+    }
+
+    /// Undo injected faults (all, or those matching `fault` / `node`), the
+    /// newest first. Every undo step runs even if one fails; the failures
+    /// are returned together.
+    pub fn fault_clear(&self, fault: Option<&str>, node: Option<&str>) -> Result<Vec<Injected>> {
+        let all = self.faults();
+        let (gone, keep): (Vec<Injected>, Vec<Injected>) = all
+            .into_iter()
+            .partition(|i| fault.is_none_or(|f| f == i.fault) && node.is_none_or(|n| n == i.node));
+        let mut errors = Vec::new();
+        for i in gone.iter().rev() {
+            for v in &i.undo {
+                if let Err(e) = run(Command::new(&v[0]).args(&v[1..])) {
+                    errors.push(format!("{} on {}: {}: {e}", i.fault, i.node, v.join(" ")));
+                }
+            }
+        }
+        self.save_faults(&keep)?;
+        if errors.is_empty() {
+            Ok(gone)
+        } else {
+            Err(LabError::Teardown(errors))
+        }
+    }
+}
+
+impl Lab {
+    /// `tweed doctor` on every node (or one), at once, each inside its
+    /// node's namespace judging by its own agent's plan; the reports merged.
+    pub fn doctor(&self, only: Option<&str>) -> Result<tweed_explain::Report> {
+        let st = self.state()?;
+        if let Some(n) = only {
+            st.node(n)?;
+        }
+        let nodes: Vec<_> = st
+            .nodes
+            .iter()
+            .filter(|n| only.is_none_or(|o| o == n.name))
+            .collect();
+        let results: Vec<(String, std::result::Result<tweed_explain::Report, String>)> =
+            std::thread::scope(|s| {
+                let hs: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        let run_dir = self.agent_status_path(&st, &n.name);
+                        let run_dir = run_dir.parent().expect("file in a dir").to_path_buf();
+                        s.spawn(move || {
+                            let out = Command::new("ip")
+                                .args(["netns", "exec", &n.ns])
+                                .arg(&self.exe)
+                                .args(["doctor", "-o", "json", "--run-dir"])
+                                .arg(&run_dir)
+                                .output();
+                            let r = match out {
+                                // 0: nothing found, 1: findings; both print the report.
+                                Ok(o) if matches!(o.status.code(), Some(0 | 1)) => {
+                                    serde_json::from_slice(&o.stdout).map_err(|e| {
+                                        format!("doctor's report does not decode: {e}")
+                                    })
+                                }
+                                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                                Err(e) => Err(e.to_string()),
+                            };
+                            (n.name.clone(), r)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().expect("doctor thread"))
+                    .collect()
+            });
+        let mut report = tweed_explain::Report::default();
+        for (node, r) in results {
+            report.nodes.push(node.clone());
+            match r {
+                Ok(mut one) => {
+                    report.findings.append(&mut one.findings);
+                    report.errors.append(&mut one.errors);
+                }
+                Err(e) => report.errors.push(format!("{node}: {e}")),
+            }
+        }
+        report.findings = tweed_explain::correlate(report.findings);
+        Ok(report)
+    }
+}
