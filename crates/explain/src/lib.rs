@@ -12,6 +12,7 @@
 
 pub mod doctor;
 pub mod facts;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,8 @@ pub enum ExplainError {
     },
     #[error(transparent)]
     Netlink(#[from] tweed_netlink::NetlinkError),
+    #[error("{0}")]
+    Trace(String),
 }
 
 /// One fault found on one node.

@@ -16,6 +16,7 @@ pub mod lab;
 pub mod manifest;
 pub mod probe;
 pub mod topology;
+pub mod trace;
 pub mod workloads;
 
 pub use lab::{Lab, LabError};

@@ -669,6 +669,37 @@ impl Netlink {
         Ok(msgs.iter().map(route_lookup_of).collect())
     }
 
+    /// The MAC a neighbour entry for `ip` on link `index` resolves to, if
+    /// any (entries still resolving have none). Equivalent: `ip neigh show IP dev DEV`.
+    pub async fn neigh_mac(&self, index: u32, ip: Ipv4Addr) -> Result<Option<MacAddr>> {
+        for m in self.neigh_dump(AddressFamily::Inet, index).await? {
+            let hit = m.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            });
+            if !hit {
+                continue;
+            }
+            return Ok(m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                    Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+                }
+                _ => None,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Where a VXLAN device sends frames for `mac`. Equivalent:
+    /// `bridge fdb show dev DEV | grep MAC` (its `dst`).
+    pub async fn fdb_dst(&self, dev: &str, mac: MacAddr) -> Result<Option<Ipv4Addr>> {
+        Ok(self
+            .fdb(dev)
+            .await?
+            .into_iter()
+            .find(|f| f.mac == mac)
+            .map(|f| f.dst))
+    }
+
     /// The state of the neighbour entry for `ip` on link `index` (e.g.
     /// "reachable", "incomplete", "failed", "permanent"), if there is one.
     /// Equivalent: `ip neigh show IP dev DEV`.

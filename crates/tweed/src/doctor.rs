@@ -20,14 +20,7 @@ pub struct DoctorArgs {
 }
 
 pub fn run(a: DoctorArgs) -> Result<ExitCode> {
-    let dir = a.run_dir.unwrap_or_else(|| {
-        let default = PathBuf::from("/run/tweed");
-        if default.join("plan.json").exists() {
-            default
-        } else {
-            crate::status::lab_run_dir().unwrap_or(default)
-        }
-    });
+    let dir = crate::status::run_dir(a.run_dir, "plan.json");
     let (intent, status) = facts::read_intent(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

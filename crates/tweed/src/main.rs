@@ -6,6 +6,7 @@
 mod agent;
 mod doctor;
 mod status;
+mod trace;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Find this node's network faults: each with its evidence and the fix.
     Doctor(doctor::DoctorArgs),
+    /// Walk one packet through this node's real rules and routes.
+    Trace(trace::TraceArgs),
     /// A multi-node cluster in network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -218,6 +221,24 @@ enum LabCmd {
         name: String,
         #[arg(long)]
         node: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Follow a packet across the lab: SRC and DST are pods, nodes, hosts or
+    /// addresses; DST may carry :PORT[/PROTO].
+    Trace {
+        src: String,
+        dst: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+        /// Follow only this Service endpoint.
+        #[arg(long)]
+        endpoint: Option<std::net::Ipv4Addr>,
+        /// Send a real request and check the prediction against what the echo server saw.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        minimal: bool,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
@@ -405,6 +426,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Cmd::Agent(a) => agent::run(*a)?,
         Cmd::Status(a) => status::run(a)?,
         Cmd::Doctor(a) => return doctor::run(a),
+        Cmd::Trace(a) => return trace::run(a),
         Cmd::Lab { cmd } => return lab(cmd),
         Cmd::Echo {
             pod,
@@ -623,6 +645,44 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
         LabCmd::Doctor { name, node, output } => {
             let report = Lab::new(&name)?.doctor(node.as_deref())?;
             return doctor::print_report(&report, &output);
+        }
+        LabCmd::Trace {
+            src,
+            dst,
+            name,
+            endpoint,
+            verify,
+            minimal,
+            output,
+        } => {
+            // DST may be a name: split off :PORT/PROTO by hand.
+            let (host, rest) = match dst.split_once(':') {
+                Some((h, r)) => (h.to_string(), Some(r.to_string())),
+                None => match dst.split_once('/') {
+                    Some((h, _)) => (h.to_string(), None),
+                    None => (dst.clone(), None),
+                },
+            };
+            let (port, proto) = match rest {
+                Some(r) => {
+                    let (_, p, proto) = trace::parse_target(&format!("0.0.0.0:{r}"))?;
+                    (p, proto)
+                }
+                None => (None, "tcp".to_string()),
+            };
+            let lab = Lab::new(&name)?;
+            let t = lab.trace(&src, &host, port, &proto, endpoint, verify)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print!(
+                    "{}",
+                    tweed_lab::trace::render(&t, minimal, &lab.address_names()?)
+                );
+            }
+            if t.verified.as_ref().is_some_and(|v| !v.agrees) {
+                return Ok(ExitCode::from(1));
+            }
         }
         LabCmd::Fault { cmd } => match cmd {
             FaultCmd::List => {

@@ -41,15 +41,21 @@ pub(crate) fn lab_run_dir() -> Option<PathBuf> {
     None
 }
 
-pub fn run(a: StatusArgs) -> Result<()> {
-    let dir = a.run_dir.unwrap_or_else(|| {
+/// The agent's run directory: as given, else /run/tweed when it holds
+/// `file`, else (inside a lab node's namespace) that node's.
+pub(crate) fn run_dir(given: Option<PathBuf>, file: &str) -> PathBuf {
+    given.unwrap_or_else(|| {
         let default = PathBuf::from("/run/tweed");
-        if default.join("status.json").exists() {
+        if default.join(file).exists() {
             default
         } else {
             lab_run_dir().unwrap_or(default)
         }
-    });
+    })
+}
+
+pub fn run(a: StatusArgs) -> Result<()> {
+    let dir = run_dir(a.run_dir, "status.json");
     let p = dir.join("status.json");
     let body = std::fs::read(&p).with_context(|| {
         format!(

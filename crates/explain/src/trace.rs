@@ -1,0 +1,1121 @@
+//! `tweed trace`: one packet walked through this node's real rules and
+//! routes, each step citing what decided it (a map element, a route, a
+//! neighbour or FDB entry), forking per Service endpoint.
+//!
+//! The Service step reads the kernel's own nftables elements (`nft get
+//! element`, one key at a time, so it costs the same at 30k Services as at
+//! ten) and decides exactly as the fixed ruleset does
+//! (`tweed_plan::services::render_full`): masquerade marks first, then
+//! the affinity verdict map, `lb-all` → the highest K whose `lb-PROTO-K`
+//! holds the key → `be-PROTO` slots, then node ports and host ports, then
+//! the reject/drop sets. That decision is pure ([`service_step`]) over a
+//! [`Ruleset`] view, so it is unit-tested without a kernel.
+//!
+//! Routing uses the kernel's lookups (`ip route get [fibmatch] ... iif`),
+//! so policy rules, forwarding and rp_filter apply as they would to the
+//! packet; where the route disagrees with the agent's plan the step says so.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use tweed_netlink::{Netlink, RouteLookup};
+use tweed_plan::services::TABLE;
+use tweed_plan::{Mode, NodeIntent};
+
+use crate::ExplainError;
+
+/// The packet as it is at some point of the walk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: String,
+    pub port: Option<u16>,
+}
+
+impl std::fmt::Display for Packet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{} → {}:{p}/{}", self.src, self.dst, self.proto),
+            None => write!(f, "{} → {}", self.src, self.dst),
+        }
+    }
+}
+
+/// One step: what happened, and the rule, element or route behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// origin, service, masquerade, route, encap, deliver, reject, drop, return
+    pub kind: String,
+    pub text: String,
+    /// The rule / element / route that decided it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cite: String,
+    /// The kernel disagrees with the agent's plan here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+fn step(kind: &str, text: impl Into<String>, cite: impl Into<String>) -> Step {
+    Step {
+        kind: kind.into(),
+        text: text.into(),
+        cite: cite.into(),
+        problem: None,
+    }
+}
+
+/// Where the packet ends on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Exit {
+    /// Handed to a pod on this node; `packet.src` is what its process sees.
+    Delivered {
+        dev: String,
+        packet: Packet,
+    },
+    /// Handed to a process of the node itself.
+    Local {
+        packet: Packet,
+    },
+    /// Sent to another node (`next`: the underlay address it goes to).
+    Forwarded {
+        encap: String,
+        next: Ipv4Addr,
+        dev: String,
+        peer: Option<String>,
+        packet: Packet,
+    },
+    Rejected {
+        why: String,
+    },
+    Dropped {
+        why: String,
+    },
+    Unroutable {
+        why: String,
+    },
+}
+
+/// One way the packet can go (one per Service endpoint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// The endpoint chosen ("IP:PORT"), if a Service chose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability: Option<String>,
+    pub steps: Vec<Step>,
+    pub exit: Exit,
+}
+
+/// This node's half of a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTrace {
+    pub node: String,
+    pub packet: Packet,
+    pub steps: Vec<Step>,
+    pub branches: Vec<Branch>,
+}
+
+/// A read-only view of tweed's nftables elements.
+pub trait Ruleset {
+    fn has(&self, set: &str, key: &str) -> bool;
+    /// A map element's `ip . port` value.
+    fn value(&self, map: &str, key: &str) -> Option<(Ipv4Addr, u16)>;
+    /// The endpoint counts K that have `lb-PROTO-K` / `np-PROTO-K` sets.
+    fn ks(&self) -> Vec<u16>;
+}
+
+/// What the Service rules do with a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDecision {
+    pub steps: Vec<Step>,
+    /// Marked for masquerade, and why.
+    pub masquerade: Option<String>,
+    /// The DNAT choices: (IP, port, K) each with probability 1/K.
+    pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Rejected or dropped by the service checks.
+    pub verdict: Option<Exit>,
+}
+
+fn endpoints_text(k: u16) -> String {
+    if k == 1 {
+        "1 endpoint".into()
+    } else {
+        format!("{k} endpoints, each with probability 1/{k}")
+    }
+}
+
+/// Decide the Service step for a new connection as tweed's ruleset does.
+/// `local_dst`: the destination is one of this node's addresses (`fib
+/// daddr type local`).
+pub fn service_step(
+    rs: &dyn Ruleset,
+    intent: &NodeIntent,
+    pkt: &Packet,
+    local_dst: bool,
+) -> ServiceDecision {
+    let mut d = ServiceDecision {
+        steps: Vec::new(),
+        masquerade: None,
+        backends: Vec::new(),
+        verdict: None,
+    };
+    let Some(port) = pkt.port else {
+        return d;
+    };
+    let p = pkt.proto.as_str();
+    let svc = format!("{} . {p} . {port}", pkt.dst);
+    let np = format!("{p} . {port}");
+    let in_sc = intent.service_cidr.contains(&pkt.dst);
+    // nat prerouting/output → chain services, in its order.
+    if in_sc && !intent.cluster_cidr.contains(&pkt.src) {
+        d.masquerade = Some(format!(
+            "source {} is outside the cluster CIDR {} and reaches a service IP",
+            pkt.src, intent.cluster_cidr
+        ));
+        d.steps.push(step(
+            "masquerade",
+            "marked for masquerade: the source is outside the cluster CIDR",
+            format!(
+                "chain services: ip daddr {} ip saddr != {} jump mark-for-masquerade",
+                intent.service_cidr, intent.cluster_cidr
+            ),
+        ));
+    }
+    if rs.has("masq-lb", &svc) {
+        d.masquerade
+            .get_or_insert_with(|| "external traffic to a Service with policy Cluster".into());
+        d.steps.push(step(
+            "masquerade",
+            "marked for masquerade: an external IP of a Service with policy Cluster",
+            format!("set masq-lb: {{ {svc} }}"),
+        ));
+    }
+    if local_dst && rs.has("masq-np", &np) {
+        d.masquerade
+            .get_or_insert_with(|| "a node port with policy Cluster".into());
+        d.steps.push(step(
+            "masquerade",
+            "marked for masquerade: a node port with policy Cluster",
+            format!("set masq-np: {{ {np} }}"),
+        ));
+    }
+    if rs.has("lb", &svc) {
+        d.steps.push(step(
+            "service",
+            "ClientIP session affinity: a client that connected before goes back to its endpoint",
+            format!("map lb: {{ {svc} : goto aff-… }}"),
+        ));
+    }
+    let mut ks = rs.ks();
+    ks.sort_unstable_by(|a, b| b.cmp(a));
+    if rs.has("lb-all", &svc) {
+        let key = format!("{} . {port}", pkt.dst);
+        if let Some(k) = ks
+            .iter()
+            .copied()
+            .find(|k| rs.has(&format!("lb-{p}-{k}"), &key))
+        {
+            d.backends = (0..k)
+                .filter_map(|slot| rs.value(&format!("be-{p}"), &format!("{key} . {slot}")))
+                .collect();
+            d.steps.push(step(
+                "service",
+                format!("Service {}:{port}/{p}: {}", pkt.dst, endpoints_text(k)),
+                format!("set lb-all: {{ {svc} }}; set lb-{p}-{k}: {{ {key} }}; map be-{p}: {{ {key} . 0..{} }}", k - 1),
+            ));
+            if d.backends.len() != usize::from(k) {
+                d.steps.last_mut().expect("pushed").problem = Some(format!(
+                    "be-{p} holds {} of the {k} slots",
+                    d.backends.len()
+                ));
+            }
+            return d;
+        }
+    }
+    if local_dst && rs.has("np-all", &np) {
+        if let Some(k) = ks
+            .iter()
+            .copied()
+            .find(|k| rs.has(&format!("np-{p}-{k}"), &port.to_string()))
+        {
+            d.backends = (0..k)
+                .filter_map(|slot| rs.value(&format!("npbe-{p}"), &format!("{port} . {slot}")))
+                .collect();
+            d.steps.push(step(
+                "service",
+                format!("node port {port}/{p}: {}", endpoints_text(k)),
+                format!("set np-all: {{ {np} }}; set np-{p}-{k}: {{ {port} }}; map npbe-{p}: {{ {port} . 0..{} }}", k - 1),
+            ));
+            return d;
+        }
+    }
+    if local_dst {
+        if let Some(b) = rs.value("hostports", &np) {
+            d.backends = vec![b];
+            d.steps.push(step(
+                "service",
+                format!("hostPort {port}/{p} → {}:{}", b.0, b.1),
+                format!("map hostports: {{ {np} : {} . {} }}", b.0, b.1),
+            ));
+            return d;
+        }
+    }
+    // filter forward/output → service-checks; filter input for node ports.
+    if rs.has("rej-lb", &svc) {
+        d.verdict = Some(Exit::Rejected {
+            why: format!(
+                "Service {}:{port}/{p} has no endpoints (TCP reset / ICMP unreachable)",
+                pkt.dst
+            ),
+        });
+        d.steps.push(step(
+            "reject",
+            "rejected: the Service has no endpoints",
+            format!("set rej-lb: {{ {svc} }}"),
+        ));
+    } else if rs.has("drop-lb", &svc) {
+        d.verdict = Some(Exit::Dropped {
+            why: "policy Local and no endpoint on this node (dropped, as kube-proxy does, so a load balancer's health check moves traffic away)".into(),
+        });
+        d.steps.push(step(
+            "drop",
+            "dropped: policy Local, no local endpoint",
+            format!("set drop-lb: {{ {svc} }}"),
+        ));
+    } else if local_dst && rs.has("rej-np", &np) {
+        d.verdict = Some(Exit::Rejected {
+            why: format!("node port {port}/{p} has no endpoints"),
+        });
+        d.steps.push(step(
+            "reject",
+            "rejected: the node port has no endpoints",
+            format!("set rej-np: {{ {np} }}"),
+        ));
+    } else if local_dst && rs.has("drop-np", &np) {
+        d.verdict = Some(Exit::Dropped {
+            why: "node port with policy Local and no endpoint on this node".into(),
+        });
+        d.steps.push(step(
+            "drop",
+            "dropped: policy Local, no local endpoint",
+            format!("set drop-np: {{ {np} }}"),
+        ));
+    } else if in_sc {
+        d.verdict = Some(Exit::Rejected {
+            why: format!("no Service has {}:{port}/{p}", pkt.dst),
+        });
+        d.steps.push(step(
+            "reject",
+            "rejected: no Service has this address and port",
+            format!(
+                "chain service-checks: ct state new ip daddr {} jump reject-chain",
+                intent.service_cidr
+            ),
+        ));
+    }
+    d
+}
+
+/// The kernel's elements of tweed's table, one `nft get element` at a time.
+pub struct KernelRuleset {
+    ks: Vec<u16>,
+}
+
+impl KernelRuleset {
+    pub fn read() -> Self {
+        // `-t`: set names without their elements.
+        let out = Command::new("nft")
+            .args(["-t", "-j", "list", "sets", "table", "ip", TABLE])
+            .stdin(Stdio::null())
+            .output();
+        let mut ks: Vec<u16> = out
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["nftables"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i["set"]["name"].as_str().map(str::to_string))
+            .filter_map(|n| n.strip_prefix("lb-tcp-").and_then(|k| k.parse().ok()))
+            .collect();
+        ks.sort_unstable();
+        Self { ks }
+    }
+
+    /// `nft get element`: the element as nft prints it, if it exists.
+    /// (nft 1.0.6 prints text here even with `-j`.)
+    fn get(&self, set: &str, key: &str) -> Option<String> {
+        let o = Command::new("nft")
+            .args(["get", "element", "ip", TABLE, set, &format!("{{ {key} }}")])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).to_string())
+    }
+}
+
+/// The `ip . port` value of the one element in `nft get element` output.
+pub fn element_value(text: &str) -> Option<(Ipv4Addr, u16)> {
+    let inner = text.split("elements = {").nth(1)?.split('}').next()?;
+    let value = inner.split(" : ").nth(1)?.trim();
+    let mut parts = value.split(" . ");
+    Some((
+        parts.next()?.trim().parse().ok()?,
+        parts.next()?.trim().parse().ok()?,
+    ))
+}
+
+impl Ruleset for KernelRuleset {
+    fn has(&self, set: &str, key: &str) -> bool {
+        self.get(set, key).is_some()
+    }
+    fn value(&self, map: &str, key: &str) -> Option<(Ipv4Addr, u16)> {
+        element_value(&self.get(map, key)?)
+    }
+    fn ks(&self) -> Vec<u16> {
+        self.ks.clone()
+    }
+}
+
+/// How the packet enters this node's walk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingress {
+    /// Sent by a pod here or a process of this node (found from the source).
+    Here,
+    /// Arrived on this device (the remote half: the underlay, or the tunnel after decapsulation).
+    Arrived(String),
+}
+
+fn errno_text(e: i32) -> String {
+    match e {
+        101 => "Network is unreachable".into(),
+        113 => "No route to host (is net.ipv4.ip_forward on?)".into(),
+        22 => "Invalid argument (a blackhole route, or rp_filter)".into(),
+        e => format!("error {e}"),
+    }
+}
+
+/// Walk `pkt` through this node. Must run in the node's network namespace,
+/// inside a tokio runtime.
+pub async fn walk(
+    intent: &NodeIntent,
+    pkt: Packet,
+    ingress: Ingress,
+    pin: Option<Ipv4Addr>,
+    rs: &dyn Ruleset,
+) -> Result<NodeTrace, ExplainError> {
+    let nl = Netlink::open()?;
+    let links = nl.links().await?;
+    let name_of = |i: Option<u32>| {
+        i.and_then(|i| links.iter().find(|l| l.index == i))
+            .map(|l| l.name.clone())
+            .unwrap_or_else(|| "?".into())
+    };
+    let index_of = |n: &str| links.iter().find(|l| l.name == n).map(|l| l.index);
+    let mut local_addrs = Vec::new();
+    for l in &links {
+        for a in nl.ipv4_addrs(l.index).await.unwrap_or_default() {
+            local_addrs.push(a.addr());
+        }
+    }
+    let mut steps = Vec::new();
+    let mut pkt = pkt;
+    // 0.0.0.0: a process of this node that did not bind; the kernel picks
+    // the source by the route to the destination.
+    if pkt.src.is_unspecified() && ingress == Ingress::Here {
+        if let Ok(r) = nl.route_lookup(pkt.dst, None, None, None).await? {
+            if let Some(src) = r.src {
+                pkt.src = src;
+            }
+        }
+        if pkt.src.is_unspecified() {
+            return Err(ExplainError::Trace(format!(
+                "{} has no route to {}",
+                intent.node, pkt.dst
+            )));
+        }
+    }
+    // Where it comes from: a pod (input on its veth), this node (output),
+    // or a device it arrived on.
+    let iif = match &ingress {
+        Ingress::Arrived(dev) => {
+            let cite = if Some(dev.as_str()) == intent.plan.vxlan.as_ref().map(|v| v.name.as_str()) {
+                format!("VXLAN VNI {} on UDP {}, decapsulated by {dev}", intent.plan.vxlan.as_ref().map(|v| v.vni).unwrap_or(1), intent.vxlan_port)
+            } else {
+                String::new()
+            };
+            steps.push(step("origin", format!("arrives on {dev}: {pkt}"), cite));
+            Some(index_of(dev).ok_or_else(|| ExplainError::Trace(format!("no device {dev} on {}", intent.node)))?)
+        }
+        Ingress::Here if local_addrs.contains(&pkt.src) => {
+            steps.push(step("origin", format!("a process on {} sends {pkt}", intent.node), "nat output hook"));
+            None
+        }
+        Ingress::Here if intent.subnet.contains(&pkt.src) => {
+            let r = nl.route_lookup(pkt.src, None, None, None).await?;
+            let dev = match &r {
+                Ok(r) if r.prefix.prefix_len() == 32 => name_of(r.oif),
+                _ => {
+                    return Err(ExplainError::Trace(format!(
+                        "no pod {} on {} (no host route to it)",
+                        pkt.src, intent.node
+                    )))
+                }
+            };
+            steps.push(step(
+                "origin",
+                format!("pod {} sends {pkt}; it enters {} by {dev}", pkt.src, intent.node),
+                format!("route {}/32 dev {dev} proto 144 (the pod's host route)", pkt.src),
+            ));
+            index_of(&dev)
+        }
+        Ingress::Here => {
+            return Err(ExplainError::Trace(format!(
+                "{} is neither a pod on {} nor one of its addresses: trace from its own node, or say which device it arrives on",
+                pkt.src, intent.node
+            )))
+        }
+    };
+    let local_dst = local_addrs.contains(&pkt.dst);
+    let svc = service_step(rs, intent, &pkt, local_dst);
+    steps.extend(svc.steps.clone());
+    let mut branches = Vec::new();
+    if let Some(v) = svc.verdict.clone() {
+        branches.push(Branch {
+            endpoint: None,
+            probability: None,
+            steps: Vec::new(),
+            exit: v,
+        });
+    } else if svc.backends.is_empty() {
+        branches.push(
+            route_branch(
+                &nl,
+                intent,
+                &pkt,
+                None,
+                iif,
+                svc.masquerade.clone(),
+                &name_of,
+                local_dst,
+            )
+            .await?,
+        );
+    } else {
+        let k = svc.backends.len();
+        for (ip, port) in &svc.backends {
+            if pin.is_some_and(|p| p != *ip) {
+                continue;
+            }
+            let mut after = pkt.clone();
+            after.dst = *ip;
+            after.port = Some(*port);
+            let mut b = route_branch(
+                &nl,
+                intent,
+                &after,
+                Some(&pkt),
+                iif,
+                svc.masquerade.clone(),
+                &name_of,
+                false,
+            )
+            .await?;
+            b.endpoint = Some(format!("{ip}:{port}"));
+            b.probability = Some(format!("1/{k}"));
+            branches.push(b);
+        }
+        if branches.is_empty() {
+            return Err(ExplainError::Trace(format!(
+                "--endpoint {} is not one of the Service's endpoints ({})",
+                pin.map(|p| p.to_string()).unwrap_or_default(),
+                svc.backends
+                    .iter()
+                    .map(|(i, p)| format!("{i}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(NodeTrace {
+        node: intent.node.clone(),
+        packet: pkt,
+        steps,
+        branches,
+    })
+}
+
+/// Route one (possibly DNAT'd) packet on from this node.
+#[allow(clippy::too_many_arguments)]
+async fn route_branch(
+    nl: &Netlink,
+    intent: &NodeIntent,
+    pkt: &Packet,
+    before_nat: Option<&Packet>,
+    iif: Option<u32>,
+    mut masquerade: Option<String>,
+    name_of: &dyn Fn(Option<u32>) -> String,
+    local_dst: bool,
+) -> Result<Branch, ExplainError> {
+    let mut steps = Vec::new();
+    if let Some(orig) = before_nat {
+        steps.push(step(
+            "service",
+            format!(
+                "DNAT {}:{} → {}:{}",
+                orig.dst,
+                orig.port.unwrap_or(0),
+                pkt.dst,
+                pkt.port.unwrap_or(0)
+            ),
+            "chain lb-rules / np-rules: dnat ip to … map",
+        ));
+    }
+    let lookup = match iif {
+        Some(i) => {
+            nl.route_lookup(pkt.dst, Some(pkt.src), Some(i), None)
+                .await?
+        }
+        None => nl.route_lookup(pkt.dst, None, None, None).await?,
+    };
+    let r: RouteLookup = match lookup {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!(
+                "route lookup for {}{}: {}",
+                pkt.dst,
+                iif.map(|i| format!(" from {} iif {}", pkt.src, name_of(Some(i))))
+                    .unwrap_or_default(),
+                errno_text(e)
+            );
+            steps.push(step("drop", why.clone(), "ip route get"));
+            return Ok(Branch {
+                endpoint: None,
+                probability: None,
+                steps,
+                exit: Exit::Unroutable { why },
+            });
+        }
+    };
+    let dev = name_of(r.oif);
+    let table = if r.table == 254 {
+        String::new()
+    } else {
+        format!(" table {}", r.table)
+    };
+    let route_text = format!(
+        "{}{}{} dev {dev}{} proto {}{table}",
+        if r.kind == "unicast" {
+            String::new()
+        } else {
+            format!("{} ", r.kind)
+        },
+        r.prefix,
+        r.gateway.map(|g| format!(" via {g}")).unwrap_or_default(),
+        if r.onlink { " onlink" } else { "" },
+        r.protocol
+    );
+    let mut route_step = step(
+        "route",
+        format!("route lookup for {}: {route_text}", pkt.dst),
+        format!(
+            "ip route get fibmatch {}{}",
+            pkt.dst,
+            iif.map(|i| format!(" from {} iif {}", pkt.src, name_of(Some(i))))
+                .unwrap_or_default()
+        ),
+    );
+    // The plan's view of this destination's peer, if it is one.
+    let peer = intent.peers.iter().find(|p| p.subnet.contains(&pkt.dst));
+    if let Some(p) = peer {
+        if let Some(planned) = intent.route_to(p.subnet) {
+            let right = r.prefix == planned.dst
+                && r.gateway == Some(planned.via)
+                && dev == planned.dev
+                && r.protocol == tweed_netlink::TWEED_RTPROTO;
+            if !right {
+                route_step.problem = Some(format!(
+                    "tweed's plan is {} via {} dev {}{} proto 144 (run tweed doctor)",
+                    planned.dst,
+                    planned.via,
+                    planned.dev,
+                    if planned.onlink { " onlink" } else { "" }
+                ));
+            }
+        }
+    }
+    steps.push(route_step);
+    if r.kind == "local" || (local_dst && before_nat.is_none()) {
+        steps.push(step(
+            "deliver",
+            format!("delivered to a process on {}", intent.node),
+            "local route",
+        ));
+        return Ok(Branch {
+            endpoint: None,
+            probability: None,
+            steps,
+            exit: Exit::Local {
+                packet: pkt.clone(),
+            },
+        });
+    }
+    if r.kind != "unicast" {
+        let why = format!("a {} route", r.kind);
+        return Ok(Branch {
+            endpoint: None,
+            probability: None,
+            steps,
+            exit: Exit::Dropped { why },
+        });
+    }
+    // Hairpin: a pod reaching itself through a Service.
+    if before_nat.is_some() && pkt.src == pkt.dst {
+        masquerade
+            .get_or_insert_with(|| "hairpin: the pod reached itself through a Service".into());
+    }
+    let mut out = pkt.clone();
+    if let Some(why) = &masquerade {
+        // masquerade takes the address the node would send from.
+        let src = match nl.route_lookup(pkt.dst, None, None, None).await? {
+            Ok(o) => o.src,
+            Err(_) => None,
+        };
+        if let Some(s) = src {
+            out.src = s;
+        }
+        steps.push(step(
+            "masquerade",
+            format!("source {} → {} (masquerade: {why})", pkt.src, out.src),
+            "chain masquerading: masquerade fully-random",
+        ));
+    } else {
+        steps.push(step(
+            "masquerade",
+            "no masquerade: the source is kept",
+            "chain masquerading: meta mark & 0x4000 == 0 return",
+        ));
+    }
+    let vxlan = intent.plan.vxlan.as_ref().map(|v| v.name.clone());
+    if r.prefix.prefix_len() == 32
+        && r.gateway.is_none()
+        && peer.is_none()
+        && intent.subnet.contains(&pkt.dst)
+    {
+        steps.push(step(
+            "deliver",
+            format!(
+                "delivered to pod {} by {dev}; it sees the client {}",
+                pkt.dst, out.src
+            ),
+            format!("route {}/32 dev {dev} proto 144", pkt.dst),
+        ));
+        steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
+        return Ok(Branch {
+            endpoint: None,
+            probability: None,
+            steps,
+            exit: Exit::Delivered { dev, packet: out },
+        });
+    }
+    let gw = r.gateway.unwrap_or(pkt.dst);
+    let why_mode = |p: Option<&tweed_plan::PeerIntent>| {
+        p.map(|p| {
+            format!(
+                " ({} mode {}: {})",
+                p.name,
+                p.mode
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                p.reason
+            )
+        })
+        .unwrap_or_default()
+    };
+    if Some(&dev) == vxlan.as_ref() {
+        let index = r.oif.unwrap_or(0);
+        let neigh = nl.neigh_mac(index, gw).await?;
+        let fdb = match neigh {
+            Some(mac) => nl.fdb_dst(&dev, mac).await?,
+            None => None,
+        };
+        let Some(mac) = neigh else {
+            let why = format!("no neighbour entry for {gw} on {dev}: the packet waits for ARP, which VXLAN without learning never answers");
+            steps.push(step(
+                "drop",
+                why.clone(),
+                format!("ip neigh show {gw} dev {dev}"),
+            ));
+            return Ok(Branch {
+                endpoint: None,
+                probability: None,
+                steps,
+                exit: Exit::Dropped { why },
+            });
+        };
+        let Some(under) = fdb else {
+            let why = format!("no FDB entry for {mac} on {dev}: the tunnel has nowhere to send it");
+            steps.push(step(
+                "drop",
+                why.clone(),
+                format!("bridge fdb show dev {dev}"),
+            ));
+            return Ok(Branch {
+                endpoint: None,
+                probability: None,
+                steps,
+                exit: Exit::Dropped { why },
+            });
+        };
+        let ul = match nl.route_lookup(under, None, None, None).await? {
+            Ok(u) => u,
+            Err(e) => {
+                let why = format!("no underlay route to {under}: {}", errno_text(e));
+                steps.push(step("drop", why.clone(), format!("ip route get {under}")));
+                return Ok(Branch {
+                    endpoint: None,
+                    probability: None,
+                    steps,
+                    exit: Exit::Unroutable { why },
+                });
+            }
+        };
+        let p = intent.peers.iter().find(|p| p.public_ip == under).or(peer);
+        steps.push(step(
+            "encap",
+            format!(
+                "VXLAN to VTEP {gw} ({mac}) at {under}:{}, from {}, out {}{}",
+                intent.vxlan_port,
+                intent.plan.vxlan.as_ref().map(|v| v.local.to_string()).unwrap_or_default(),
+                name_of(ul.oif),
+                why_mode(p)
+            ),
+            format!("ip neigh {gw} lladdr {mac} dev {dev}; bridge fdb {mac} dev {dev} dst {under}; underlay route {}{}", ul.prefix, ul.gateway.map(|g| format!(" via {g}")).unwrap_or_default()),
+        ));
+        steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
+        return Ok(Branch {
+            endpoint: None,
+            probability: None,
+            steps,
+            exit: Exit::Forwarded {
+                encap: "vxlan".into(),
+                next: under,
+                dev: name_of(ul.oif),
+                peer: p.map(|p| p.name.clone()),
+                packet: out,
+            },
+        });
+    }
+    let encap = if dev == tweed_plan::IPIP_DEV {
+        "ipip"
+    } else {
+        "direct"
+    };
+    let p = intent.peers.iter().find(|p| p.public_ip == gw).or(peer);
+    if encap == "direct" && p.is_some_and(|p| p.mode != Some(Mode::Direct)) && peer.is_some() {
+        steps
+            .last_mut()
+            .expect("pushed")
+            .problem
+            .get_or_insert_with(|| "tweed's plan does not route this peer directly".into());
+    }
+    steps.push(step(
+        "encap",
+        format!(
+            "{} to {gw} out {dev}{}",
+            if encap == "ipip" {
+                "IP-in-IP"
+            } else {
+                "sent unencapsulated"
+            },
+            why_mode(p)
+        ),
+        route_text,
+    ));
+    steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
+    Ok(Branch {
+        endpoint: None,
+        probability: None,
+        steps,
+        exit: Exit::Forwarded {
+            encap: encap.into(),
+            next: gw,
+            dev,
+            peer: p.map(|p| p.name.clone()),
+            packet: out,
+        },
+    })
+}
+
+/// The return path where it differs: conntrack undoes the NAT for replies.
+pub fn return_step(first: &Packet, last: &Packet) -> Option<Step> {
+    (first.dst != last.dst || first.src != last.src).then(|| {
+        step(
+            "return",
+            format!(
+                "replies {} → {} are rewritten by conntrack back to {} → {}",
+                last.dst, last.src, first.dst, first.src
+            ),
+            "conntrack reverse NAT (conntrack -L -d …)",
+        )
+    })
+}
+
+/// The tree for people. `minimal`: only the decisions (no citations), for
+/// golden tests that must survive rule and route reshuffles.
+pub fn render(traces: &[NodeTrace], minimal: bool) -> String {
+    let mut s = String::new();
+    for t in traces {
+        s.push_str(&format!("{}: {}\n", t.node, t.packet));
+        let line = |s: &mut String, indent: &str, st: &Step| {
+            s.push_str(&format!("{indent}{}: {}\n", st.kind, st.text));
+            if !minimal && !st.cite.is_empty() {
+                s.push_str(&format!("{indent}    ({})\n", st.cite));
+            }
+            if let Some(p) = &st.problem {
+                let red = if minimal { "" } else { "\x1b[31m" };
+                let end = if minimal { "" } else { "\x1b[0m" };
+                s.push_str(&format!("{indent}    {red}DISAGREES: {p}{end}\n"));
+            }
+        };
+        for st in &t.steps {
+            line(&mut s, "  ", st);
+        }
+        for b in &t.branches {
+            let indent = if b.endpoint.is_some() {
+                s.push_str(&format!(
+                    "  ├─ endpoint {} (probability {})\n",
+                    b.endpoint.as_deref().unwrap_or(""),
+                    b.probability.as_deref().unwrap_or("")
+                ));
+                "  │  "
+            } else {
+                "  "
+            };
+            for st in &b.steps {
+                line(&mut s, indent, st);
+            }
+            s.push_str(&format!("{indent}=> {}\n", exit_text(&b.exit)));
+        }
+    }
+    s
+}
+
+pub fn exit_text(e: &Exit) -> String {
+    match e {
+        Exit::Delivered { dev, packet } => {
+            format!("delivered by {dev}; the pod sees {}", packet.src)
+        }
+        Exit::Local { packet } => format!("delivered to a local process, from {}", packet.src),
+        Exit::Forwarded {
+            encap,
+            next,
+            peer,
+            packet,
+            ..
+        } => format!(
+            "{encap} to {}{next}: {packet}",
+            peer.as_ref()
+                .map(|p| format!("{p} at "))
+                .unwrap_or_default()
+        ),
+        Exit::Rejected { why } => format!("rejected: {why}"),
+        Exit::Dropped { why } => format!("dropped: {why}"),
+        Exit::Unroutable { why } => format!("not routed: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// tweed's elements as a set of (set, key) and map values.
+    #[derive(Default)]
+    struct Fake {
+        has: BTreeSet<(String, String)>,
+        values: BTreeMap<(String, String), (Ipv4Addr, u16)>,
+        ks: Vec<u16>,
+    }
+    impl Ruleset for Fake {
+        fn has(&self, set: &str, key: &str) -> bool {
+            self.has.contains(&(set.into(), key.into()))
+                || self.values.contains_key(&(set.into(), key.into()))
+        }
+        fn value(&self, map: &str, key: &str) -> Option<(Ipv4Addr, u16)> {
+            self.values.get(&(map.into(), key.into())).copied()
+        }
+        fn ks(&self) -> Vec<u16> {
+            self.ks.clone()
+        }
+    }
+
+    fn intent() -> NodeIntent {
+        let body = serde_json::json!({
+            "node": "n1", "subnet": "10.244.0.0/24", "clusterCidr": "10.244.0.0/16",
+            "serviceCidr": "10.96.0.0/12", "backend": "vxlan", "vxlanPort": 8472,
+            "underlayDev": "eth0", "bindIp": "198.51.100.10", "publicIp": "198.51.100.10",
+            "underlayMtu": 1500, "podMtu": 1450, "cniConfDir": "/etc/cni/net.d", "cniBinDir": null,
+            "resyncSecs": 30, "peers": [],
+            "plan": {"vxlan": null, "ipip": null, "peers": [], "routes": [], "neighs": [], "fdb": [], "skipped": []}
+        });
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn pkt(src: &str, dst: &str, port: u16) -> Packet {
+        Packet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: "tcp".into(),
+            port: Some(port),
+        }
+    }
+
+    fn fake_service(k: u16) -> Fake {
+        let mut f = Fake {
+            ks: (1..=32).collect(),
+            ..Default::default()
+        };
+        f.has
+            .insert(("lb-all".into(), "10.96.0.10 . tcp . 80".into()));
+        // A leftover in a lower K's set: the highest K must win.
+        f.has.insert(("lb-tcp-1".into(), "10.96.0.10 . 80".into()));
+        f.has
+            .insert((format!("lb-tcp-{k}"), "10.96.0.10 . 80".into()));
+        for slot in 0..k {
+            f.values.insert(
+                ("be-tcp".into(), format!("10.96.0.10 . 80 . {slot}")),
+                (Ipv4Addr::new(10, 244, 1, 2 + slot as u8), 8080),
+            );
+        }
+        f
+    }
+
+    #[test]
+    fn a_cluster_ip_forks_per_endpoint_with_the_highest_k() {
+        let d = service_step(
+            &fake_service(3),
+            &intent(),
+            &pkt("10.244.0.5", "10.96.0.10", 80),
+            false,
+        );
+        assert_eq!(d.backends.len(), 3);
+        assert!(d.masquerade.is_none());
+        assert!(
+            d.steps[0]
+                .text
+                .contains("3 endpoints, each with probability 1/3"),
+            "{:?}",
+            d.steps
+        );
+        assert!(d.steps[0].cite.contains("set lb-tcp-3"), "{:?}", d.steps);
+    }
+
+    #[test]
+    fn a_node_process_is_masqueraded_and_a_missing_port_rejected() {
+        let d = service_step(
+            &fake_service(1),
+            &intent(),
+            &pkt("198.51.100.10", "10.96.0.10", 80),
+            false,
+        );
+        assert!(d
+            .masquerade
+            .as_deref()
+            .unwrap()
+            .contains("outside the cluster CIDR"));
+        let d = service_step(
+            &fake_service(1),
+            &intent(),
+            &pkt("10.244.0.5", "10.96.0.10", 81),
+            false,
+        );
+        assert!(matches!(d.verdict, Some(Exit::Rejected { .. })), "{d:?}");
+        let mut f = fake_service(1);
+        f.has
+            .insert(("rej-lb".into(), "10.96.0.11 . tcp . 80".into()));
+        let d = service_step(&f, &intent(), &pkt("10.244.0.5", "10.96.0.11", 80), false);
+        assert!(
+            matches!(&d.verdict, Some(Exit::Rejected { why }) if why.contains("no endpoints")),
+            "{d:?}"
+        );
+        f.has.insert(("drop-np".into(), "tcp . 30080".into()));
+        let d = service_step(
+            &f,
+            &intent(),
+            &pkt("203.0.113.9", "198.51.100.10", 30080),
+            true,
+        );
+        assert!(matches!(d.verdict, Some(Exit::Dropped { .. })), "{d:?}");
+    }
+
+    #[test]
+    fn node_ports_only_match_local_addresses() {
+        let mut f = Fake {
+            ks: vec![1, 2],
+            ..Default::default()
+        };
+        f.has.insert(("np-all".into(), "tcp . 30080".into()));
+        f.has.insert(("np-tcp-2".into(), "30080".into()));
+        f.has.insert(("masq-np".into(), "tcp . 30080".into()));
+        f.values.insert(
+            ("npbe-tcp".into(), "30080 . 0".into()),
+            (Ipv4Addr::new(10, 244, 1, 2), 8080),
+        );
+        f.values.insert(
+            ("npbe-tcp".into(), "30080 . 1".into()),
+            (Ipv4Addr::new(10, 244, 2, 2), 8080),
+        );
+        let p = pkt("203.0.113.9", "198.51.100.10", 30080);
+        let d = service_step(&f, &intent(), &p, true);
+        assert_eq!(d.backends.len(), 2);
+        assert!(d.masquerade.unwrap().contains("node port"));
+        let d = service_step(&f, &intent(), &p, false);
+        assert!(d.backends.is_empty() && d.verdict.is_none());
+    }
+
+    #[test]
+    fn element_values_parse_from_nft_text() {
+        let t = "table ip tweed {\n\tmap be-tcp {\n\t\ttype ipv4_addr . inet_service . integer : ipv4_addr . inet_service\n\t\tsize 65536\n\t\telements = { 10.96.0.1 . 80 . 0 : 10.244.0.3 . 80 }\n\t}\n}\n";
+        assert_eq!(element_value(t), Some((Ipv4Addr::new(10, 244, 0, 3), 80)));
+        assert_eq!(
+            element_value("table ip tweed { set lb-all { elements = { 10.96.0.1 . tcp . 80 } } }"),
+            None
+        );
+    }
+
+    #[test]
+    fn minimal_output_has_no_citations() {
+        let t = NodeTrace {
+            node: "n1".into(),
+            packet: pkt("10.244.0.5", "10.96.0.10", 80),
+            steps: vec![step(
+                "service",
+                "Service 10.96.0.10:80/tcp: 1 endpoint",
+                "set lb-all",
+            )],
+            branches: vec![Branch {
+                endpoint: Some("10.244.0.6:8080".into()),
+                probability: Some("1/1".into()),
+                steps: vec![],
+                exit: Exit::Delivered {
+                    dev: "veth1".into(),
+                    packet: pkt("10.244.0.5", "10.244.0.6", 8080),
+                },
+            }],
+        };
+        let m = render(std::slice::from_ref(&t), true);
+        assert!(!m.contains("set lb-all"), "{m}");
+        assert!(
+            m.contains("=> delivered by veth1; the pod sees 10.244.0.5"),
+            "{m}"
+        );
+        assert!(render(&[t], false).contains("(set lb-all)"));
+    }
+}

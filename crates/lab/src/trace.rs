@@ -1,0 +1,464 @@
+//! `tweed lab trace`: a packet from a pod, node or outside host followed
+//! across the lab. Each node's half is `tweed trace` run inside that node's
+//! namespace against its own kernel and its own agent's plan; where a half
+//! ends by sending the packet to a peer (VXLAN, direct, IP-in-IP), the
+//! peer's half starts from the device it arrives on. `--verify` then sends
+//! a real request the same way and checks what the echo server saw
+//! against the prediction.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use serde::Serialize;
+use tweed_explain::trace::{Exit, NodeTrace};
+
+use crate::lab::{Lab, LabError, LabState};
+
+type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// A whole trace: every node's half, in the order the packet meets them.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabTrace {
+    pub halves: Vec<NodeTrace>,
+    /// (endpoint pod IP, the source it sees) for every way the packet is delivered.
+    pub predicted: Vec<(Ipv4Addr, Ipv4Addr)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub pod: String,
+    pub pod_ip: String,
+    pub client: String,
+    pub agrees: bool,
+    pub why: String,
+}
+
+/// Where a name points: an address, and the node whose half starts the walk.
+struct Endpoint {
+    ip: Ipv4Addr,
+    /// The namespace a real packet is sent from (`--verify`).
+    ns: String,
+    node: Option<String>,
+}
+
+impl Lab {
+    fn resolve(&self, st: &LabState, what: &str) -> Result<Endpoint> {
+        if let Some(p) = st.pods.get(what) {
+            return Ok(Endpoint {
+                ip: p.ip,
+                ns: p.ns.clone(),
+                node: Some(p.node.clone()),
+            });
+        }
+        if let Some(n) = st.nodes.iter().find(|n| n.name == what) {
+            return Ok(Endpoint {
+                ip: n.ip,
+                ns: n.ns.clone(),
+                node: Some(n.name.clone()),
+            });
+        }
+        if let Some(h) = st.hosts.iter().find(|h| h.name == what) {
+            return Ok(Endpoint {
+                ip: h.ip,
+                ns: h.ns.clone(),
+                node: None,
+            });
+        }
+        let ip: Ipv4Addr = what.parse().map_err(|_| {
+            LabError::Invalid(format!(
+                "{what:?} is no pod, node or host of lab {} and not an IPv4 address",
+                self.name
+            ))
+        })?;
+        let owner = st
+            .pods
+            .values()
+            .find(|p| p.ip == ip)
+            .map(|p| (p.ns.clone(), Some(p.node.clone())))
+            .or_else(|| {
+                st.nodes
+                    .iter()
+                    .find(|n| n.ip == ip)
+                    .map(|n| (n.ns.clone(), Some(n.name.clone())))
+            })
+            .or_else(|| {
+                st.hosts
+                    .iter()
+                    .find(|h| h.ip == ip)
+                    .map(|h| (h.ns.clone(), None))
+            });
+        Ok(match owner {
+            Some((ns, node)) => Endpoint { ip, ns, node },
+            None => Endpoint {
+                ip,
+                ns: String::new(),
+                node: None,
+            },
+        })
+    }
+
+    fn trace_half(&self, st: &LabState, node: &str, args: &[String]) -> Result<NodeTrace> {
+        let n = st.node(node)?;
+        let run_dir = self.agent_status_path(st, node);
+        let run_dir = run_dir.parent().expect("file in a dir");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &n.ns])
+            .arg(&self.exe)
+            .args(["trace", "-o", "json", "--run-dir"])
+            .arg(run_dir)
+            .args(args)
+            .output()
+            .map_err(|e| LabError::Invalid(format!("tweed trace on {node}: {e}")))?;
+        if !out.status.success() {
+            return Err(LabError::Invalid(format!(
+                "tweed trace on {node}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let mut v: Vec<NodeTrace> = serde_json::from_slice(&out.stdout).map_err(|e| {
+            LabError::Invalid(format!("tweed trace on {node} printed no trace: {e}"))
+        })?;
+        v.pop()
+            .ok_or_else(|| LabError::Invalid(format!("tweed trace on {node} printed no trace")))
+    }
+
+    /// Follow `src` → `dst[:port/proto]` across the lab's nodes.
+    pub fn trace(
+        &self,
+        src: &str,
+        dst: &str,
+        port: Option<u16>,
+        proto: &str,
+        pin: Option<Ipv4Addr>,
+        verify: bool,
+    ) -> Result<LabTrace> {
+        let st = self.state()?;
+        let s = self.resolve(&st, src)?;
+        let d = self.resolve(&st, dst)?;
+        let target = |ip: Ipv4Addr| match port {
+            Some(p) => format!("{ip}:{p}/{proto}"),
+            None => ip.to_string(),
+        };
+        // The first half: on the source's node, or for an outside host, on
+        // the node it sends to (it arrives on that node's underlay NIC).
+        let (first_node, mut args) = match &s.node {
+            // A node's own process: the kernel picks its source (0.0.0.0).
+            Some(n) if st.nodes.iter().any(|x| x.ip == s.ip) => (
+                n.clone(),
+                vec![Ipv4Addr::UNSPECIFIED.to_string(), target(d.ip)],
+            ),
+            Some(n) => (n.clone(), vec![s.ip.to_string(), target(d.ip)]),
+            None => {
+                let n = d.node.clone().filter(|n| st.nodes.iter().any(|x| &x.name == n && x.ip == d.ip)).ok_or_else(|| {
+                    LabError::Invalid(format!(
+                        "from outside the cluster, trace to a node's address (a node port); {dst} is not one"
+                    ))
+                })?;
+                let dev = self.node_intent(&st, &n)?.underlay_dev;
+                (
+                    n,
+                    vec![s.ip.to_string(), target(d.ip), "--arrive-on".into(), dev],
+                )
+            }
+        };
+        if let Some(p) = pin {
+            args.extend(["--endpoint".into(), p.to_string()]);
+        }
+        let mut halves = vec![self.trace_half(&st, &first_node, &args)?];
+        let mut predicted = Vec::new();
+        // Breadth-first over branches that leave for a peer (bounded: a
+        // packet crosses at most a few nodes; a loop is a finding of its own).
+        let mut i = 0;
+        while i < halves.len() && halves.len() < 16 {
+            let t = halves[i].clone();
+            i += 1;
+            for b in &t.branches {
+                match &b.exit {
+                    Exit::Delivered { packet, .. } => predicted.push((packet.dst, packet.src)),
+                    Exit::Forwarded {
+                        encap,
+                        peer: Some(peer),
+                        packet,
+                        ..
+                    } => {
+                        let pi = self.node_intent(&st, peer)?;
+                        let dev = match encap.as_str() {
+                            "vxlan" => pi
+                                .plan
+                                .vxlan
+                                .as_ref()
+                                .map(|v| v.name.clone())
+                                .unwrap_or_default(),
+                            "ipip" => tweed_plan::IPIP_DEV.to_string(),
+                            _ => pi.underlay_dev.clone(),
+                        };
+                        let mut a = vec![
+                            packet.src.to_string(),
+                            match packet.port {
+                                Some(p) => format!("{}:{p}/{}", packet.dst, packet.proto),
+                                None => packet.dst.to_string(),
+                            },
+                            "--arrive-on".into(),
+                            dev,
+                        ];
+                        if let Some(p) = pin {
+                            a.extend(["--endpoint".into(), p.to_string()]);
+                        }
+                        halves.push(self.trace_half(&st, peer, &a)?);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let verified = if verify {
+            Some(self.verify(&s, &d, port, proto, pin, &predicted)?)
+        } else {
+            None
+        };
+        Ok(LabTrace {
+            halves,
+            predicted,
+            verified,
+        })
+    }
+
+    /// Send a real request the traced way and compare what the echo server
+    /// saw (which pod, which client address) with the prediction.
+    fn verify(
+        &self,
+        s: &Endpoint,
+        d: &Endpoint,
+        port: Option<u16>,
+        proto: &str,
+        pin: Option<Ipv4Addr>,
+        predicted: &[(Ipv4Addr, Ipv4Addr)],
+    ) -> Result<Verified> {
+        if proto != "tcp" || s.ns.is_empty() {
+            return Err(LabError::Invalid(
+                "--verify sends an HTTP request over TCP from a pod, node or host of the lab"
+                    .into(),
+            ));
+        }
+        let addr = format!("{}:{}", d.ip, port.unwrap_or(crate::lab::ECHO_PORT));
+        let get = || {
+            Command::new("ip")
+                .args(["netns", "exec", &s.ns])
+                .arg(&self.exe)
+                .args(["probe", "http", &addr, "--retry-for", "3"])
+                .output()
+                .map_err(|e| LabError::Invalid(format!("verify: {e}")))
+        };
+        let mut out = get()?;
+        // The kernel draws an endpoint per connection; a pinned trace is
+        // checked on a connection that drew the pinned one (40 tries: at 1/K
+        // each, missing it is vanishingly rare for the K a lab has).
+        if let Some(p) = pin {
+            for _ in 0..40 {
+                let hit = serde_json::from_slice::<crate::echo::Seen>(&out.stdout)
+                    .is_ok_and(|seen| seen.ip == p.to_string());
+                if hit || !out.status.success() {
+                    break;
+                }
+                out = get()?;
+            }
+        }
+        if !out.status.success() {
+            let agrees = predicted.is_empty();
+            return Ok(Verified {
+                pod: String::new(),
+                pod_ip: String::new(),
+                client: String::new(),
+                agrees,
+                why: if agrees {
+                    "no answer, as predicted (nothing delivers it)".into()
+                } else {
+                    format!(
+                        "no answer, but the trace predicted delivery: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                },
+            });
+        }
+        let seen: crate::echo::Seen = serde_json::from_slice(&out.stdout).map_err(|e| {
+            LabError::Invalid(format!("verify: the echo answer does not decode: {e}"))
+        })?;
+        let pod_ip: Ipv4Addr = seen.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let client: Ipv4Addr = seen.client.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let want: Vec<&(Ipv4Addr, Ipv4Addr)> =
+            predicted.iter().filter(|(ip, _)| *ip == pod_ip).collect();
+        let (agrees, why) = match want.first() {
+            None => (
+                false,
+                format!(
+                    "answered by {} ({pod_ip}), which the trace did not predict",
+                    seen.pod
+                ),
+            ),
+            Some((_, src)) if *src == client => (
+                true,
+                format!(
+                    "{} ({pod_ip}) saw the client {client}, as predicted",
+                    seen.pod
+                ),
+            ),
+            Some((_, src)) => (
+                false,
+                format!(
+                    "{} ({pod_ip}) saw the client {client}; the trace predicted {src}",
+                    seen.pod
+                ),
+            ),
+        };
+        Ok(Verified {
+            pod: seen.pod,
+            pod_ip: seen.ip,
+            client: seen.client,
+            agrees,
+            why,
+        })
+    }
+}
+
+impl Lab {
+    /// Names for the lab's addresses, so a trace reads `pod-1a → myapp`
+    /// rather than addresses that differ from run to run (subnets are
+    /// claimed in whatever order the agents start).
+    pub fn address_names(&self) -> Result<Vec<(String, String)>> {
+        let st = self.state()?;
+        let mut v: Vec<(String, String)> = Vec::new();
+        for p in st.pods.values() {
+            v.push((p.ip.to_string(), p.name.clone()));
+        }
+        for (i, n) in st.nodes.iter().enumerate() {
+            v.push((n.ip.to_string(), n.name.clone()));
+            if let Some(public) = st.topology.nodes[i].public_ip {
+                v.push((public.to_string(), format!("{}-public", n.name)));
+            }
+            if let Ok(intent) = self.node_intent(&st, &n.name) {
+                v.push((intent.vtep_ip().to_string(), format!("{}-vtep", n.name)));
+                v.push((intent.subnet.to_string(), format!("{}-pods", n.name)));
+            }
+        }
+        for h in &st.hosts {
+            v.push((h.ip.to_string(), h.name.clone()));
+        }
+        for svc in st.services.values() {
+            if let Some(ip) = svc.cluster_ip {
+                v.push((ip.to_string(), format!("svc-{}", svc.name)));
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// Replace whole addresses (and prefixes) in `text` by their names; an
+/// address inside a longer one (10.244.2.1 in 10.244.2.10) is left alone.
+pub fn name_addresses(text: &str, names: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let is_addr = |c: char| c.is_ascii_digit() || c == '.' || c == '/';
+    while !rest.is_empty() {
+        let start = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        if rest.is_empty() {
+            break;
+        }
+        let end = rest.find(|c: char| !is_addr(c)).unwrap_or(rest.len());
+        let token = &rest[..end];
+        // A trailing '.' ends a sentence, not the address.
+        let token = token.trim_end_matches('.');
+        let end = token.len();
+        let host = token.strip_suffix("/32");
+        match names.iter().find(|(a, _)| a == token) {
+            Some((_, n)) => out.push_str(n),
+            None => match host.and_then(|h| names.iter().find(|(a, _)| a == h)) {
+                Some((_, n)) => out.push_str(&format!("{n}/32")),
+                None => out.push_str(token),
+            },
+        }
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// veth names are made from container IDs: different every run.
+fn name_veths(text: &str) -> String {
+    text.split(' ')
+        .map(|w| {
+            let core = w.trim_end_matches([';', ',', ')']);
+            let hex = core
+                .strip_prefix("tw")
+                .is_some_and(|h| h.len() == 11 && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if hex {
+                w.replacen(core, "<veth>", 1)
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The whole trace for people, or `--minimal`: only decisions, addresses
+/// named, branches and halves in a stable order (for golden tests).
+pub fn render(t: &LabTrace, minimal: bool, names: &[(String, String)]) -> String {
+    let mut s = if minimal {
+        let mut halves = t.halves.clone();
+        for h in &mut halves {
+            h.branches
+                .sort_by_key(|b| name_addresses(b.endpoint.as_deref().unwrap_or(""), names));
+        }
+        if halves.len() > 1 {
+            halves[1..].sort_by(|a, b| {
+                a.node.cmp(&b.node).then(
+                    name_addresses(&a.packet.to_string(), names)
+                        .cmp(&name_addresses(&b.packet.to_string(), names)),
+                )
+            });
+        }
+        let text = tweed_explain::trace::render(&halves, true);
+        text.lines()
+            .map(|l| name_veths(&name_addresses(l, names)))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    } else {
+        tweed_explain::trace::render(&t.halves, false)
+    };
+    if let Some(v) = &t.verified {
+        let why = if minimal {
+            name_addresses(&v.why, names)
+        } else {
+            v.why.clone()
+        };
+        s.push_str(&format!(
+            "verify: {} — {why}\n",
+            if v.agrees { "agrees" } else { "DISAGREES" }
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_named_whole() {
+        let names = vec![
+            ("10.244.2.1".to_string(), "pod-1a".to_string()),
+            ("10.244.2.0/24".to_string(), "node1-pods".to_string()),
+        ];
+        assert_eq!(
+            name_addresses("10.244.2.1 → 10.244.2.10:80/tcp via 10.244.2.0/24.", &names),
+            "pod-1a → 10.244.2.10:80/tcp via node1-pods."
+        );
+        assert_eq!(name_veths("by tw8c66938576b; it"), "by <veth>; it");
+        assert_eq!(name_veths("tweed.1 twx"), "tweed.1 twx");
+    }
+}
