@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use tweed_netlink::RouteLookup;
 use tweed_plan::{Mode, NodeIntent, PeerIntent, Route, PROBE_TABLE};
 
-use crate::facts::{sample_addr, Facts};
+use crate::facts::{sample_addr, Facts, StatusView};
 use crate::Finding;
 
 const MAIN_TABLE: u32 = 254;
@@ -29,8 +29,26 @@ const EINVAL: i32 = 22;
 const FOREIGN_CHAINS: &[&str] = &["KUBE-", "FLANNEL", "cali-", "CILIUM_", "WEAVE"];
 const FOREIGN_TABLES: &[&str] = &["kube-proxy", "calico", "cilium", "flannel"];
 
+/// A node whose agent waits for its Node's `spec.podCIDR` has no subnet
+/// and no plan yet: that is its one finding (whatever plan.json an earlier
+/// run left behind describes a node that no longer is).
+pub fn waiting(node: &str, st: &StatusView) -> Option<Finding> {
+    let why = st.last_error.clone().unwrap_or_default();
+    (st.datastore == "waiting" && why.contains("podCIDR")).then(|| Finding {
+        fault: "podcidr-unassigned".into(),
+        node: node.into(),
+        peer: None,
+        summary: "the Node has no spec.podCIDR yet, so this node has no pod subnet and no pod can start".into(),
+        evidence: vec![format!("agent: {why}")],
+        fix: "start kube-controller-manager with --allocate-node-cidrs --cluster-cidr (kubeadm: --pod-network-cidr), or set spec.podCIDR on the Node; the agent proceeds the moment it is set".into(),
+    })
+}
+
 /// Every finding on this node.
 pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
+    if let Some(w) = f.status.as_ref().and_then(|s| waiting(&intent.node, s)) {
+        return vec![w];
+    }
     let mut out = Vec::new();
     let node = intent.node.clone();
     let finding =
@@ -421,18 +439,68 @@ pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
         ));
     }
 
+    // Connections conntrack still sends to endpoints that are gone.
+    let stale: Vec<String> = f
+        .service_ct
+        .iter()
+        .filter(|(e, backends)| !backends.contains(&(e.reply_src, e.reply_sport)))
+        .map(|(e, backends)| {
+            format!(
+                "{} {}:{} → {}:{} goes to {}:{}, which is {}",
+                e.proto,
+                e.src,
+                e.sport,
+                e.dst,
+                e.dport,
+                e.reply_src,
+                e.reply_sport,
+                if backends.is_empty() {
+                    "not an endpoint: the Service has none now".to_string()
+                } else {
+                    format!(
+                        "not one of its endpoints now ({})",
+                        backends
+                            .iter()
+                            .map(|(i, p)| format!("{i}:{p}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            )
+        })
+        .collect();
+    if !stale.is_empty() {
+        let fixes: Vec<String> = f
+            .service_ct
+            .iter()
+            .filter(|(e, backends)| !backends.contains(&(e.reply_src, e.reply_sport)))
+            .map(|(e, _)| {
+                format!(
+                    "conntrack -D -p {} --orig-dst {} --dport {} --reply-src {}",
+                    e.proto, e.dst, e.dport, e.reply_src
+                )
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        out.push(finding(
+            "stale-conntrack",
+            None,
+            format!(
+                "{} connection{} to Services still go{} to endpoints that are gone: their packets reach no pod (UDP flows such as DNS keep doing so until they idle out)",
+                stale.len(),
+                if stale.len() == 1 { "" } else { "s" },
+                if stale.len() == 1 { "es" } else { "" }
+            ),
+            stale,
+            fixes.join("; "),
+        ));
+    }
+
     // The datastore.
     if let Some(st) = &f.status {
         let why = st.last_error.clone().unwrap_or_default();
-        if st.datastore == "waiting" && why.contains("podCIDR") {
-            out.push(finding(
-                "podcidr-unassigned",
-                None,
-                "the Node has no spec.podCIDR yet, so this node has no pod subnet and no pod can start".into(),
-                vec![format!("agent: {why}")],
-                "start kube-controller-manager with --allocate-node-cidrs --cluster-cidr (kubeadm: --pod-network-cidr), or set spec.podCIDR on the Node".into(),
-            ));
-        } else if st.datastore != "connected" && st.datastore != "waiting"
+        if st.datastore != "connected" && st.datastore != "waiting"
             || matches!(f.datastore_reach, Some(Err(_)))
         {
             let mut ev = vec![format!(
@@ -783,6 +851,7 @@ mod tests {
                 datastore: "connected".into(),
                 datastore_at: "etcd http://198.51.100.2:2379".into(),
                 last_error: None,
+                ..Default::default()
             }),
             datastore_reach: Some(Ok(())),
             probes: vec![PeerProbe {
@@ -792,6 +861,7 @@ mod tests {
                 full_size: true,
                 size: 1422,
             }],
+            service_ct: vec![],
         }
     }
 
@@ -930,6 +1000,46 @@ mod tests {
             policy: "-".into(),
         });
         assert_eq!(faults(&f), ["leftover-rules"]);
+    }
+
+    #[test]
+    fn stale_conntrack_is_an_entry_whose_endpoint_is_gone() {
+        let entry = |reply: &str| crate::facts::CtEntry {
+            proto: "udp".into(),
+            src: "10.244.0.5".parse().unwrap(),
+            dst: "10.96.0.10".parse().unwrap(),
+            sport: 40000,
+            dport: 53,
+            reply_src: reply.parse().unwrap(),
+            reply_sport: 53,
+        };
+        let now = vec![("10.244.2.7".parse().unwrap(), 53)];
+        let mut f = healthy();
+        f.service_ct = vec![(entry("10.244.2.7"), now.clone())];
+        assert_eq!(faults(&f), Vec::<String>::new());
+        f.service_ct.push((entry("10.244.2.9"), now));
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].fault, "stale-conntrack");
+        assert!(
+            found[0].fix.contains(
+                "conntrack -D -p udp --orig-dst 10.96.0.10 --dport 53 --reply-src 10.244.2.9"
+            ),
+            "{}",
+            found[0].fix
+        );
+    }
+
+    #[test]
+    fn a_node_waiting_for_its_pod_cidr_has_that_one_finding() {
+        let mut f = healthy();
+        f.probes[0].pod = false;
+        f.status = Some(StatusView {
+            datastore: "waiting".into(),
+            last_error: Some("Node n2 has no spec.podCIDR yet".into()),
+            ..Default::default()
+        });
+        assert_eq!(faults(&f), ["podcidr-unassigned"]);
     }
 
     #[test]

@@ -19,6 +19,8 @@ use crate::ExplainError;
 #[serde(rename_all = "camelCase")]
 pub struct StatusView {
     #[serde(default)]
+    pub node: String,
+    #[serde(default)]
     pub datastore: String,
     #[serde(default)]
     pub datastore_at: String,
@@ -109,6 +111,90 @@ pub struct Facts {
     /// A TCP connect to the datastore's address: `None` when not known.
     pub datastore_reach: Option<Result<(), String>>,
     pub probes: Vec<PeerProbe>,
+    /// Conntrack entries towards Service IPs that were DNATed, each with
+    /// the Service's endpoints now (empty: it has none, or is gone).
+    pub service_ct: Vec<(CtEntry, Backends)>,
+}
+
+/// A Service's endpoints, (IP, port) each.
+pub type Backends = Vec<(Ipv4Addr, u16)>;
+
+/// One conntrack entry: the original direction and where replies come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CtEntry {
+    pub proto: String,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub reply_src: Ipv4Addr,
+    pub reply_sport: u16,
+}
+
+/// `conntrack -L` lines → entries (TCP, UDP and SCTP with ports).
+pub fn parse_conntrack(text: &str) -> Vec<CtEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let proto = w.next()?.to_string();
+            let kv: Vec<(&str, &str)> = l
+                .split_whitespace()
+                .filter_map(|t| t.split_once('='))
+                .collect();
+            let nth =
+                |k: &str, n: usize| kv.iter().filter(|(a, _)| *a == k).nth(n).map(|(_, v)| *v);
+            Some(CtEntry {
+                proto,
+                src: nth("src", 0)?.parse().ok()?,
+                dst: nth("dst", 0)?.parse().ok()?,
+                sport: nth("sport", 0)?.parse().ok()?,
+                dport: nth("dport", 0)?.parse().ok()?,
+                reply_src: nth("src", 1)?.parse().ok()?,
+                reply_sport: nth("sport", 1)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The status file alone (enough to tell a node that waits for its subnet).
+pub fn read_status(run_dir: &Path) -> Option<StatusView> {
+    std::fs::read(run_dir.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Conntrack entries to Service IPs that were DNATed, with each Service's
+/// endpoints as the kernel's maps hold them now. Read-only (`conntrack -L`,
+/// `nft get element`).
+fn service_conntrack(intent: &NodeIntent) -> Vec<(CtEntry, Backends)> {
+    let Ok(out) = Command::new("conntrack")
+        .args(["-L", "-d", &intent.service_cidr.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    let entries: Vec<CtEntry> = parse_conntrack(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .filter(|e| intent.service_cidr.contains(&e.dst) && e.reply_src != e.dst)
+        .collect();
+    if entries.is_empty() {
+        return Vec::new();
+    }
+    let rs = crate::trace::KernelRuleset::read();
+    let mut known: BTreeMap<(Ipv4Addr, String, u16), Option<Backends>> = BTreeMap::new();
+    entries
+        .into_iter()
+        .filter_map(|e| {
+            let key = (e.dst, e.proto.clone(), e.dport);
+            let backends = known
+                .entry(key)
+                .or_insert_with(|| crate::trace::current_backends(&rs, e.dst, &e.proto, e.dport))
+                .clone()?;
+            Some((e, backends))
+        })
+        .collect()
 }
 
 impl Facts {
@@ -204,6 +290,7 @@ pub async fn gather(
                 .map_err(|e| format!("TCP connect to {a}: {e}"))
         });
     let probes = probe_peers(intent);
+    let service_ct = service_conntrack(intent);
     Ok(Facts {
         links,
         routes,
@@ -218,6 +305,7 @@ pub async fn gather(
         status,
         datastore_reach,
         probes,
+        service_ct,
     })
 }
 
@@ -463,6 +551,22 @@ mod tests {
         );
         assert!(parse_cni(b"{").is_err());
         assert!(parse_cni(br#"{"name":"n","plugins":[]}"#).is_err());
+    }
+
+    #[test]
+    fn conntrack_lines() {
+        let t = "udp      17 25 src=10.244.0.5 dst=10.96.0.10 sport=40000 dport=53 src=10.244.2.7 dst=10.244.0.5 sport=53 dport=40000 mark=0 use=1\ntcp      6 431999 ESTABLISHED src=10.244.0.5 dst=10.96.0.1 sport=5000 dport=80 src=10.244.1.3 dst=10.244.0.5 sport=8080 dport=5000 [ASSURED] mark=0 use=1\nconntrack v1.4.7 (conntrack-tools): 2 flow entries have been shown.\n";
+        let e = parse_conntrack(t);
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            (
+                e[0].proto.as_str(),
+                e[0].dport,
+                e[0].reply_src.to_string().as_str()
+            ),
+            ("udp", 53, "10.244.2.7")
+        );
+        assert_eq!((e[1].reply_sport, e[1].sport), (8080, 5000));
     }
 
     #[test]

@@ -167,6 +167,7 @@ pub const FAULTS: &[(&str, &str)] = &[
     ("forward-drop", "a firewall FORWARD chain with policy drop (Docker's) that pod traffic falls through"),
     ("rp-filter-strict", "strict reverse-path filtering on a device pod traffic crosses"),
     ("leftover-rules", "kube-proxy, flannel or Calico rules (iptables-legacy or nft) left beside tweed's"),
+    ("stale-conntrack", "conntrack entries pointing at endpoints that no longer exist"),
     ("datastore-unreachable", "the agent cannot reach its datastore"),
     ("podcidr-unassigned", "the Node has no spec.podCIDR yet (Kubernetes mode)"),
 ];

@@ -320,6 +320,35 @@ pub fn service_step(
     d
 }
 
+/// A Service key's endpoints as the ruleset holds them now (empty: none);
+/// `None` when the ruleset cannot tell (ClientIP affinity keeps its
+/// endpoints in chains of its own).
+pub fn current_backends(
+    rs: &dyn Ruleset,
+    ip: Ipv4Addr,
+    proto: &str,
+    port: u16,
+) -> Option<Vec<(Ipv4Addr, u16)>> {
+    let svc = format!("{ip} . {proto} . {port}");
+    if rs.has("lb", &svc) {
+        return None;
+    }
+    if !rs.has("lb-all", &svc) {
+        return Some(Vec::new());
+    }
+    let key = format!("{ip} . {port}");
+    let mut ks = rs.ks();
+    ks.sort_unstable_by(|a, b| b.cmp(a));
+    ks.into_iter()
+        .find(|k| rs.has(&format!("lb-{proto}-{k}"), &key))
+        .map(|k| {
+            (0..k)
+                .filter_map(|slot| rs.value(&format!("be-{proto}"), &format!("{key} . {slot}")))
+                .collect()
+        })
+        .or(Some(Vec::new()))
+}
+
 /// The kernel's elements of tweed's table, one `nft get element` at a time.
 pub struct KernelRuleset {
     ks: Vec<u16>,

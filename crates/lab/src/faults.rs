@@ -34,6 +34,8 @@ pub const FAULTS: &[(&str, bool, &str)] = &[
     ("cni-config-missing", false, "on NODE, tweed's conflist removed from the CNI config directory"),
     ("cni-config-shadowed", false, "on NODE, flannel's 10-flannel.conflist left as 00-flannel.conflist, sorting before tweed's"),
     ("datastore-unreachable", false, "in the fabric, NODE's traffic to the datastore dropped"),
+    ("not-on-link", true, "on NODE, direct routing (host-gw, forced onlink) to a PEER on another segment (seed 003); the agent repairs it at its next resync"),
+    ("stale-conntrack", false, "on NODE, a conntrack entry sending a Service connection to an endpoint address no pod has"),
 ];
 
 /// One injected fault and how to undo it.
@@ -378,6 +380,112 @@ impl Lab {
                     &keep.display().to_string(),
                     &conf.display().to_string(),
                 ]));
+            }
+            "not-on-link" => {
+                // Seed 003: direct routing (flannel host-gw) towards a peer
+                // on another VLAN, forced with `onlink`.
+                let p = peer_intent.as_ref().expect("peer");
+                let via = run(Command::new("ip").args([
+                    "-j",
+                    "-n",
+                    &n.ns,
+                    "route",
+                    "get",
+                    &p.public_ip.to_string(),
+                ]))?;
+                let v: serde_json::Value = serde_json::from_str(&via).unwrap_or_default();
+                if v[0]["gateway"].is_null() {
+                    return Err(LabError::Invalid(format!(
+                        "{} is on {node}'s own segment; not-on-link needs a peer on another one (e.g. examples/seed-003-vlans.yaml)",
+                        p.name
+                    )));
+                }
+                let planned = intent.route_to(p.subnet).cloned().ok_or_else(|| {
+                    LabError::Invalid(format!("{node} has no route to {} to break", p.name))
+                })?;
+                let (dst, gw) = (p.subnet.to_string(), p.public_ip.to_string());
+                exec(&in_node(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    &dst,
+                    "via",
+                    &gw,
+                    "dev",
+                    &intent.underlay_dev,
+                    "onlink",
+                ]))?;
+                let via_s = planned.via.to_string();
+                let mut back = vec![
+                    "ip",
+                    "route",
+                    "replace",
+                    &dst,
+                    "via",
+                    &via_s,
+                    "dev",
+                    &planned.dev,
+                ];
+                if planned.onlink {
+                    back.push("onlink");
+                }
+                back.extend(["proto", "144"]);
+                undo.push(in_node(&back));
+            }
+            "stale-conntrack" => {
+                // A connection to a Service whose endpoint has gone, as a
+                // missed clean-up leaves it: conntrack keeps sending it there.
+                let (svc, port) = st
+                    .services
+                    .values()
+                    .find_map(|s| Some((s.cluster_ip?, s.ports.first()?.clone())))
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!(
+                            "stale-conntrack needs a Service in lab {}",
+                            self.name
+                        ))
+                    })?;
+                let src = st
+                    .pods
+                    .values()
+                    .find(|p| p.node == node)
+                    .map(|p| p.ip)
+                    .unwrap_or(n.ip)
+                    .to_string();
+                let gone = Ipv4Addr::from(u32::from(intent.subnet.network()) + 250).to_string();
+                let proto = port.protocol.nft();
+                let (svc, dport) = (svc.to_string(), port.port.to_string());
+                let mut add = vec![
+                    "conntrack",
+                    "-I",
+                    "-p",
+                    proto,
+                    "-s",
+                    &src,
+                    "-d",
+                    &svc,
+                    "--sport",
+                    "40000",
+                    "--dport",
+                    &dport,
+                    "-r",
+                    &gone,
+                    "-q",
+                    &src,
+                    "--reply-port-src",
+                    &dport,
+                    "--reply-port-dst",
+                    "40000",
+                    "-t",
+                    "600",
+                ];
+                if proto == "tcp" {
+                    add.extend(["--state", "ESTABLISHED"]);
+                }
+                exec(&in_node(&add))?;
+                // Already deleted by hand (doctor's fix) is mended, not an error.
+                let del = format!("conntrack -D -p {proto} -s {src} -d {svc} --sport 40000 --dport {dport} 2>/dev/null; true");
+                undo.push(in_node(&["sh", "-c", &del]));
             }
             "cni-config-shadowed" => {
                 let p = intent.cni_conf_dir.join("00-flannel.conflist");

@@ -21,6 +21,17 @@ pub struct DoctorArgs {
 
 pub fn run(a: DoctorArgs) -> Result<ExitCode> {
     let dir = crate::status::run_dir(a.run_dir, "plan.json");
+    // A node waiting for its subnet has no plan yet (or a stale one).
+    if let Some(st) = facts::read_status(&dir) {
+        if let Some(w) = tweed_explain::doctor::waiting(&st.node, &st) {
+            let report = Report {
+                nodes: vec![st.node.clone()],
+                findings: vec![w],
+                errors: Vec::new(),
+            };
+            return print_report(&report, &a.output);
+        }
+    }
     let (intent, status) = facts::read_intent(&dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

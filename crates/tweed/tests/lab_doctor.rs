@@ -54,6 +54,10 @@ fn doctor_names_each_injected_fault_on_its_node_and_nothing_else() {
         "doc",
         &topo("cluster: {backend: vxlan}\nagent: {resync: 30}\n"),
     );
+    // A Service, so a stale conntrack entry has something to point past.
+    lab.apply_ok(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: web\n        ports: [{containerPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n",
+    );
     let t = Instant::now();
     assert_healthy(&lab.name, "after lab up");
     eprintln!("doctor on 3 healthy nodes: {:?}", t.elapsed());
@@ -70,6 +74,10 @@ fn doctor_names_each_injected_fault_on_its_node_and_nothing_else() {
     assert!(faults.len() >= 11, "{list}");
 
     for (fault, with_peer) in &faults {
+        if fault == "not-on-link" {
+            // Needs a peer on another segment: the seed 003 lab below.
+            continue;
+        }
         let mut args = vec![
             "lab", "fault", "inject", fault, "--node", "node1", "--name", "doc",
         ];
@@ -88,7 +96,10 @@ fn doctor_names_each_injected_fault_on_its_node_and_nothing_else() {
             // Only the hand-written route may be gone by now: the agent
             // repairs routes it owns at its resync. Then the route must be
             // tweed's again, and we try once more.
-            assert_eq!(fault, "wrong-next-hop", "doctor missed {fault}: {v:#}");
+            assert!(
+                fault == "wrong-next-hop" || fault == "not-on-link",
+                "doctor missed {fault}: {v:#}"
+            );
             let r = lab.routes("node1");
             assert!(
                 r.contains("proto 144"),
@@ -177,6 +188,62 @@ fn healthy_labs_of_every_shape_have_no_findings_and_seed_000s_blocked_port_is_fo
             }
             ok(&["lab", "fault", "clear", "--name", name]);
             assert_healthy(name, "after clearing vxlan-blocked");
+        }
+        if file == "seed-003-vlans.yaml" {
+            // Seed 003: host-gw-style direct routing to a node on another
+            // VLAN. The agent repairs the route at its resync; doctor must
+            // see it before that, or the route must be tweed's again.
+            let mut found = Vec::new();
+            for _ in 0..3 {
+                ok(&[
+                    "lab",
+                    "fault",
+                    "inject",
+                    "not-on-link",
+                    "--node",
+                    "node1",
+                    "--peer",
+                    "node3",
+                    "--name",
+                    name,
+                ]);
+                found = findings(&doctor(name).1);
+                if !found.is_empty() {
+                    break;
+                }
+                assert!(
+                    lab.routes("node1").contains("proto 144"),
+                    "not found and not repaired"
+                );
+            }
+            assert!(!found.is_empty(), "not-on-link never found");
+            for f in &found {
+                assert_eq!(
+                    (f["fault"].as_str(), f["node"].as_str(), f["peer"].as_str()),
+                    (Some("not-on-link"), Some("node1"), Some("node3")),
+                    "{f:#}"
+                );
+            }
+            ok(&["lab", "fault", "clear", "--name", name]);
+            eventually("no findings after clearing not-on-link", 30, || {
+                findings(&doctor(name).1).is_empty()
+            });
+            // On a segment it shares, the fault cannot be made: refused by name.
+            let o = tweed(&[
+                "lab",
+                "fault",
+                "inject",
+                "not-on-link",
+                "--node",
+                "node1",
+                "--peer",
+                "node2",
+                "--name",
+                name,
+            ]);
+            assert!(
+                !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("own segment")
+            );
         }
         drop(lab);
     }

@@ -313,6 +313,14 @@ fn a_node_without_a_pod_cidr_waits_and_says_why() {
     );
     let events = kubectl(&lab, &["get", "events", "-n", "default", "-o", "json"]);
     assert!(events.contains("NoPodCIDR"), "an Event on the Node says so");
+    // tweed doctor says so too, and nothing else about that node.
+    let o = tweed(&[
+        "lab", "doctor", "--name", "k8scidr", "--node", "n2", "-o", "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let found = v["findings"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{v:#}");
+    assert_eq!(found[0]["fault"], "podcidr-unassigned", "{v:#}");
     // The subnet frees up; n2 proceeds at once and its pods work. (The
     // controller-manager retries a node's CIDR when the Node changes, which
     // a kubelet's status updates do every 10 s; this lab has no kubelet, so
@@ -327,6 +335,34 @@ fn a_node_without_a_pod_cidr_waits_and_says_why() {
     ]);
     let late = lab.pod_ip("late");
     assert!(lab.get(&lab.pod_ns("a"), &late).is_some());
+    // Doctor on the Kubernetes lab: clean; a CNI config left by another
+    // network is found on its node; clean again once removed.
+    let clean = || {
+        let o = tweed(&["lab", "doctor", "--name", "k8scidr", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["findings"].as_array().unwrap().is_empty()
+            && v["errors"].as_array().is_none_or(|e| e.is_empty())
+    };
+    eventually("doctor finds nothing on the Kubernetes lab", 30, clean);
+    ok(&[
+        "lab",
+        "fault",
+        "inject",
+        "cni-config-shadowed",
+        "--node",
+        "n1",
+        "--name",
+        "k8scidr",
+    ]);
+    let o = tweed(&["lab", "doctor", "--name", "k8scidr", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let found = v["findings"].as_array().unwrap();
+    assert!(
+        found.len() == 1 && found[0]["fault"] == "cni-config-shadowed" && found[0]["node"] == "n1",
+        "{v:#}"
+    );
+    ok(&["lab", "fault", "clear", "--name", "k8scidr"]);
+    assert!(clean());
 }
 
 /// A Service the API server would refuse (a port name used twice), planted
