@@ -1148,3 +1148,113 @@ mod tests {
         assert!(render(&[t], false).contains("(set lb-all)"));
     }
 }
+
+/// What `nft monitor trace` showed for one connection's first packet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The rule that DNATed it (chain and rule text), if one did.
+    pub dnat: Option<String>,
+    /// The destination after the Service step (the endpoint, or unchanged).
+    pub daddr: Option<Ipv4Addr>,
+    /// Did the masquerading chain masquerade it (`Some(false)`: it returned)?
+    pub masquerade: Option<bool>,
+    /// The device it left by.
+    pub oif: Option<String>,
+    /// It was sent to the reject chain.
+    pub rejected: bool,
+}
+
+/// The first SYN's events in `nft monitor trace` text (nft 1.0.6 prints
+/// text even with -j): every line of its trace id, in order.
+pub fn observe_syn(text: &str) -> Option<Observed> {
+    let id = text
+        .lines()
+        .find(|l| l.contains(" packet: ") && l.contains("tcp flags == syn"))?
+        .split_whitespace()
+        .nth(2)?
+        .to_string();
+    let mut o = Observed::default();
+    let mut seen_syn = false;
+    for l in text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some(id.as_str()))
+    {
+        // A trace id can be reused by a later packet: stop at its next start.
+        if l.contains(" packet: ") && l.contains("trace-") {
+            if seen_syn {
+                break;
+            }
+            seen_syn = true;
+        }
+        let chain = l.split_whitespace().nth(5).unwrap_or_default();
+        if l.contains(" packet: ") {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            if chain != "trace-pre"
+                && chain != "trace-out"
+                && chain != "nat-prerouting"
+                && chain != "nat-output"
+            {
+                // `ip daddr`, not `ether daddr`.
+                if let Some(w) = words.windows(3).find(|w| w[0] == "ip" && w[1] == "daddr") {
+                    o.daddr = w[2].parse().ok();
+                }
+            }
+            if let Some(i) = words.iter().position(|w| *w == "oif") {
+                o.oif = words.get(i + 1).map(|d| d.trim_matches('"').to_string());
+            }
+        } else if chain == "masquerading" && l.contains(" rule ") {
+            if l.contains("(verdict return)") {
+                o.masquerade.get_or_insert(false);
+            } else if l.contains(" masquerade") {
+                o.masquerade = Some(true);
+            }
+        } else if l.contains(" rule ") && (l.contains(" dnat ip to ") || l.contains(" dnat to ")) {
+            o.dnat = Some(format!(
+                "{chain}: {}",
+                l.split(" rule ").nth(1).unwrap_or_default()
+            ));
+        } else if l.contains("jump reject-chain") {
+            o.rejected = true;
+        }
+    }
+    Some(o)
+}
+
+#[cfg(test)]
+mod nftrace_tests {
+    use super::*;
+
+    #[test]
+    fn a_syn_through_a_service() {
+        let t = r#"trace id bca0db5c ip tweed trace-pre packet: iif "tw3731b46a0e7" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp sport 54502 tcp dport 80 tcp flags == syn tcp window 64860
+trace id bca0db5c ip tweed trace-pre rule ip saddr 10.244.1.1 ip daddr 10.96.0.1 meta nftrace set 1 (verdict continue)
+trace id bca0db5c ip tweed nat-prerouting packet: iif "tw3731b46a0e7" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp flags == syn
+trace id bca0db5c ip tweed services rule ip daddr . meta l4proto . th dport @lb-all jump lb-rules (verdict jump lb-rules)
+trace id bca0db5c ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip daddr . tcp dport . numgen random mod 3 map @be-tcp (verdict accept)
+trace id bca0db5c ip tweed filter-forward packet: iif "tw3731b46a0e7" oif "tw6039ca005e4" ether saddr 0a:39:46:cb:a3:3d ether daddr da:fb:e3:a5:cd:3b ip saddr 10.244.1.1 ip daddr 10.244.1.3 tcp flags == syn
+trace id bca0db5c ip tweed masquerading rule meta mark & 0x00004000 == 0x00000000 return (verdict return)
+trace id bca0db5c ip tweed trace-pre packet: iif "tw3731b46a0e7" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp flags == ack
+"#;
+        let o = observe_syn(t).unwrap();
+        assert_eq!(o.daddr, Some(Ipv4Addr::new(10, 244, 1, 3)));
+        assert_eq!(o.oif.as_deref(), Some("tw6039ca005e4"));
+        assert_eq!(o.masquerade, Some(false));
+        assert!(o
+            .dnat
+            .unwrap()
+            .starts_with("lb-rules: ip daddr . tcp dport @lb-tcp-3 dnat"));
+        assert!(!o.rejected);
+    }
+
+    #[test]
+    fn a_hairpin_is_masqueraded_not_dnatted_twice() {
+        let t = r#"trace id 1 ip tweed trace-pre packet: iif "a" ip saddr 10.244.1.3 ip daddr 10.96.0.1 tcp flags == syn
+trace id 1 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip daddr . tcp dport . numgen random mod 3 map @be-tcp (verdict accept)
+trace id 1 ip tweed nat-postrouting packet: iif "a" oif "a" ip saddr 10.244.1.3 ip daddr 10.244.1.3 tcp flags == syn
+trace id 1 ip tweed masquerading rule ct status dnat ip saddr . ip daddr @hairpin masquerade (verdict accept)
+"#;
+        let o = observe_syn(t).unwrap();
+        assert_eq!(o.masquerade, Some(true));
+        assert!(o.dnat.unwrap().starts_with("lb-rules"));
+    }
+}

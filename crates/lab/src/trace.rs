@@ -33,6 +33,20 @@ pub struct Verified {
     pub client: String,
     pub agrees: bool,
     pub why: String,
+    /// nftables' trace of the same connection, checked step by step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nftrace: Vec<String>,
+}
+
+/// What `--verify` sends, and what the trace predicted for it.
+#[derive(Clone, Copy)]
+struct Case<'a> {
+    s: &'a Endpoint,
+    d: &'a Endpoint,
+    port: Option<u16>,
+    proto: &'a str,
+    pin: Option<Ipv4Addr>,
+    predicted: &'a [(Ipv4Addr, Ipv4Addr)],
 }
 
 /// Where a name points: an address, and the node whose half starts the walk.
@@ -213,7 +227,15 @@ impl Lab {
             }
         }
         let verified = if verify {
-            Some(self.verify(&s, &d, port, proto, pin, &predicted)?)
+            let case = Case {
+                s: &s,
+                d: &d,
+                port,
+                proto,
+                pin,
+                predicted: &predicted,
+            };
+            Some(self.verify(&st, &case, &halves)?)
         } else {
             None
         };
@@ -226,15 +248,92 @@ impl Lab {
 
     /// Send a real request the traced way and compare what the echo server
     /// saw (which pod, which client address) with the prediction.
-    fn verify(
+    /// Start `nft monitor trace` on a node for packets src → dst: a rule
+    /// `meta nftrace set 1` in two chains of tweed's own table (prerouting
+    /// for pods and arriving packets, output for the node's processes),
+    /// removed by [`Lab::nftrace_stop`].
+    fn nftrace_start(
         &self,
-        s: &Endpoint,
-        d: &Endpoint,
-        port: Option<u16>,
-        proto: &str,
-        pin: Option<Ipv4Addr>,
-        predicted: &[(Ipv4Addr, Ipv4Addr)],
+        ns: &str,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+    ) -> Result<(std::process::Child, std::path::PathBuf)> {
+        let file = self.dir.join(format!("nftrace-{ns}.txt"));
+        let out = std::fs::File::create(&file).map_err(|source| LabError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let child = Command::new("ip")
+            // Line-buffered: nft's stdout to a file is block-buffered.
+            .args([
+                "netns", "exec", ns, "stdbuf", "-oL", "nft", "monitor", "trace",
+            ])
+            .stdout(out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| LabError::Invalid(format!("nft monitor trace: {e}")))?;
+        let t = tweed_plan::services::TABLE;
+        let rules = format!(
+            "add chain ip {t} trace-pre {{ type filter hook prerouting priority -350; }}\n\
+             add chain ip {t} trace-out {{ type filter hook output priority -350; }}\n\
+             add rule ip {t} trace-pre ip saddr {src} ip daddr {dst} meta nftrace set 1\n\
+             add rule ip {t} trace-out ip saddr {src} ip daddr {dst} meta nftrace set 1\n"
+        );
+        if let Err(e) = crate::lab::run_stdin(
+            Command::new("ip").args(["netns", "exec", ns, "nft", "-f", "-"]),
+            &rules,
+        ) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok((child, file))
+    }
+
+    fn nftrace_stop(&self, ns: &str, tracer: (std::process::Child, std::path::PathBuf)) {
+        let t = tweed_plan::services::TABLE;
+        for chain in ["trace-pre", "trace-out"] {
+            let _ = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "nft", "delete", "chain", "ip", t, chain,
+                ])
+                .output();
+        }
+        let (mut child, file) = tracer;
+        let _ = child.kill();
+        let _ = child.wait();
+        // TWEED_KEEP_NFTRACE=1 keeps the raw `nft monitor trace` output
+        // in the lab directory, for debugging a disagreement.
+        if std::env::var_os("TWEED_KEEP_NFTRACE").is_none() {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    fn verify(&self, st: &LabState, case: &Case, halves: &[NodeTrace]) -> Result<Verified> {
+        let first = &halves[0];
+        let ns = st.node(&first.node)?.ns.clone();
+        let tracer = self.nftrace_start(&ns, first.packet.src, first.packet.dst)?;
+        let file = tracer.1.clone();
+        let r = self.verify_traced(case, first, &file);
+        self.nftrace_stop(&ns, tracer);
+        r
+    }
+
+    fn verify_traced(
+        &self,
+        case: &Case,
+        first: &NodeTrace,
+        file: &std::path::Path,
     ) -> Result<Verified> {
+        let Case {
+            s,
+            d,
+            port,
+            proto,
+            pin,
+            predicted,
+        } = *case;
         if proto != "tcp" || s.ns.is_empty() {
             return Err(LabError::Invalid(
                 "--verify sends an HTTP request over TCP from a pod, node or host of the lab"
@@ -250,7 +349,20 @@ impl Lab {
                 .output()
                 .map_err(|e| LabError::Invalid(format!("verify: {e}")))
         };
+        let traced = || std::fs::read_to_string(file).unwrap_or_default();
+        // The monitor subscribes asynchronously: requests until one of them
+        // shows up in it (with a deadline), then the request that counts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut out = get()?;
+        while !traced().contains("tcp flags == syn") && std::time::Instant::now() < deadline {
+            out = get()?;
+        }
+        let mut offset = traced().len();
+        if traced().contains("tcp flags == syn") {
+            out = get()?;
+        } else {
+            offset = 0;
+        }
         // The kernel draws an endpoint per connection; a pinned trace is
         // checked on a connection that drew the pinned one (40 tries: at 1/K
         // each, missing it is vanishingly rare for the K a lab has).
@@ -261,6 +373,7 @@ impl Lab {
                 if hit || !out.status.success() {
                     break;
                 }
+                offset = traced().len();
                 out = get()?;
             }
         }
@@ -270,6 +383,7 @@ impl Lab {
                 pod: String::new(),
                 pod_ip: String::new(),
                 client: String::new(),
+                nftrace: Vec::new(),
                 agrees,
                 why: if agrees {
                     "no answer, as predicted (nothing delivers it)".into()
@@ -311,14 +425,107 @@ impl Lab {
                 ),
             ),
         };
+        // The same connection as nftables saw it on the first node (its
+        // events reach the monitor asynchronously: wait for the SYN's
+        // postrouting verdict, with a deadline).
+        let after = || {
+            let t = traced();
+            t[offset.min(t.len())..].to_string()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while tweed_explain::trace::observe_syn(&after()).is_none_or(|o| o.masquerade.is_none())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after());
         Ok(Verified {
             pod: seen.pod,
             pod_ip: seen.ip,
             client: seen.client,
-            agrees,
+            agrees: agrees && nf_ok,
             why,
+            nftrace,
         })
     }
+}
+
+/// Check the first node's prediction for the branch that delivered to
+/// `pod_ip` against nftables' own trace of the connection's first packet:
+/// the DNAT (and the endpoint it chose), the masquerade decision, and the
+/// device the packet left by. Returns (all agree, one line per check).
+pub fn compare_nftrace(first: &NodeTrace, pod_ip: Ipv4Addr, text: &str) -> (bool, Vec<String>) {
+    let Some(o) = tweed_explain::trace::observe_syn(text) else {
+        return (
+            false,
+            vec!["nftrace: the connection's first packet was not traced".into()],
+        );
+    };
+    let mut lines = Vec::new();
+    let mut ok = true;
+    let mut check = |good: bool, what: String| {
+        ok &= good;
+        lines.push(format!(
+            "nftrace: {what} {}",
+            if good { "✓" } else { "✗ DISAGREES" }
+        ));
+    };
+    let service = first.branches.iter().any(|b| b.endpoint.is_some());
+    let branch = first.branches.iter().find(|b| match &b.exit {
+        Exit::Delivered { packet, .. } | Exit::Forwarded { packet, .. } => packet.dst == pod_ip,
+        _ => false,
+    });
+    if service {
+        check(
+            o.dnat.is_some() && o.daddr == Some(pod_ip),
+            format!(
+                "DNAT to {} by {}",
+                o.daddr.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
+                o.dnat.clone().unwrap_or_else(|| "no rule".into())
+            ),
+        );
+    } else {
+        check(
+            o.dnat.is_none(),
+            format!(
+                "no DNAT{}",
+                o.dnat
+                    .as_ref()
+                    .map(|d| format!(" (but {d})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    let Some(b) = branch else {
+        check(false, format!("a predicted branch to {pod_ip}"));
+        return (ok, lines);
+    };
+    let masq = b
+        .steps
+        .iter()
+        .any(|s| s.kind == "masquerade" && s.text.starts_with("source "));
+    check(
+        o.masquerade.unwrap_or(false) == masq,
+        format!(
+            "masquerade {}",
+            if o.masquerade.unwrap_or(false) {
+                "applied"
+            } else {
+                "not applied"
+            }
+        ),
+    );
+    let dev = b
+        .steps
+        .iter()
+        .find(|s| s.kind == "route")
+        .and_then(|s| s.text.split(" dev ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string);
+    if let (Some(want), Some(got)) = (dev, o.oif.clone()) {
+        check(want == got, format!("out by {got}"));
+    }
+    (ok, lines)
 }
 
 impl Lab {
@@ -440,6 +647,14 @@ pub fn render(t: &LabTrace, minimal: bool, names: &[(String, String)]) -> String
             "verify: {} — {why}\n",
             if v.agrees { "agrees" } else { "DISAGREES" }
         ));
+        for l in &v.nftrace {
+            let l = if minimal {
+                name_veths(&name_addresses(l, names))
+            } else {
+                l.clone()
+            };
+            s.push_str(&format!("  {l}\n"));
+        }
     }
     s
 }
