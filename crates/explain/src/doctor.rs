@@ -1012,6 +1012,7 @@ mod tests {
             dport: 53,
             reply_src: reply.parse().unwrap(),
             reply_sport: 53,
+            reply_dst: "10.244.0.5".parse().unwrap(),
         };
         let now = vec![("10.244.2.7".parse().unwrap(), 53)];
         let mut f = healthy();

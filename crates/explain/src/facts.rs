@@ -129,6 +129,8 @@ pub struct CtEntry {
     pub dport: u16,
     pub reply_src: Ipv4Addr,
     pub reply_sport: u16,
+    /// Where replies go: not the original source when it was masqueraded.
+    pub reply_dst: Ipv4Addr,
 }
 
 /// `conntrack -L` lines → entries (TCP, UDP and SCTP with ports).
@@ -151,6 +153,7 @@ pub fn parse_conntrack(text: &str) -> Vec<CtEntry> {
                 dport: nth("dport", 0)?.parse().ok()?,
                 reply_src: nth("src", 1)?.parse().ok()?,
                 reply_sport: nth("sport", 1)?.parse().ok()?,
+                reply_dst: nth("dst", 1)?.parse().ok()?,
             })
         })
         .collect()

@@ -412,6 +412,67 @@ impl Ruleset for KernelRuleset {
     }
 }
 
+/// Which packet of a connection is traced (`--ct new|established`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ct {
+    New,
+    Established,
+}
+
+impl std::str::FromStr for Ct {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "new" => Ok(Ct::New),
+            "established" | "est" => Ok(Ct::Established),
+            _ => Err(format!("--ct {s:?}: new or established")),
+        }
+    }
+}
+
+/// The NAT conntrack holds for an established connection (`conntrack -L`,
+/// read-only), as a Service decision: its endpoint, and whether its
+/// source was rewritten.
+fn established(pkt: &Packet) -> Option<ServiceDecision> {
+    let mut c = Command::new("conntrack");
+    c.args([
+        "-L",
+        "-p",
+        &pkt.proto,
+        "-s",
+        &pkt.src.to_string(),
+        "-d",
+        &pkt.dst.to_string(),
+    ]);
+    if let Some(p) = pkt.port {
+        c.args(["--dport", &p.to_string()]);
+    }
+    let out = c.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let e = crate::facts::parse_conntrack(&text).into_iter().next()?;
+    let line = text.lines().next().unwrap_or_default().trim().to_string();
+    let mut d = ServiceDecision {
+        steps: vec![step(
+            "conntrack",
+            format!(
+                "established: conntrack replays the first packet's NAT (replies come from {}:{})",
+                e.reply_src, e.reply_sport
+            ),
+            line,
+        )],
+        masquerade: None,
+        backends: Vec::new(),
+        verdict: None,
+    };
+    if e.reply_src != pkt.dst {
+        d.backends.push((e.reply_src, e.reply_sport));
+    }
+    if e.reply_dst != pkt.src {
+        d.masquerade = Some(format!("conntrack's entry: replies go to {}", e.reply_dst));
+    }
+    Some(d)
+}
+
 /// How the packet enters this node's walk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingress {
@@ -437,6 +498,7 @@ pub async fn walk(
     pkt: Packet,
     ingress: Ingress,
     pin: Option<Ipv4Addr>,
+    ct: Ct,
     rs: &dyn Ruleset,
 ) -> Result<NodeTrace, ExplainError> {
     let nl = Netlink::open()?;
@@ -512,7 +574,25 @@ pub async fn walk(
         }
     };
     let local_dst = local_addrs.contains(&pkt.dst);
-    let svc = service_step(rs, intent, &pkt, local_dst);
+    // An established connection skips the rules for new ones: conntrack
+    // applies the NAT its first packet got. Show the real entry.
+    let svc = match ct {
+        Ct::Established => match established(&pkt) {
+            Some(d) => d,
+            None => {
+                steps.push(step(
+                    "conntrack",
+                    "no conntrack entry for this connection: its next packet is treated as new",
+                    format!(
+                        "conntrack -L -p {} -s {} -d {}",
+                        pkt.proto, pkt.src, pkt.dst
+                    ),
+                ));
+                service_step(rs, intent, &pkt, local_dst)
+            }
+        },
+        Ct::New => service_step(rs, intent, &pkt, local_dst),
+    };
     steps.extend(svc.steps.clone());
     let mut branches = Vec::new();
     if let Some(v) = svc.verdict.clone() {
@@ -936,6 +1016,38 @@ pub fn render(traces: &[NodeTrace], minimal: bool) -> String {
     s
 }
 
+/// One line per way the packet goes (`--summary`).
+pub fn render_summary(traces: &[NodeTrace]) -> String {
+    let mut s = String::new();
+    for t in traces {
+        for b in &t.branches {
+            let via = b
+                .endpoint
+                .as_ref()
+                .map(|e| format!(" ⇒ {e} ({})", b.probability.as_deref().unwrap_or("")))
+                .unwrap_or_default();
+            let problems = t
+                .steps
+                .iter()
+                .chain(&b.steps)
+                .filter(|x| x.problem.is_some())
+                .count();
+            s.push_str(&format!(
+                "{}: {}{via} ⇒ {}{}\n",
+                t.node,
+                t.packet,
+                exit_text(&b.exit),
+                if problems > 0 {
+                    format!("  [{problems} step(s) DISAGREE with the plan]")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    s
+}
+
 pub fn exit_text(e: &Exit) -> String {
     match e {
         Exit::Delivered { dev, packet } => {
@@ -1167,16 +1279,24 @@ pub struct Observed {
 /// The first SYN's events in `nft monitor trace` text (nft 1.0.6 prints
 /// text even with -j): every line of its trace id, in order.
 pub fn observe_syn(text: &str) -> Option<Observed> {
-    let id = text
-        .lines()
-        .find(|l| l.contains(" packet: ") && l.contains("tcp flags == syn"))?
-        .split_whitespace()
-        .nth(2)?
-        .to_string();
+    observe_syn_from(text, None)
+}
+
+/// The SYN of the connection from source port `sport` (the first SYN when
+/// `None`): the monitor may still be writing an earlier connection's events.
+pub fn observe_syn_from(text: &str, sport: Option<u16>) -> Option<Observed> {
+    let lines: Vec<&str> = text.lines().collect();
+    let want = sport.map(|p| format!("tcp sport {p} "));
+    let start = lines.iter().position(|l| {
+        l.contains(" packet: ")
+            && l.contains("tcp flags == syn")
+            && want.as_ref().is_none_or(|w| l.contains(w.as_str()))
+    })?;
+    let id = lines[start].split_whitespace().nth(2)?.to_string();
     let mut o = Observed::default();
     let mut seen_syn = false;
-    for l in text
-        .lines()
+    for l in lines[start..]
+        .iter()
         .filter(|l| l.split_whitespace().nth(2) == Some(id.as_str()))
     {
         // A trace id can be reused by a later packet: stop at its next start.
@@ -1244,6 +1364,20 @@ trace id bca0db5c ip tweed trace-pre packet: iif "tw3731b46a0e7" ip saddr 10.244
             .unwrap()
             .starts_with("lb-rules: ip daddr . tcp dport @lb-tcp-3 dnat"));
         assert!(!o.rejected);
+    }
+
+    #[test]
+    fn the_syn_of_the_given_source_port_is_the_one_observed() {
+        let t = r#"trace id 7 ip tweed trace-pre packet: iif "a" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp sport 1111 tcp dport 80 tcp flags == syn
+trace id 7 ip tweed filter-forward packet: iif "a" oif "tweed.1" ip saddr 10.244.1.1 ip daddr 10.244.2.3 tcp sport 1111 tcp flags == syn
+trace id 7 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip daddr . tcp dport . numgen random mod 3 map @be-tcp (verdict accept)
+trace id 8 ip tweed trace-pre packet: iif "a" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp sport 2222 tcp dport 80 tcp flags == syn
+trace id 8 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip daddr . tcp dport . numgen random mod 3 map @be-tcp (verdict accept)
+trace id 8 ip tweed filter-forward packet: iif "a" oif "b" ip saddr 10.244.1.1 ip daddr 10.244.1.3 tcp sport 2222 tcp flags == syn
+"#;
+        assert_eq!(observe_syn_from(t, Some(2222)).unwrap().daddr, Some(Ipv4Addr::new(10, 244, 1, 3)));
+        assert_eq!(observe_syn_from(t, None).unwrap().daddr, Some(Ipv4Addr::new(10, 244, 2, 3)));
+        assert!(observe_syn_from(t, Some(3333)).is_none());
     }
 
     #[test]

@@ -40,13 +40,24 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
 
 /// `GET PATH` on ADDR; returns the body.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    http_get_port(addr, path, timeout).map(|(body, _)| body)
+}
+
+/// `GET PATH` on ADDR; returns the body and the local port the connection
+/// used (how `lab trace --verify` finds this connection in nftables' trace).
+pub fn http_get_port(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(Vec<u8>, u16)> {
     let s = TcpStream::connect_timeout(&addr, timeout)?;
+    let port = s.local_addr()?.port();
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     (&s).write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
-    read_response(&mut BufReader::new(s))
+    Ok((read_response(&mut BufReader::new(s))?, port))
 }
 
 /// Wait until ADDR accepts a TCP connection.

@@ -38,6 +38,17 @@ pub struct Verified {
     pub nftrace: Vec<String>,
 }
 
+/// What to trace: the destination port and protocol, an endpoint to pin,
+/// `--verify`, and `--ct established`.
+#[derive(Debug, Clone, Default)]
+pub struct TraceOpts {
+    pub port: Option<u16>,
+    pub proto: String,
+    pub pin: Option<Ipv4Addr>,
+    pub verify: bool,
+    pub established: bool,
+}
+
 /// What `--verify` sends, and what the trace predicted for it.
 #[derive(Clone, Copy)]
 struct Case<'a> {
@@ -139,15 +150,20 @@ impl Lab {
     }
 
     /// Follow `src` → `dst[:port/proto]` across the lab's nodes.
-    pub fn trace(
-        &self,
-        src: &str,
-        dst: &str,
-        port: Option<u16>,
-        proto: &str,
-        pin: Option<Ipv4Addr>,
-        verify: bool,
-    ) -> Result<LabTrace> {
+    pub fn trace(&self, src: &str, dst: &str, o: &TraceOpts) -> Result<LabTrace> {
+        let TraceOpts {
+            port,
+            ref proto,
+            pin,
+            verify,
+            established,
+        } = *o;
+        let proto = proto.as_str();
+        if verify && established {
+            return Err(LabError::Invalid(
+                "--verify opens a new connection; it cannot check --ct established".into(),
+            ));
+        }
         let st = self.state()?;
         let s = self.resolve(&st, src)?;
         let d = self.resolve(&st, dst)?;
@@ -179,6 +195,9 @@ impl Lab {
         };
         if let Some(p) = pin {
             args.extend(["--endpoint".into(), p.to_string()]);
+        }
+        if established {
+            args.extend(["--ct".into(), "established".into()]);
         }
         let mut halves = vec![self.trace_half(&st, &first_node, &args)?];
         let mut predicted = Vec::new();
@@ -345,7 +364,14 @@ impl Lab {
             Command::new("ip")
                 .args(["netns", "exec", &s.ns])
                 .arg(&self.exe)
-                .args(["probe", "http", &addr, "--retry-for", "3"])
+                .args([
+                    "probe",
+                    "http",
+                    &addr,
+                    "--retry-for",
+                    "3",
+                    "--print-local-port",
+                ])
                 .output()
                 .map_err(|e| LabError::Invalid(format!("verify: {e}")))
         };
@@ -433,12 +459,16 @@ impl Lab {
             t[offset.min(t.len())..].to_string()
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        while tweed_explain::trace::observe_syn(&after()).is_none_or(|o| o.masquerade.is_none())
+        let sport: Option<u16> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find_map(|l| l.strip_prefix("local-port ")?.trim().parse().ok());
+        while tweed_explain::trace::observe_syn_from(&after(), sport)
+            .is_none_or(|o| o.masquerade.is_none())
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after());
+        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after(), sport);
         Ok(Verified {
             pod: seen.pod,
             pod_ip: seen.ip,
@@ -454,8 +484,13 @@ impl Lab {
 /// `pod_ip` against nftables' own trace of the connection's first packet:
 /// the DNAT (and the endpoint it chose), the masquerade decision, and the
 /// device the packet left by. Returns (all agree, one line per check).
-pub fn compare_nftrace(first: &NodeTrace, pod_ip: Ipv4Addr, text: &str) -> (bool, Vec<String>) {
-    let Some(o) = tweed_explain::trace::observe_syn(text) else {
+pub fn compare_nftrace(
+    first: &NodeTrace,
+    pod_ip: Ipv4Addr,
+    text: &str,
+    sport: Option<u16>,
+) -> (bool, Vec<String>) {
+    let Some(o) = tweed_explain::trace::observe_syn_from(text, sport) else {
         return (
             false,
             vec!["nftrace: the connection's first packet was not traced".into()],
@@ -614,7 +649,28 @@ fn name_veths(text: &str) -> String {
 /// The whole trace for people, or `--minimal`: only decisions, addresses
 /// named, branches and halves in a stable order (for golden tests).
 pub fn render(t: &LabTrace, minimal: bool, names: &[(String, String)]) -> String {
-    let mut s = if minimal {
+    render_as(t, if minimal { Style::Minimal } else { Style::Tree }, names)
+}
+
+/// How `tweed lab trace` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Tree,
+    Minimal,
+    /// One line per way the packet goes, addresses named.
+    Summary,
+}
+
+pub fn render_as(t: &LabTrace, style: Style, names: &[(String, String)]) -> String {
+    let minimal = style != Style::Tree;
+    let mut s = if style == Style::Summary {
+        tweed_explain::trace::render_summary(&t.halves)
+            .lines()
+            .map(|l| name_veths(&name_addresses(l, names)))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    } else if minimal {
         let mut halves = t.halves.clone();
         for h in &mut halves {
             h.branches

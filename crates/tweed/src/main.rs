@@ -239,6 +239,12 @@ enum LabCmd {
         verify: bool,
         #[arg(long)]
         minimal: bool,
+        /// One line per way the packet goes.
+        #[arg(long)]
+        summary: bool,
+        /// `new` (default) or `established` (the NAT conntrack holds).
+        #[arg(long, default_value = "new", value_parser = ["new", "established"])]
+        ct: String,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
@@ -346,6 +352,9 @@ enum ProbeCmd {
         /// Print only the number of body bytes received.
         #[arg(long)]
         count: bool,
+        /// Also print `local-port N` (the connection's source port) on stderr.
+        #[arg(long)]
+        print_local_port: bool,
     },
     /// Wait until ADDR accepts TCP connections.
     TcpWait {
@@ -653,6 +662,8 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
             endpoint,
             verify,
             minimal,
+            summary,
+            ct,
             output,
         } => {
             // DST may be a name: split off :PORT/PROTO by hand.
@@ -671,13 +682,25 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
                 None => (None, "tcp".to_string()),
             };
             let lab = Lab::new(&name)?;
-            let t = lab.trace(&src, &host, port, &proto, endpoint, verify)?;
+            let opts = tweed_lab::trace::TraceOpts {
+                port,
+                proto,
+                pin: endpoint,
+                verify,
+                established: ct == "established",
+            };
+            let t = lab.trace(&src, &host, &opts)?;
+            let style = match (summary, minimal) {
+                (true, _) => tweed_lab::trace::Style::Summary,
+                (false, true) => tweed_lab::trace::Style::Minimal,
+                (false, false) => tweed_lab::trace::Style::Tree,
+            };
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
                 print!(
                     "{}",
-                    tweed_lab::trace::render(&t, minimal, &lab.address_names()?)
+                    tweed_lab::trace::render_as(&t, style, &lab.address_names()?)
                 );
             }
             if t.verified.as_ref().is_some_and(|v| !v.agrees) {
@@ -917,11 +940,15 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
             timeout,
             retry_for,
             count,
+            print_local_port,
         } => {
             let deadline = Instant::now() + Duration::from_secs(retry_for);
             loop {
-                match probe::http_get(addr, &path, Duration::from_secs(timeout)) {
-                    Ok(body) => {
+                match probe::http_get_port(addr, &path, Duration::from_secs(timeout)) {
+                    Ok((body, port)) => {
+                        if print_local_port {
+                            eprintln!("local-port {port}");
+                        }
                         if count {
                             println!("{}", body.len());
                         } else {

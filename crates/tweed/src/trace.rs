@@ -27,6 +27,13 @@ pub struct TraceArgs {
     /// Only the decisions, without citations (stable, for golden tests).
     #[arg(long)]
     pub minimal: bool,
+    /// One line per way the packet goes.
+    #[arg(long)]
+    pub summary: bool,
+    /// Trace a connection's first packet (`new`) or a later one
+    /// (`established`: the NAT its conntrack entry holds).
+    #[arg(long, default_value = "new")]
+    pub ct: trace::Ct,
     /// `table` (default) or `json`.
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -78,9 +85,11 @@ pub fn run(a: TraceArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let rs = trace::KernelRuleset::read();
-    let t = rt.block_on(trace::walk(&intent, pkt, ingress, a.endpoint, &rs))?;
+    let t = rt.block_on(trace::walk(&intent, pkt, ingress, a.endpoint, a.ct, &rs))?;
     if a.output == "json" {
         println!("{}", serde_json::to_string_pretty(&[&t])?);
+    } else if a.summary {
+        print!("{}", trace::render_summary(&[t]));
     } else {
         print!("{}", trace::render(&[t], a.minimal));
     }

@@ -104,6 +104,50 @@ fn seed_001_every_source_address_row_is_predicted_and_verified() {
         }
     }
     assert!(cases >= 30);
+
+    // --ct established: a held connection's later packets follow the NAT
+    // conntrack holds for it, one endpoint, whatever the odds were.
+    let hold = start_hold(&lab, &lab.pod_ns("pod-2a"), &target, 6, 3);
+    let o = ok(&[
+        "lab",
+        "trace",
+        "--name",
+        "trace1",
+        "pod-2a",
+        &target,
+        "--ct",
+        "established",
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&o).unwrap();
+    let first = &v["halves"][0];
+    assert_eq!(first["branches"].as_array().unwrap().len(), 1, "{v:#}");
+    assert!(
+        first["steps"].to_string().contains("conntrack replays"),
+        "{v:#}"
+    );
+    let ep = first["branches"][0]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ct = lab.exec_ok(&lab.node_ns("node2"), &["conntrack", "-L", "-d", &svc]);
+    assert!(
+        ct.contains(&format!("src={} ", ep.split(':').next().unwrap())),
+        "{ep} not in {ct}"
+    );
+    finish_hold(hold, "tracing it", 5);
+    // --summary: one line per way the packet goes (3 endpoints, 2 of them remote).
+    let sum = ok(&[
+        "lab",
+        "trace",
+        "--name",
+        "trace1",
+        "pod-1a",
+        &target,
+        "--summary",
+    ]);
+    assert_eq!(sum.lines().count(), 5, "{sum}");
 }
 
 #[test]
