@@ -10,6 +10,7 @@
 //! are ordinary pings and TCP connects).
 #![forbid(unsafe_code)]
 
+pub mod conntrack;
 pub mod doctor;
 pub mod facts;
 pub mod trace;

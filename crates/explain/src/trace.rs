@@ -449,7 +449,9 @@ fn established(pkt: &Packet) -> Option<ServiceDecision> {
     }
     let out = c.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let e = crate::facts::parse_conntrack(&text).into_iter().next()?;
+    let e = crate::conntrack::parse_conntrack(&text)
+        .into_iter()
+        .next()?;
     let line = text.lines().next().unwrap_or_default().trim().to_string();
     let mut d = ServiceDecision {
         steps: vec![step(
@@ -1375,8 +1377,14 @@ trace id 8 ip tweed trace-pre packet: iif "a" ip saddr 10.244.1.1 ip daddr 10.96
 trace id 8 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip daddr . tcp dport . numgen random mod 3 map @be-tcp (verdict accept)
 trace id 8 ip tweed filter-forward packet: iif "a" oif "b" ip saddr 10.244.1.1 ip daddr 10.244.1.3 tcp sport 2222 tcp flags == syn
 "#;
-        assert_eq!(observe_syn_from(t, Some(2222)).unwrap().daddr, Some(Ipv4Addr::new(10, 244, 1, 3)));
-        assert_eq!(observe_syn_from(t, None).unwrap().daddr, Some(Ipv4Addr::new(10, 244, 2, 3)));
+        assert_eq!(
+            observe_syn_from(t, Some(2222)).unwrap().daddr,
+            Some(Ipv4Addr::new(10, 244, 1, 3))
+        );
+        assert_eq!(
+            observe_syn_from(t, None).unwrap().daddr,
+            Some(Ipv4Addr::new(10, 244, 2, 3))
+        );
         assert!(observe_syn_from(t, Some(3333)).is_none());
     }
 
