@@ -23,7 +23,6 @@ use crate::Finding;
 const MAIN_TABLE: u32 = 254;
 const LOCAL_TABLE: u32 = 255;
 const TWEED_PROTO: u8 = tweed_netlink::TWEED_RTPROTO;
-const EINVAL: i32 = 22;
 
 /// Chain and table names other stacks use for Service and pod traffic.
 const FOREIGN_CHAINS: &[&str] = &["KUBE-", "FLANNEL", "cali-", "CILIUM_", "WEAVE"];
@@ -573,7 +572,7 @@ fn route_finding(
                 p.name, p.subnet
             ),
             vec![
-                format!("ip route get {sample}: {}", errno_text(*errno)),
+                format!("ip route get {sample}: {}", crate::errno_text(*errno)),
                 format!("planned: {want}"),
             ],
             fix,
@@ -648,15 +647,6 @@ fn route_finding(
 impl Facts {
     fn neigh_state(&self, peer: &str) -> Option<Option<String>> {
         self.gateway_neigh.get(peer).cloned()
-    }
-}
-
-fn errno_text(e: i32) -> String {
-    match e {
-        101 => "Network is unreachable".into(),
-        113 => "No route to host".into(),
-        EINVAL => "Invalid argument (a blackhole route, or rp_filter)".into(),
-        e => format!("error {e}"),
     }
 }
 

@@ -184,10 +184,7 @@ pub fn read_intent(run_dir: &Path) -> Result<(NodeIntent, Option<StatusView>), E
         path: p.display().to_string(),
         source,
     })?;
-    let status = std::fs::read(run_dir.join("status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    Ok((intent, status))
+    Ok((intent, read_status(run_dir)))
 }
 
 /// An address inside a subnet that pods may hold (the first host address),
@@ -274,7 +271,7 @@ pub async fn gather(
 }
 
 /// `etcd http://198.51.100.2:2379` or `https://10.0.0.1:6443` → the address.
-fn datastore_addr(at: &str) -> Option<SocketAddr> {
+pub fn datastore_addr(at: &str) -> Option<SocketAddr> {
     at.split([' ', ',', '/'])
         .filter(|w| !w.is_empty())
         .find_map(|w| w.parse::<SocketAddr>().ok())

@@ -40,6 +40,16 @@ pub enum ExplainError {
     Trace(String),
 }
 
+/// What a refused route lookup's errno means, for people.
+pub(crate) fn errno_text(e: i32) -> String {
+    match e {
+        101 => "Network is unreachable".into(),
+        113 => "No route to host (is net.ipv4.ip_forward on?)".into(),
+        22 => "Invalid argument (a blackhole route, or rp_filter)".into(),
+        e => format!("error {e}"),
+    }
+}
+
 /// One fault found on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {

@@ -110,6 +110,18 @@ pub struct Branch {
     pub exit: Exit,
 }
 
+impl Branch {
+    /// A way the packet goes that no Service chose.
+    fn new(steps: Vec<Step>, exit: Exit) -> Self {
+        Branch {
+            endpoint: None,
+            probability: None,
+            steps,
+            exit,
+        }
+    }
+}
+
 /// This node's half of a trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeTrace {
@@ -210,18 +222,10 @@ pub fn service_step(
             format!("map lb: {{ {svc} : goto aff-… }}"),
         ));
     }
-    let mut ks = rs.ks();
-    ks.sort_unstable_by(|a, b| b.cmp(a));
     if rs.has("lb-all", &svc) {
         let key = format!("{} . {port}", pkt.dst);
-        if let Some(k) = ks
-            .iter()
-            .copied()
-            .find(|k| rs.has(&format!("lb-{p}-{k}"), &key))
-        {
-            d.backends = (0..k)
-                .filter_map(|slot| rs.value(&format!("be-{p}"), &format!("{key} . {slot}")))
-                .collect();
+        if let Some((k, backends)) = balanced(rs, &format!("lb-{p}"), &format!("be-{p}"), &key) {
+            d.backends = backends;
             d.steps.push(step(
                 "service",
                 format!("Service {}:{port}/{p}: {}", pkt.dst, endpoints_text(k)),
@@ -237,14 +241,13 @@ pub fn service_step(
         }
     }
     if local_dst && rs.has("np-all", &np) {
-        if let Some(k) = ks
-            .iter()
-            .copied()
-            .find(|k| rs.has(&format!("np-{p}-{k}"), &port.to_string()))
-        {
-            d.backends = (0..k)
-                .filter_map(|slot| rs.value(&format!("npbe-{p}"), &format!("{port} . {slot}")))
-                .collect();
+        if let Some((k, backends)) = balanced(
+            rs,
+            &format!("np-{p}"),
+            &format!("npbe-{p}"),
+            &port.to_string(),
+        ) {
+            d.backends = backends;
             d.steps.push(step(
                 "service",
                 format!("node port {port}/{p}: {}", endpoints_text(k)),
@@ -337,16 +340,31 @@ pub fn current_backends(
         return Some(Vec::new());
     }
     let key = format!("{ip} . {port}");
+    Some(
+        balanced(rs, &format!("lb-{proto}"), &format!("be-{proto}"), &key)
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    )
+}
+
+/// A load-balanced key's endpoint count K and endpoints, as the ruleset's
+/// rules find them: the highest K whose set `SETS-K` holds `key` (a key may
+/// linger in a lower K's set after it grew), then slots `key . 0..K` of `map`.
+fn balanced(
+    rs: &dyn Ruleset,
+    sets: &str,
+    map: &str,
+    key: &str,
+) -> Option<(u16, Vec<(Ipv4Addr, u16)>)> {
     let mut ks = rs.ks();
     ks.sort_unstable_by(|a, b| b.cmp(a));
-    ks.into_iter()
-        .find(|k| rs.has(&format!("lb-{proto}-{k}"), &key))
-        .map(|k| {
-            (0..k)
-                .filter_map(|slot| rs.value(&format!("be-{proto}"), &format!("{key} . {slot}")))
-                .collect()
-        })
-        .or(Some(Vec::new()))
+    let k = ks
+        .into_iter()
+        .find(|k| rs.has(&format!("{sets}-{k}"), key))?;
+    let backends = (0..k)
+        .filter_map(|slot| rs.value(map, &format!("{key} . {slot}")))
+        .collect();
+    Some((k, backends))
 }
 
 /// The kernel's elements of tweed's table, one `nft get element` at a time.
@@ -484,15 +502,6 @@ pub enum Ingress {
     Arrived(String),
 }
 
-fn errno_text(e: i32) -> String {
-    match e {
-        101 => "Network is unreachable".into(),
-        113 => "No route to host (is net.ipv4.ip_forward on?)".into(),
-        22 => "Invalid argument (a blackhole route, or rp_filter)".into(),
-        e => format!("error {e}"),
-    }
-}
-
 /// Walk `pkt` through this node. Must run in the node's network namespace,
 /// inside a tokio runtime.
 pub async fn walk(
@@ -598,12 +607,7 @@ pub async fn walk(
     steps.extend(svc.steps.clone());
     let mut branches = Vec::new();
     if let Some(v) = svc.verdict.clone() {
-        branches.push(Branch {
-            endpoint: None,
-            probability: None,
-            steps: Vec::new(),
-            exit: v,
-        });
+        branches.push(Branch::new(Vec::new(), v));
     } else if svc.backends.is_empty() {
         branches.push(
             route_branch(
@@ -703,15 +707,10 @@ async fn route_branch(
                 pkt.dst,
                 iif.map(|i| format!(" from {} iif {}", pkt.src, name_of(Some(i))))
                     .unwrap_or_default(),
-                errno_text(e)
+                crate::errno_text(e)
             );
             steps.push(step("drop", why.clone(), "ip route get"));
-            return Ok(Branch {
-                endpoint: None,
-                probability: None,
-                steps,
-                exit: Exit::Unroutable { why },
-            });
+            return Ok(Branch::new(steps, Exit::Unroutable { why }));
         }
     };
     let dev = name_of(r.oif);
@@ -768,23 +767,16 @@ async fn route_branch(
             format!("delivered to a process on {}", intent.node),
             "local route",
         ));
-        return Ok(Branch {
-            endpoint: None,
-            probability: None,
+        return Ok(Branch::new(
             steps,
-            exit: Exit::Local {
+            Exit::Local {
                 packet: pkt.clone(),
             },
-        });
+        ));
     }
     if r.kind != "unicast" {
         let why = format!("a {} route", r.kind);
-        return Ok(Branch {
-            endpoint: None,
-            probability: None,
-            steps,
-            exit: Exit::Dropped { why },
-        });
+        return Ok(Branch::new(steps, Exit::Dropped { why }));
     }
     // Hairpin: a pod reaching itself through a Service.
     if before_nat.is_some() && pkt.src == pkt.dst {
@@ -828,12 +820,7 @@ async fn route_branch(
             format!("route {}/32 dev {dev} proto 144", pkt.dst),
         ));
         steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
-        return Ok(Branch {
-            endpoint: None,
-            probability: None,
-            steps,
-            exit: Exit::Delivered { dev, packet: out },
-        });
+        return Ok(Branch::new(steps, Exit::Delivered { dev, packet: out }));
     }
     let gw = r.gateway.unwrap_or(pkt.dst);
     let why_mode = |p: Option<&tweed_plan::PeerIntent>| {
@@ -863,12 +850,7 @@ async fn route_branch(
                 why.clone(),
                 format!("ip neigh show {gw} dev {dev}"),
             ));
-            return Ok(Branch {
-                endpoint: None,
-                probability: None,
-                steps,
-                exit: Exit::Dropped { why },
-            });
+            return Ok(Branch::new(steps, Exit::Dropped { why }));
         };
         let Some(under) = fdb else {
             let why = format!("no FDB entry for {mac} on {dev}: the tunnel has nowhere to send it");
@@ -877,24 +859,14 @@ async fn route_branch(
                 why.clone(),
                 format!("bridge fdb show dev {dev}"),
             ));
-            return Ok(Branch {
-                endpoint: None,
-                probability: None,
-                steps,
-                exit: Exit::Dropped { why },
-            });
+            return Ok(Branch::new(steps, Exit::Dropped { why }));
         };
         let ul = match nl.route_lookup(under, None, None, None).await? {
             Ok(u) => u,
             Err(e) => {
-                let why = format!("no underlay route to {under}: {}", errno_text(e));
+                let why = format!("no underlay route to {under}: {}", crate::errno_text(e));
                 steps.push(step("drop", why.clone(), format!("ip route get {under}")));
-                return Ok(Branch {
-                    endpoint: None,
-                    probability: None,
-                    steps,
-                    exit: Exit::Unroutable { why },
-                });
+                return Ok(Branch::new(steps, Exit::Unroutable { why }));
             }
         };
         let p = intent.peers.iter().find(|p| p.public_ip == under).or(peer);
@@ -910,18 +882,16 @@ async fn route_branch(
             format!("ip neigh {gw} lladdr {mac} dev {dev}; bridge fdb {mac} dev {dev} dst {under}; underlay route {}{}", ul.prefix, ul.gateway.map(|g| format!(" via {g}")).unwrap_or_default()),
         ));
         steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
-        return Ok(Branch {
-            endpoint: None,
-            probability: None,
+        return Ok(Branch::new(
             steps,
-            exit: Exit::Forwarded {
+            Exit::Forwarded {
                 encap: "vxlan".into(),
                 next: under,
                 dev: name_of(ul.oif),
                 peer: p.map(|p| p.name.clone()),
                 packet: out,
             },
-        });
+        ));
     }
     let encap = if dev == tweed_plan::IPIP_DEV {
         "ipip"
@@ -950,18 +920,16 @@ async fn route_branch(
         route_text,
     ));
     steps.extend(return_step(before_nat.unwrap_or(pkt), &out));
-    Ok(Branch {
-        endpoint: None,
-        probability: None,
+    Ok(Branch::new(
         steps,
-        exit: Exit::Forwarded {
+        Exit::Forwarded {
             encap: encap.into(),
             next: gw,
             dev,
             peer: p.map(|p| p.name.clone()),
             packet: out,
         },
-    })
+    ))
 }
 
 /// The return path where it differs: conntrack undoes the NAT for replies.

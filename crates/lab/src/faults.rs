@@ -49,6 +49,29 @@ pub struct Injected {
     pub undo: Vec<Vec<String>>,
 }
 
+/// The command that puts tweed's planned route back (the undo of a route
+/// written by hand): `ip route replace DST via VIA dev DEV [onlink] proto 144 [src SRC]`.
+fn restore_route(r: &tweed_plan::Route) -> Vec<String> {
+    let mut v = argv(&[
+        "ip",
+        "route",
+        "replace",
+        &r.dst.to_string(),
+        "via",
+        &r.via.to_string(),
+        "dev",
+        &r.dev,
+    ]);
+    if r.onlink {
+        v.push("onlink".into());
+    }
+    v.extend(argv(&["proto", "144"]));
+    if let Some(src) = r.src {
+        v.extend(argv(&["src", &src.to_string()]));
+    }
+    v
+}
+
 fn argv(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -74,7 +97,7 @@ impl Lab {
 
     /// The plan a node's agent last wrote (what doctor judges it by).
     pub fn node_intent(&self, st: &LabState, node: &str) -> Result<NodeIntent> {
-        let p = self.agent_status_path(st, node).with_file_name("plan.json");
+        let p = self.agent_run_dir(st, node).join("plan.json");
         let body = std::fs::read(&p).map_err(|source| LabError::Io {
             path: p.clone(),
             source,
@@ -212,18 +235,10 @@ impl Lab {
                     &dev,
                     "onlink",
                 ]))?;
-                let mut back = vec!["ip", "route", "replace", &dst];
-                let via_s = planned.via.to_string();
-                back.extend(["via", &via_s, "dev", &planned.dev]);
-                if planned.onlink {
-                    back.push("onlink");
-                }
-                back.extend(["proto", "144"]);
-                let src_s = planned.src.map(|s| s.to_string());
-                if let Some(s) = &src_s {
-                    back.extend(["src", s]);
-                }
-                undo.push(in_node(&back));
+                let back = restore_route(planned);
+                undo.push(in_node(
+                    &back.iter().map(String::as_str).collect::<Vec<_>>(),
+                ));
             }
             "foreign-route" => {
                 let p = peer_intent.as_ref().expect("peer");
@@ -250,22 +265,14 @@ impl Lab {
                 undo.push(fabric_drop(&[rule1, rule2])?);
             }
             "datastore-unreachable" => {
-                let status: serde_json::Value = std::fs::read(self.agent_status_path(&st, node))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
+                let at = tweed_explain::facts::read_status(&self.agent_run_dir(&st, node))
+                    .map(|v| v.datastore_at)
                     .unwrap_or_default();
-                let at = status["datastoreAt"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let addr: std::net::SocketAddr = at
-                    .split([' ', ',', '/'])
-                    .find_map(|w| w.parse().ok())
-                    .ok_or_else(|| {
-                        LabError::Invalid(format!(
-                            "{node}'s agent reports no datastore address ({at:?})"
-                        ))
-                    })?;
+                let addr = tweed_explain::facts::datastore_addr(&at).ok_or_else(|| {
+                    LabError::Invalid(format!(
+                        "{node}'s agent reports no datastore address ({at:?})"
+                    ))
+                })?;
                 let a = set(&addrs_of(&n.name));
                 let (ip, port) = (addr.ip(), addr.port());
                 let rule1 = format!("ip saddr {a} ip daddr {ip} tcp dport {port}");
@@ -415,22 +422,10 @@ impl Lab {
                     &intent.underlay_dev,
                     "onlink",
                 ]))?;
-                let via_s = planned.via.to_string();
-                let mut back = vec![
-                    "ip",
-                    "route",
-                    "replace",
-                    &dst,
-                    "via",
-                    &via_s,
-                    "dev",
-                    &planned.dev,
-                ];
-                if planned.onlink {
-                    back.push("onlink");
-                }
-                back.extend(["proto", "144"]);
-                undo.push(in_node(&back));
+                let back = restore_route(&planned);
+                undo.push(in_node(
+                    &back.iter().map(String::as_str).collect::<Vec<_>>(),
+                ));
             }
             "stale-conntrack" => {
                 // A connection to a Service whose endpoint has gone, as a
@@ -562,8 +557,7 @@ impl Lab {
                 let hs: Vec<_> = nodes
                     .iter()
                     .map(|n| {
-                        let run_dir = self.agent_status_path(&st, &n.name);
-                        let run_dir = run_dir.parent().expect("file in a dir").to_path_buf();
+                        let run_dir = self.agent_run_dir(&st, &n.name);
                         s.spawn(move || {
                             let out = Command::new("ip")
                                 .args(["netns", "exec", &n.ns])

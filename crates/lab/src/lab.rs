@@ -1303,6 +1303,15 @@ impl Lab {
     /// Where a node's agent writes its status: the lab's run directory, or
     /// for a DaemonSet pod `/run/tweed` in the node's own mount namespace
     /// (seen through its containerd's `/proc/PID/root`).
+    /// The directory a node's agent writes status.json and plan.json to.
+    pub fn agent_run_dir(&self, st: &LabState, node: &str) -> PathBuf {
+        let status = self.agent_status_path(st, node);
+        status
+            .parent()
+            .expect("a file in a directory")
+            .to_path_buf()
+    }
+
     pub fn agent_status_path(&self, st: &LabState, node: &str) -> PathBuf {
         let pod_run = self.agents_are_pods(st).then(|| {
             st.kube

@@ -126,13 +126,12 @@ impl Lab {
 
     fn trace_half(&self, st: &LabState, node: &str, args: &[String]) -> Result<NodeTrace> {
         let n = st.node(node)?;
-        let run_dir = self.agent_status_path(st, node);
-        let run_dir = run_dir.parent().expect("file in a dir");
+        let run_dir = self.agent_run_dir(st, node);
         let out = Command::new("ip")
             .args(["netns", "exec", &n.ns])
             .arg(&self.exe)
             .args(["trace", "-o", "json", "--run-dir"])
-            .arg(run_dir)
+            .arg(&run_dir)
             .args(args)
             .output()
             .map_err(|e| LabError::Invalid(format!("tweed trace on {node}: {e}")))?;

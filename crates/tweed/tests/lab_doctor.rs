@@ -29,6 +29,33 @@ fn findings(v: &serde_json::Value) -> Vec<serde_json::Value> {
     v["findings"].as_array().cloned().unwrap_or_default()
 }
 
+/// Inject a fault on node1 and return doctor's findings. Only a route the
+/// agent owns may be gone before doctor looks (it repairs them at its
+/// resync): then the route must be tweed's again, and it is tried again.
+fn inject_and_find(lab: &LabGuard, args: &[&str], fault: &str) -> Vec<serde_json::Value> {
+    let name = args[args.iter().position(|a| *a == "--name").unwrap() + 1];
+    for attempt in 0..3 {
+        ok(args);
+        let (o, v) = doctor(name);
+        let found = findings(&v);
+        if !found.is_empty() {
+            assert_eq!(o.status.code(), Some(1), "doctor must exit 1 with findings");
+            return found;
+        }
+        assert!(
+            fault == "wrong-next-hop" || fault == "not-on-link",
+            "doctor missed {fault}: {v:#}"
+        );
+        let r = lab.routes("node1");
+        assert!(
+            r.contains("proto 144"),
+            "not found and not repaired (attempt {attempt}): {r}"
+        );
+        ok(&["lab", "fault", "clear", "--name", name]);
+    }
+    panic!("doctor missed {fault} three times");
+}
+
 /// No finding now, and none a moment later (the agents keep converging).
 fn assert_healthy(lab: &str, when: &str) {
     let (o, v) = doctor(lab);
@@ -84,30 +111,7 @@ fn doctor_names_each_injected_fault_on_its_node_and_nothing_else() {
         if *with_peer {
             args.extend(["--peer", "node2"]);
         }
-        let mut found = Vec::new();
-        for attempt in 0..3 {
-            ok(&args);
-            let (o, v) = doctor("doc");
-            found = findings(&v);
-            if !found.is_empty() {
-                assert_eq!(o.status.code(), Some(1), "doctor must exit 1 with findings");
-                break;
-            }
-            // Only the hand-written route may be gone by now: the agent
-            // repairs routes it owns at its resync. Then the route must be
-            // tweed's again, and we try once more.
-            assert!(
-                fault == "wrong-next-hop" || fault == "not-on-link",
-                "doctor missed {fault}: {v:#}"
-            );
-            let r = lab.routes("node1");
-            assert!(
-                r.contains("proto 144"),
-                "not found and not repaired (attempt {attempt}): {r}"
-            );
-            ok(&["lab", "fault", "clear", "--name", "doc"]);
-        }
-        assert!(!found.is_empty(), "doctor missed {fault} three times");
+        let found = inject_and_find(&lab, &args, fault);
         for f in &found {
             assert_eq!(
                 f["fault"],
@@ -193,9 +197,9 @@ fn healthy_labs_of_every_shape_have_no_findings_and_seed_000s_blocked_port_is_fo
             // Seed 003: host-gw-style direct routing to a node on another
             // VLAN. The agent repairs the route at its resync; doctor must
             // see it before that, or the route must be tweed's again.
-            let mut found = Vec::new();
-            for _ in 0..3 {
-                ok(&[
+            let found = inject_and_find(
+                &lab,
+                &[
                     "lab",
                     "fault",
                     "inject",
@@ -206,17 +210,9 @@ fn healthy_labs_of_every_shape_have_no_findings_and_seed_000s_blocked_port_is_fo
                     "node3",
                     "--name",
                     name,
-                ]);
-                found = findings(&doctor(name).1);
-                if !found.is_empty() {
-                    break;
-                }
-                assert!(
-                    lab.routes("node1").contains("proto 144"),
-                    "not found and not repaired"
-                );
-            }
-            assert!(!found.is_empty(), "not-on-link never found");
+                ],
+                "not-on-link",
+            );
             for f in &found {
                 assert_eq!(
                     (f["fault"].as_str(), f["node"].as_str(), f["peer"].as_str()),
