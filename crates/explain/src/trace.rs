@@ -138,6 +138,10 @@ pub trait Ruleset {
     fn value(&self, map: &str, key: &str) -> Option<(Ipv4Addr, u16)>;
     /// The endpoint counts K that have `lb-PROTO-K` / `np-PROTO-K` sets.
     fn ks(&self) -> Vec<u16>;
+    /// A verdict map element's verdict (`goto CHAIN`).
+    fn verdict(&self, map: &str, key: &str) -> Option<String>;
+    /// A chain's rules, one per line as nft lists them (empty: no such chain).
+    fn chain(&self, name: &str) -> Vec<String>;
 }
 
 /// What the Service rules do with a new connection.
@@ -215,12 +219,40 @@ pub fn service_step(
             format!("set masq-np: {{ {np} }}"),
         ));
     }
-    if rs.has("lb", &svc) {
-        d.steps.push(step(
-            "service",
-            "ClientIP session affinity: a client that connected before goes back to its endpoint",
-            format!("map lb: {{ {svc} : goto aff-… }}"),
-        ));
+    if let Some(v) = rs.verdict("lb", &svc) {
+        let chain = v.trim().trim_start_matches("goto ").trim().to_string();
+        let eps = affinity_endpoints(rs, &chain);
+        if let Some((set, b)) = eps
+            .iter()
+            .find(|(set, _)| rs.has(set, &pkt.src.to_string()))
+        {
+            d.backends = vec![*b];
+            d.steps.push(step(
+                "service",
+                format!(
+                    "Service {}:{port}/{p}: ClientIP session affinity: {} connected within the timeout, so it goes back to {}:{}",
+                    pkt.dst, pkt.src, b.0, b.1
+                ),
+                format!("map lb: {{ {svc} : goto {chain} }}; set {set}: {{ {} }}", pkt.src),
+            ));
+        } else {
+            d.backends = eps.iter().map(|(_, b)| *b).collect();
+            d.steps.push(step(
+                "service",
+                format!(
+                    "Service {}:{port}/{p}: ClientIP session affinity: {} has no recent connection, so one of {}; the one drawn remembers it",
+                    pkt.dst,
+                    pkt.src,
+                    endpoints_text(d.backends.len() as u16)
+                ),
+                format!("map lb: {{ {svc} : goto {chain} }}; chain {chain}: numgen random mod {}", d.backends.len()),
+            ));
+        }
+        if !d.backends.is_empty() {
+            return d;
+        }
+        d.steps.last_mut().expect("pushed").problem =
+            Some(format!("chain {chain} has no endpoint chains"));
     }
     if rs.has("lb-all", &svc) {
         let key = format!("{} . {port}", pkt.dst);
@@ -324,8 +356,7 @@ pub fn service_step(
 }
 
 /// A Service key's endpoints as the ruleset holds them now (empty: none);
-/// `None` when the ruleset cannot tell (ClientIP affinity keeps its
-/// endpoints in chains of its own).
+/// `None` when the ruleset cannot tell (an affinity chain that cannot be read).
 pub fn current_backends(
     rs: &dyn Ruleset,
     ip: Ipv4Addr,
@@ -333,8 +364,10 @@ pub fn current_backends(
     port: u16,
 ) -> Option<Vec<(Ipv4Addr, u16)>> {
     let svc = format!("{ip} . {proto} . {port}");
-    if rs.has("lb", &svc) {
-        return None;
+    if let Some(v) = rs.verdict("lb", &svc) {
+        let chain = v.trim().trim_start_matches("goto ").trim().to_string();
+        let eps = affinity_endpoints(rs, &chain);
+        return (!eps.is_empty()).then(|| eps.into_iter().map(|(_, b)| b).collect());
     }
     if !rs.has("lb-all", &svc) {
         return Some(Vec::new());
@@ -345,6 +378,34 @@ pub fn current_backends(
             .map(|(_, b)| b)
             .unwrap_or_default(),
     )
+}
+
+/// A ClientIP-affinity chain's endpoints: each `ip saddr @SET goto SET`
+/// rule names a per-endpoint set of recent clients and the chain that
+/// DNATs to that endpoint. Returns (set, endpoint) pairs in rule order.
+pub fn affinity_endpoints(rs: &dyn Ruleset, chain: &str) -> Vec<(String, (Ipv4Addr, u16))> {
+    rs.chain(chain)
+        .iter()
+        .filter_map(|r| {
+            let set = r
+                .trim()
+                .strip_prefix("ip saddr @")?
+                .split_whitespace()
+                .next()?;
+            let b = rs.chain(set).iter().find_map(|l| dnat_target(l))?;
+            Some((set.to_string(), b))
+        })
+        .collect()
+}
+
+/// `… dnat ip to 10.244.1.2:8080` (or nft's `dnat to …`) → the address and port.
+fn dnat_target(rule: &str) -> Option<(Ipv4Addr, u16)> {
+    let t = rule
+        .split(" dnat ip to ")
+        .nth(1)
+        .or_else(|| rule.split(" dnat to ").nth(1))?;
+    let (ip, port) = t.split_whitespace().next()?.split_once(':')?;
+    Some((ip.parse().ok()?, port.parse().ok()?))
 }
 
 /// A load-balanced key's endpoint count K and endpoints, as the ruleset's
@@ -428,6 +489,32 @@ impl Ruleset for KernelRuleset {
     fn ks(&self) -> Vec<u16> {
         self.ks.clone()
     }
+    fn verdict(&self, map: &str, key: &str) -> Option<String> {
+        let text = self.get(map, key)?;
+        let inner = text.split("elements = {").nth(1)?.split('}').next()?;
+        Some(inner.split(" : ").nth(1)?.trim().to_string())
+    }
+    fn chain(&self, name: &str) -> Vec<String> {
+        let o = Command::new("nft")
+            .args(["list", "chain", "ip", TABLE, name])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        let Ok(o) = o else { return Vec::new() };
+        chain_rules(&String::from_utf8_lossy(&o.stdout))
+    }
+}
+
+/// The rules of the one chain in `nft list chain` output.
+pub fn chain_rules(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("chain "))
+        .skip(1)
+        .take_while(|l| *l != "}")
+        .filter(|l| !l.is_empty() && !l.starts_with("type ") && !l.starts_with("policy "))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Which packet of a connection is traced (`--ct new|established`).
@@ -537,10 +624,26 @@ pub async fn walk(
             }
         }
         if pkt.src.is_unspecified() {
-            return Err(ExplainError::Trace(format!(
-                "{} has no route to {}",
-                intent.node, pkt.dst
-            )));
+            // Not an error of the trace: the kernel refuses to send, and
+            // that is the answer (no rule ever sees the packet).
+            return Ok(NodeTrace {
+                node: intent.node.clone(),
+                packet: pkt.clone(),
+                steps: vec![step(
+                    "origin",
+                    format!("a process on {} sends to {}", intent.node, pkt.dst),
+                    format!("ip route get {}", pkt.dst),
+                )],
+                branches: vec![Branch::new(
+                    Vec::new(),
+                    Exit::Unroutable {
+                        why: format!(
+                            "{} has no route to {}: the kernel refuses to send it (Network is unreachable) before any rule sees it",
+                            intent.node, pkt.dst
+                        ),
+                    },
+                )],
+            });
         }
     }
     // Where it comes from: a pod (input on its veth), this node (output),
@@ -762,6 +865,31 @@ async fn route_branch(
     }
     steps.push(route_step);
     if r.kind == "local" || (local_dst && before_nat.is_none()) {
+        if let (Some(port), Some(false)) = (
+            pkt.port,
+            pkt.port
+                .and_then(|port| crate::facts::listening(&pkt.proto, pkt.dst, port)),
+        ) {
+            let answer = if pkt.proto == "tcp" {
+                "a TCP reset"
+            } else {
+                "ICMP port unreachable"
+            };
+            steps.push(step(
+                "deliver",
+                format!(
+                    "for {} itself, but no process listens on {}:{port}/{}",
+                    intent.node, pkt.dst, pkt.proto
+                ),
+                format!("local route; /proc/net/{}", pkt.proto),
+            ));
+            return Ok(Branch::new(
+                steps,
+                Exit::Rejected {
+                    why: format!("nothing listens there: the kernel answers with {answer} (connection refused)"),
+                },
+            ));
+        }
         steps.push(step(
             "deliver",
             format!("delivered to a process on {}", intent.node),
@@ -1053,6 +1181,8 @@ mod tests {
         has: BTreeSet<(String, String)>,
         values: BTreeMap<(String, String), (Ipv4Addr, u16)>,
         ks: Vec<u16>,
+        verdicts: BTreeMap<(String, String), String>,
+        chains: BTreeMap<String, Vec<String>>,
     }
     impl Ruleset for Fake {
         fn has(&self, set: &str, key: &str) -> bool {
@@ -1064,6 +1194,12 @@ mod tests {
         }
         fn ks(&self) -> Vec<u16> {
             self.ks.clone()
+        }
+        fn verdict(&self, map: &str, key: &str) -> Option<String> {
+            self.verdicts.get(&(map.into(), key.into())).cloned()
+        }
+        fn chain(&self, name: &str) -> Vec<String> {
+            self.chains.get(name).cloned().unwrap_or_default()
         }
     }
 
@@ -1167,6 +1303,48 @@ mod tests {
     }
 
     #[test]
+    fn client_ip_affinity_forks_for_a_new_client_and_sticks_for_a_known_one() {
+        let mut f = Fake::default();
+        let svc = "10.96.0.3 . tcp . 80";
+        f.verdicts
+            .insert(("lb".into(), svc.into()), "goto aff-1".into());
+        f.chains.insert(
+            "aff-1".into(),
+            vec![
+                "ip saddr @aff-1-a goto aff-1-a".into(),
+                "ip saddr @aff-1-b goto aff-1-b".into(),
+                "numgen random mod 2 vmap { 0 : goto aff-1-a, 1 : goto aff-1-b }".into(),
+            ],
+        );
+        for (c, ip) in [("aff-1-a", "10.244.1.2"), ("aff-1-b", "10.244.2.2")] {
+            f.chains.insert(
+                c.into(),
+                vec![
+                    format!("update @{c} {{ ip saddr }}"),
+                    format!("meta l4proto tcp dnat to {ip}:8080"),
+                ],
+            );
+        }
+        let d = service_step(&f, &intent(), &pkt("10.244.0.5", "10.96.0.3", 80), false);
+        assert_eq!(d.backends.len(), 2, "{d:?}");
+        assert!(d.steps[0].text.contains("no recent connection"), "{d:?}");
+        f.has.insert(("aff-1-b".into(), "10.244.0.5".into()));
+        let d = service_step(&f, &intent(), &pkt("10.244.0.5", "10.96.0.3", 80), false);
+        assert_eq!(d.backends, vec![("10.244.2.2".parse().unwrap(), 8080)]);
+        assert!(d.steps[0].cite.contains("set aff-1-b"), "{d:?}");
+        assert_eq!(
+            current_backends(&f, "10.96.0.3".parse().unwrap(), "tcp", 80).map(|b| b.len()),
+            Some(2)
+        );
+        let listed = "table ip tweed {\n\tchain aff-1-a {\n\t\tupdate @aff-1-a { ip saddr }\n\t\tmeta l4proto tcp dnat to 10.244.1.2:8080\n\t}\n}\n";
+        assert_eq!(chain_rules(listed).len(), 2);
+        assert_eq!(
+            dnat_target(&chain_rules(listed)[1]),
+            Some(("10.244.1.2".parse().unwrap(), 8080))
+        );
+    }
+
+    #[test]
     fn node_ports_only_match_local_addresses() {
         let mut f = Fake {
             ks: vec![1, 2],
@@ -1244,6 +1422,8 @@ pub struct Observed {
     pub oif: Option<String>,
     /// It was sent to the reject chain.
     pub rejected: bool,
+    /// A rule dropped it.
+    pub dropped: bool,
 }
 
 /// The first SYN's events in `nft monitor trace` text (nft 1.0.6 prints
@@ -1255,12 +1435,26 @@ pub fn observe_syn(text: &str) -> Option<Observed> {
 /// The SYN of the connection from source port `sport` (the first SYN when
 /// `None`): the monitor may still be writing an earlier connection's events.
 pub fn observe_syn_from(text: &str, sport: Option<u16>) -> Option<Observed> {
+    observe_first(text, "tcp", sport)
+}
+
+/// Does this `nft monitor trace` packet line start a connection of
+/// `proto` (a TCP SYN; any UDP datagram: its first is the one traced)?
+pub fn first_packet(line: &str, proto: &str) -> bool {
+    line.contains(" packet: ")
+        && match proto {
+            "tcp" => line.contains("tcp flags == syn"),
+            p => line.contains(&format!(" {p} sport ")),
+        }
+}
+
+/// The first packet of the `proto` connection from source port `sport`
+/// (the first one seen when `None`).
+pub fn observe_first(text: &str, proto: &str, sport: Option<u16>) -> Option<Observed> {
     let lines: Vec<&str> = text.lines().collect();
-    let want = sport.map(|p| format!("tcp sport {p} "));
+    let want = sport.map(|p| format!("{proto} sport {p} "));
     let start = lines.iter().position(|l| {
-        l.contains(" packet: ")
-            && l.contains("tcp flags == syn")
-            && want.as_ref().is_none_or(|w| l.contains(w.as_str()))
+        first_packet(l, proto) && want.as_ref().is_none_or(|w| l.contains(w.as_str()))
     })?;
     let id = lines[start].split_whitespace().nth(2)?.to_string();
     let mut o = Observed::default();
@@ -1305,6 +1499,8 @@ pub fn observe_syn_from(text: &str, sport: Option<u16>) -> Option<Observed> {
             ));
         } else if l.contains("jump reject-chain") {
             o.rejected = true;
+        } else if l.contains(" rule ") && l.trim_end().ends_with("(verdict drop)") {
+            o.dropped = true;
         }
     }
     Some(o)

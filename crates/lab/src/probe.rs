@@ -109,13 +109,35 @@ pub fn hold(
 
 /// Send one datagram and wait for the reply.
 pub fn udp(addr: SocketAddr, payload: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    udp_retry(addr, payload, timeout, Duration::ZERO).map(|(b, _)| b)
+}
+
+/// Send a datagram from one connected socket (one conntrack flow, and an
+/// ICMP port unreachable surfaces as "connection refused") until a reply
+/// comes or `retry_for` has passed; returns the reply and the local port.
+pub fn udp_retry(
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+    retry_for: Duration,
+) -> std::io::Result<(Vec<u8>, u16)> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(addr)?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(payload, addr)?;
+    let port = s.local_addr()?.port();
+    let deadline = Instant::now() + retry_for;
     let mut buf = vec![0; 65536];
-    let (n, _) = s.recv_from(&mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
+    loop {
+        let r = s.send(payload).and_then(|_| s.recv(&mut buf));
+        match r {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok((buf, port));
+            }
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// Open `count` separate connections (one request each) and count which

@@ -58,6 +58,50 @@ struct Case<'a> {
     proto: &'a str,
     pin: Option<Ipv4Addr>,
     predicted: &'a [(Ipv4Addr, Ipv4Addr)],
+    expect: Expect,
+}
+
+/// What the prediction says a real request meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// An echo server answers (which one, and the client it saw: `predicted`).
+    Answer,
+    /// Refused at once (TCP reset / ICMP port unreachable), by tweed's
+    /// reject chain or (no listener) by the kernel itself.
+    Refused { by_rule: bool },
+    /// Silently dropped by a rule.
+    Dropped,
+    /// Nothing delivers it (no route, a loop, …).
+    Nothing,
+}
+
+impl Expect {
+    fn of(halves: &[NodeTrace], predicted: &[(Ipv4Addr, Ipv4Addr)]) -> Self {
+        if !predicted.is_empty() {
+            return Expect::Answer;
+        }
+        let ends: Vec<&Exit> = halves
+            .iter()
+            .flat_map(|h| &h.branches)
+            .map(|b| &b.exit)
+            .filter(|e| !matches!(e, Exit::Forwarded { .. }))
+            .collect();
+        if !ends.is_empty() && ends.iter().all(|e| matches!(e, Exit::Rejected { .. })) {
+            let by_rule = halves
+                .iter()
+                .flat_map(|h| {
+                    h.steps
+                        .iter()
+                        .chain(h.branches.iter().flat_map(|b| &b.steps))
+                })
+                .any(|s| s.kind == "reject");
+            Expect::Refused { by_rule }
+        } else if !ends.is_empty() && ends.iter().all(|e| matches!(e, Exit::Dropped { .. })) {
+            Expect::Dropped
+        } else {
+            Expect::Nothing
+        }
+    }
 }
 
 /// Where a name points: an address, and the node whose half starts the walk.
@@ -252,6 +296,7 @@ impl Lab {
                 proto,
                 pin,
                 predicted: &predicted,
+                expect: Expect::of(&halves, &predicted),
             };
             Some(self.verify(&st, &case, &halves)?)
         } else {
@@ -333,13 +378,14 @@ impl Lab {
         let ns = st.node(&first.node)?.ns.clone();
         let tracer = self.nftrace_start(&ns, first.packet.src, first.packet.dst)?;
         let file = tracer.1.clone();
-        let r = self.verify_traced(case, first, &file);
+        let r = self.verify_traced(st, case, first, &file);
         self.nftrace_stop(&ns, tracer);
         r
     }
 
     fn verify_traced(
         &self,
+        st: &LabState,
         case: &Case,
         first: &NodeTrace,
         file: &std::path::Path,
@@ -351,39 +397,54 @@ impl Lab {
             proto,
             pin,
             predicted,
+            expect,
         } = *case;
-        if proto != "tcp" || s.ns.is_empty() {
+        if !matches!(proto, "tcp" | "udp") || s.ns.is_empty() {
             return Err(LabError::Invalid(
-                "--verify sends an HTTP request over TCP from a pod, node or host of the lab"
+                "--verify sends a TCP (HTTP) or UDP request from a pod, node or host of the lab"
                     .into(),
             ));
         }
         let addr = format!("{}:{}", d.ip, port.unwrap_or(crate::lab::ECHO_PORT));
+        // Retry only what should answer (an endpoint may still be starting);
+        // a refusal or a drop is seen on the first try.
+        let (retry, timeout) = match expect {
+            Expect::Answer => ("3", "3"),
+            Expect::Refused { .. } => ("0", "2"),
+            Expect::Dropped | Expect::Nothing => ("0", "1"),
+        };
         let get = || {
             Command::new("ip")
                 .args(["netns", "exec", &s.ns])
                 .arg(&self.exe)
                 .args([
                     "probe",
-                    "http",
+                    if proto == "tcp" { "http" } else { "udp" },
                     &addr,
                     "--retry-for",
-                    "3",
+                    retry,
+                    "--timeout",
+                    timeout,
                     "--print-local-port",
                 ])
                 .output()
                 .map_err(|e| LabError::Invalid(format!("verify: {e}")))
         };
         let traced = || std::fs::read_to_string(file).unwrap_or_default();
+        let started = || {
+            traced()
+                .lines()
+                .any(|l| tweed_explain::trace::first_packet(l, proto))
+        };
         // The monitor subscribes asynchronously: requests until one of them
         // shows up in it (with a deadline), then the request that counts.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut out = get()?;
-        while !traced().contains("tcp flags == syn") && std::time::Instant::now() < deadline {
+        while !started() && std::time::Instant::now() < deadline {
             out = get()?;
         }
         let mut offset = traced().len();
-        if traced().contains("tcp flags == syn") {
+        if started() {
             out = get()?;
         } else {
             offset = 0;
@@ -393,8 +454,11 @@ impl Lab {
         // each, missing it is vanishingly rare for the K a lab has).
         if let Some(p) = pin {
             for _ in 0..40 {
-                let hit = serde_json::from_slice::<crate::echo::Seen>(&out.stdout)
-                    .is_ok_and(|seen| seen.ip == p.to_string());
+                let hit =
+                    serde_json::from_slice::<crate::echo::Seen>(&out.stdout).is_ok_and(|seen| {
+                        seen.ip == p.to_string()
+                            || st.pods.get(&seen.pod).is_some_and(|x| x.ip == p)
+                    });
                 if hit || !out.status.success() {
                     break;
                 }
@@ -402,28 +466,25 @@ impl Lab {
                 out = get()?;
             }
         }
+        let after = || {
+            let t = traced();
+            t[offset.min(t.len())..].to_string()
+        };
         if !out.status.success() {
-            let agrees = predicted.is_empty();
-            return Ok(Verified {
-                pod: String::new(),
-                pod_ip: String::new(),
-                client: String::new(),
-                nftrace: Vec::new(),
-                agrees,
-                why: if agrees {
-                    "no answer, as predicted (nothing delivers it)".into()
-                } else {
-                    format!(
-                        "no answer, but the trace predicted delivery: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )
-                },
-            });
+            return Ok(self.verify_failure(expect, proto, &out, &after));
         }
         let seen: crate::echo::Seen = serde_json::from_slice(&out.stdout).map_err(|e| {
             LabError::Invalid(format!("verify: the echo answer does not decode: {e}"))
         })?;
-        let pod_ip: Ipv4Addr = seen.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // A wildcard-bound UDP socket does not know the address a datagram
+        // came to: the pod's name does.
+        let pod_ip: Ipv4Addr = seen
+            .ip
+            .parse()
+            .ok()
+            .filter(|ip: &Ipv4Addr| !ip.is_unspecified())
+            .or_else(|| st.pods.get(&seen.pod).map(|p| p.ip))
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
         let client: Ipv4Addr = seen.client.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
         let want: Vec<&(Ipv4Addr, Ipv4Addr)> =
             predicted.iter().filter(|(ip, _)| *ip == pod_ip).collect();
@@ -451,31 +512,101 @@ impl Lab {
             ),
         };
         // The same connection as nftables saw it on the first node (its
-        // events reach the monitor asynchronously: wait for the SYN's
-        // postrouting verdict, with a deadline).
-        let after = || {
-            let t = traced();
-            t[offset.min(t.len())..].to_string()
-        };
+        // events reach the monitor asynchronously: wait for the first
+        // packet's postrouting verdict, with a deadline).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         let sport: Option<u16> = String::from_utf8_lossy(&out.stderr)
             .lines()
             .find_map(|l| l.strip_prefix("local-port ")?.trim().parse().ok());
-        while tweed_explain::trace::observe_syn_from(&after(), sport)
+        while tweed_explain::trace::observe_first(&after(), proto, sport)
             .is_none_or(|o| o.masquerade.is_none())
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after(), sport);
+        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after(), proto, sport);
         Ok(Verified {
             pod: seen.pod,
-            pod_ip: seen.ip,
+            pod_ip: pod_ip.to_string(),
             client: seen.client,
             agrees: agrees && nf_ok,
             why,
             nftrace,
         })
+    }
+}
+
+impl Lab {
+    /// A request that got no answer, checked against what was predicted:
+    /// refused at once (and nftables sent it to the reject chain), or
+    /// silently dropped (a rule's drop verdict), or simply undelivered.
+    fn verify_failure(
+        &self,
+        expect: Expect,
+        proto: &str,
+        out: &std::process::Output,
+        after: &dyn Fn() -> String,
+    ) -> Verified {
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let refused = err.contains("refused");
+        // The failed request printed no source port; any first packet after
+        // the offset is one of these identical failing requests.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let seen = |o: &tweed_explain::trace::Observed| match expect {
+            Expect::Refused { by_rule } => o.rejected == by_rule,
+            Expect::Dropped => o.dropped,
+            _ => true,
+        };
+        let mut obs = tweed_explain::trace::observe_first(&after(), proto, None);
+        while !obs.as_ref().is_some_and(seen) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            obs = tweed_explain::trace::observe_first(&after(), proto, None);
+        }
+        let mut nftrace = Vec::new();
+        let mut nf_ok = true;
+        let mut check = |good: bool, what: &str| {
+            nf_ok &= good;
+            nftrace.push(format!(
+                "nftrace: {what} {}",
+                if good { "✓" } else { "✗ DISAGREES" }
+            ));
+        };
+        match (expect, &obs) {
+            (Expect::Refused { by_rule: true }, Some(o)) => {
+                check(o.rejected, "sent to the reject chain")
+            }
+            (Expect::Refused { by_rule: false }, Some(o)) => check(
+                !o.rejected && !o.dropped,
+                "no rule rejected or dropped it (the kernel refused it)",
+            ),
+            (Expect::Dropped, Some(o)) => check(o.dropped, "dropped by a rule"),
+            (Expect::Refused { .. } | Expect::Dropped, None) => {
+                check(false, "the first packet was traced")
+            }
+            _ => {}
+        }
+        let (agrees, why) = match expect {
+            Expect::Answer => (
+                false,
+                format!("no answer, but the trace predicted delivery: {err}"),
+            ),
+            Expect::Refused { .. } if refused => (true, "refused at once, as predicted".into()),
+            Expect::Refused { .. } => (false, format!("the trace predicted a refusal, but: {err}")),
+            _ if refused => (
+                false,
+                format!("refused, but the trace predicted no answer: {err}"),
+            ),
+            Expect::Dropped => (true, "no answer: dropped, as predicted".into()),
+            Expect::Nothing => (true, "no answer, as predicted (nothing delivers it)".into()),
+        };
+        Verified {
+            pod: String::new(),
+            pod_ip: String::new(),
+            client: String::new(),
+            agrees: agrees && nf_ok,
+            why,
+            nftrace,
+        }
     }
 }
 
@@ -487,9 +618,10 @@ pub fn compare_nftrace(
     first: &NodeTrace,
     pod_ip: Ipv4Addr,
     text: &str,
+    proto: &str,
     sport: Option<u16>,
 ) -> (bool, Vec<String>) {
-    let Some(o) = tweed_explain::trace::observe_syn_from(text, sport) else {
+    let Some(o) = tweed_explain::trace::observe_first(text, proto, sport) else {
         return (
             false,
             vec!["nftrace: the connection's first packet was not traced".into()],
@@ -505,10 +637,16 @@ pub fn compare_nftrace(
         ));
     };
     let service = first.branches.iter().any(|b| b.endpoint.is_some());
-    let branch = first.branches.iter().find(|b| match &b.exit {
-        Exit::Delivered { packet, .. } | Exit::Forwarded { packet, .. } => packet.dst == pod_ip,
-        _ => false,
-    });
+    // The branch that led to the pod; with no Service on this node (one
+    // branch), the only one, even if a peer DNATs it further (a hostPort).
+    let branch = first
+        .branches
+        .iter()
+        .find(|b| match &b.exit {
+            Exit::Delivered { packet, .. } | Exit::Forwarded { packet, .. } => packet.dst == pod_ip,
+            _ => false,
+        })
+        .or_else(|| (!service && first.branches.len() == 1).then(|| &first.branches[0]));
     if service {
         check(
             o.dnat.is_some() && o.daddr == Some(pod_ip),

@@ -402,6 +402,12 @@ enum ProbeCmd {
         payload: String,
         #[arg(long, default_value_t = 3)]
         timeout: u64,
+        /// Keep resending from the same socket for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        retry_for: u64,
+        /// Also print `local-port N` (the socket's source port) on stderr.
+        #[arg(long)]
+        print_local_port: bool,
     },
 }
 
@@ -1011,8 +1017,18 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
             addr,
             payload,
             timeout,
+            retry_for,
+            print_local_port,
         } => {
-            let r = probe::udp(addr, payload.as_bytes(), Duration::from_secs(timeout))?;
+            let (r, port) = probe::udp_retry(
+                addr,
+                payload.as_bytes(),
+                Duration::from_secs(timeout),
+                Duration::from_secs(retry_for),
+            )?;
+            if print_local_port {
+                eprintln!("local-port {port}");
+            }
             println!("{}", String::from_utf8_lossy(&r));
         }
     }

@@ -255,3 +255,83 @@ fn every_example_topology_pod_to_pod_and_node_to_pod_is_predicted_and_verified()
     }
     assert!(cases >= 30, "{cases} cases");
 }
+
+/// Services with no endpoints, a policy Local node port on a node without
+/// one, and an external IP, beside services-demo.yaml's kinds.
+const MORE_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: nobody}\nspec:\n  selector: {app: nobody}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody-udp}\nspec:\n  selector: {app: nobody}\n  ports: [{port: 53, targetPort: 5353, protocol: UDP}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: hp-local}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  selector: {app: hostport}\n  ports: [{port: 80, targetPort: 8080, nodePort: 30090}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-ext}\nspec:\n  selector: {app: web}\n  externalIPs: [203.0.113.50]\n  ports: [{port: 80, targetPort: 8080}]\n";
+
+#[test]
+fn every_service_kind_is_predicted_and_verified() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/services-lab.yaml");
+    let text = std::fs::read_to_string(file)
+        .unwrap()
+        .replace("name: svc\n", "name: trace3\n");
+    let lab = LabGuard::up("trace3", &text);
+    let manifest = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/services-demo.yaml"),
+    )
+    .unwrap();
+    lab.apply_ok(&manifest);
+    lab.apply_ok(MORE_SERVICES);
+    let ip = |name: &str| {
+        lab.state()["services"][format!("default/{name}")]["clusterIp"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let t = |args: &[&str]| trace("trace3", args);
+    let (_, web2) = pod_on(&lab, "web", "node2");
+    let (web1, _) = pod_on(&lab, "web", "node1");
+
+    // ClientIP affinity: a new client forks over every endpoint; once it
+    // has connected, the trace names the endpoint it sticks to (read from
+    // the per-endpoint set of recent clients), and a real request agrees.
+    let sticky = format!("{}:80", ip("web-sticky"));
+    let first = t(&[&web1, &sticky]);
+    assert!(first.contains("ClientIP session affinity"), "{first}");
+    let again = t(&[&web1, &sticky]);
+    assert!(again.contains("connected within the timeout"), "{again}");
+    assert_eq!(again.matches("├─ endpoint").count(), 1, "{again}");
+
+    // UDP: a Service, a pinned endpoint from a node, and pod to pod.
+    let dns = format!("{}:53/udp", ip("dns"));
+    t(&[&web1, &dns]);
+    t(&["node2", &dns, "--endpoint", &pod_on(&lab, "web", "node3").1]);
+    t(&[&web1, &format!("{web2}:5353/udp")]);
+
+    // hostPort: from outside and from a pod on another node (the peer
+    // DNATs it); on a node without the hostPort nothing listens, and the
+    // kernel itself refuses.
+    let out = t(&["outside", "node2:8081"]);
+    assert!(out.contains("hostPort 8081/tcp"), "{out}");
+    t(&[&web1, "node2:8081"]);
+    let out = t(&["outside", "node1:8081"]);
+    assert!(out.contains("nothing listens there"), "{out}");
+    assert!(out.contains("the kernel refused it"), "{out}");
+
+    // An external IP from a pod: DNAT and (policy Cluster) masquerade; a
+    // node with no route to it cannot even send.
+    let out = t(&[&web1, "203.0.113.50:80", "--endpoint", &web2]);
+    assert!(out.contains("masquerade applied ✓"), "{out}");
+    let out = t(&["node1", "203.0.113.50:80"]);
+    assert!(out.contains("not routed"), "{out}");
+
+    // No endpoints: refused at once by the reject chain, TCP and UDP; a
+    // service IP no Service has, too.
+    for target in [
+        format!("{}:80", ip("nobody")),
+        format!("{}:53/udp", ip("nobody-udp")),
+        "10.96.0.200:80".to_string(),
+    ] {
+        let out = t(&[&web1, &target]);
+        assert!(out.contains("sent to the reject chain ✓"), "{out}");
+    }
+    // Policy Local: dropped on a node without a local endpoint, delivered
+    // with the client's own address on the node that has one.
+    let out = t(&["outside", "node1:30090"]);
+    assert!(out.contains("dropped by a rule ✓"), "{out}");
+    let out = t(&["outside", "node2:30090"]);
+    assert!(out.contains("the pod sees outside"), "{out}");
+    // A node port from a pod.
+    t(&[&web1, "node3:30080", "--endpoint", &web2]);
+}
