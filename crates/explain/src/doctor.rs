@@ -1022,6 +1022,49 @@ mod tests {
     }
 
     #[test]
+    fn ip_in_ip_from_the_other_nics_address_is_wrong_source() {
+        // Seed 002, case 2: the default route moved to a second NIC, so the
+        // route to the peer picks that NIC's address; tunl0 sends from it.
+        let mut i = intent();
+        i.peers[0].mode = Some(Mode::Ipip);
+        let mut f = healthy();
+        f.links.push(LinkFact {
+            index: 4,
+            name: "eth1".into(),
+            mtu: 1500,
+            addrs: vec!["198.51.100.75/26".parse().unwrap()],
+        });
+        let lookup = |src: &str, oif: u32| RouteLookup {
+            prefix: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some("198.51.100.126".parse().unwrap()),
+            oif: Some(oif),
+            table: MAIN_TABLE,
+            protocol: 3,
+            kind: "unicast".into(),
+            onlink: false,
+            src: Some(src.parse().unwrap()),
+            metric: 0,
+        };
+        f.underlay_lookups
+            .insert("node2".into(), Ok(lookup("198.51.100.10", 2)));
+        assert!(check(&i, &f).is_empty());
+        f.underlay_lookups
+            .insert("node2".into(), Ok(lookup("198.51.100.75", 4)));
+        let found = check(&i, &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].fault, "wrong-source");
+        assert!(
+            found[0]
+                .summary
+                .contains("leaves by eth1 from 198.51.100.75"),
+            "{}",
+            found[0].summary
+        );
+        // VXLAN pins its source (`local`): the same route is harmless.
+        assert!(check(&intent(), &f).is_empty());
+    }
+
+    #[test]
     fn a_node_waiting_for_its_pod_cidr_has_that_one_finding() {
         let mut f = healthy();
         f.probes[0].pod = false;

@@ -32,9 +32,11 @@ pub const FAULTS: &[(&str, bool, &str)] = &[
     ("rp-filter-strict", false, "on NODE, net.ipv4.conf.all.rp_filter=1"),
     ("leftover-rules", false, "on NODE, kube-proxy's KUBE-SERVICES and KUBE-POSTROUTING chains in iptables-legacy"),
     ("cni-config-missing", false, "on NODE, tweed's conflist removed from the CNI config directory"),
+    ("cni-plugin-missing", false, "on NODE (a kubelet lab), tweed's plugin binary removed from the runtime's CNI plugin directory"),
     ("cni-config-shadowed", false, "on NODE, flannel's 10-flannel.conflist left as 00-flannel.conflist, sorting before tweed's"),
     ("datastore-unreachable", false, "in the fabric, NODE's traffic to the datastore dropped"),
     ("not-on-link", true, "on NODE, direct routing (host-gw, forced onlink) to a PEER on another segment (seed 003); the agent repairs it at its next resync"),
+    ("default-route-other-nic", false, "on NODE (two NICs), the default route moved to the NIC of the address peers do not know: seed 002 case 2's trigger, harmful only with IP-in-IP (VXLAN and direct routes pin the source; doctor names it wrong-source for IP-in-IP peers)"),
     ("stale-conntrack", false, "on NODE, a conntrack entry sending a Service connection to an endpoint address no pod has"),
 ];
 
@@ -376,7 +378,9 @@ impl Lab {
                 }
             }
             "cni-config-missing" => {
-                let conf = intent.cni_conf_dir.join("10-tweed.conflist");
+                // The node's directory as the host sees it (a DaemonSet
+                // agent's plan names the path inside its own mounts).
+                let conf = self.node_dir(node).join("net.d/10-tweed.conflist");
                 let keep = self.dir.join(format!("fault-{node}-10-tweed.conflist"));
                 std::fs::rename(&conf, &keep).map_err(|source| LabError::Io {
                     path: conf.clone(),
@@ -386,6 +390,26 @@ impl Lab {
                     "mv",
                     &keep.display().to_string(),
                     &conf.display().to_string(),
+                ]));
+            }
+            "cni-plugin-missing" => {
+                // The runtime's plugin directory as the host sees it (the
+                // node's /opt is its own directory of the lab's).
+                if st.topology.kubelet.is_none() {
+                    return Err(LabError::Invalid(
+                        "cni-plugin-missing needs a lab with kubelets (a runtime that runs plugins from /opt/cni/bin), e.g. examples/kubelets.yaml".into(),
+                    ));
+                }
+                let bin = self.node_dir(node).join("k/opt/cni/bin/tweed");
+                let keep = self.dir.join(format!("fault-{node}-cni-tweed"));
+                std::fs::rename(&bin, &keep).map_err(|source| LabError::Io {
+                    path: bin.clone(),
+                    source,
+                })?;
+                undo.push(argv(&[
+                    "mv",
+                    &keep.display().to_string(),
+                    &bin.display().to_string(),
                 ]));
             }
             "not-on-link" => {
@@ -426,6 +450,65 @@ impl Lab {
                 undo.push(in_node(
                     &back.iter().map(String::as_str).collect::<Vec<_>>(),
                 ));
+            }
+            "default-route-other-nic" => {
+                // Seed 002, case 2: a second NIC, and the default route
+                // moved to it.
+                let i = st
+                    .nodes
+                    .iter()
+                    .position(|m| m.name == node)
+                    .expect("known node");
+                let topo = &st.topology;
+                let (addr, gw) = topo
+                    .node_segments(i)
+                    .iter()
+                    .filter(|seg| topo.node_ip_on(i, seg) != intent.bind_ip)
+                    .find_map(|seg| Some((topo.node_ip_on(i, seg), topo.gateway(seg)?)))
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!(
+                            "{node} has no second NIC with a router on its segment; default-route-other-nic needs one (e.g. node2 of examples/seed-002-two-nics.yaml)"
+                        ))
+                    })?;
+                let addrs: serde_json::Value = serde_json::from_str(&run(
+                    Command::new("ip").args(["-j", "-4", "-n", &n.ns, "addr", "show"])
+                )?)
+                .unwrap_or_default();
+                let dev = addrs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|l| {
+                        l["addr_info"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|a| a["local"].as_str() == Some(addr.to_string().as_str()))
+                    })
+                    .and_then(|l| l["ifname"].as_str())
+                    .ok_or_else(|| LabError::Invalid(format!("{node}: no NIC has {addr}")))?
+                    .to_string();
+                let old: serde_json::Value = serde_json::from_str(&run(
+                    Command::new("ip").args(["-j", "-n", &n.ns, "route", "show", "default"])
+                )?)
+                .unwrap_or_default();
+                let back = match (old[0]["gateway"].as_str(), old[0]["dev"].as_str()) {
+                    (Some(g), Some(d)) => {
+                        in_node(&["ip", "route", "replace", "default", "via", g, "dev", d])
+                    }
+                    _ => in_node(&["ip", "route", "del", "default"]),
+                };
+                exec(&in_node(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    &dev,
+                ]))?;
+                undo.push(back);
             }
             "stale-conntrack" => {
                 // A connection to a Service whose endpoint has gone, as a
@@ -483,7 +566,7 @@ impl Lab {
                 undo.push(in_node(&["sh", "-c", &del]));
             }
             "cni-config-shadowed" => {
-                let p = intent.cni_conf_dir.join("00-flannel.conflist");
+                let p = self.node_dir(node).join("net.d/00-flannel.conflist");
                 let body = serde_json::json!({
                     "name": "cbr0",
                     "cniVersion": "0.3.1",
@@ -540,6 +623,34 @@ impl Lab {
 }
 
 impl Lab {
+    /// `tweed ARGS --run-dir DIR` as a node's own tools run it: in its
+    /// network namespace, given its agent's run directory. A DaemonSet
+    /// agent's plan names the node's paths as its pod mounts them
+    /// (`/run/tweed`, `/etc/cni/net.d`), so then it runs in the node's mount
+    /// namespace too, as `kubectl exec` into the agent pod would.
+    pub fn node_tweed(&self, st: &LabState, node: &str, args: &[&str]) -> Command {
+        let ns = st.node(node).map(|n| n.ns.clone()).unwrap_or_default();
+        let containerd = st
+            .kube
+            .as_ref()
+            .and_then(|k| k.kubelets.get(node))
+            .and_then(|r| r.containerd_pid);
+        let (mut c, run_dir) = match containerd.filter(|_| self.agents_are_pods(st)) {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["--mount", "--net", "--target", &pid.to_string(), "--"]);
+                (c, std::path::PathBuf::from("/run/tweed"))
+            }
+            None => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns]);
+                (c, self.agent_run_dir(st, node))
+            }
+        };
+        c.arg(&self.exe).args(args).arg("--run-dir").arg(run_dir);
+        c
+    }
+
     /// `tweed doctor` on every node (or one), at once, each inside its
     /// node's namespace judging by its own agent's plan; the reports merged.
     pub fn doctor(&self, only: Option<&str>) -> Result<tweed_explain::Report> {
@@ -557,14 +668,9 @@ impl Lab {
                 let hs: Vec<_> = nodes
                     .iter()
                     .map(|n| {
-                        let run_dir = self.agent_run_dir(&st, &n.name);
+                        let mut c = self.node_tweed(&st, &n.name, &["doctor", "-o", "json"]);
                         s.spawn(move || {
-                            let out = Command::new("ip")
-                                .args(["netns", "exec", &n.ns])
-                                .arg(&self.exe)
-                                .args(["doctor", "-o", "json", "--run-dir"])
-                                .arg(&run_dir)
-                                .output();
+                            let out = c.output();
                             let r = match out {
                                 // 0: nothing found, 1: findings; both print the report.
                                 Ok(o) if matches!(o.status.code(), Some(0 | 1)) => {

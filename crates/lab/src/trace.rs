@@ -169,14 +169,11 @@ impl Lab {
     }
 
     fn trace_half(&self, st: &LabState, node: &str, args: &[String]) -> Result<NodeTrace> {
-        let n = st.node(node)?;
-        let run_dir = self.agent_run_dir(st, node);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &n.ns])
-            .arg(&self.exe)
-            .args(["trace", "-o", "json", "--run-dir"])
-            .arg(&run_dir)
-            .args(args)
+        st.node(node)?;
+        let mut a = vec!["trace", "-o", "json"];
+        a.extend(args.iter().map(String::as_str));
+        let out = self
+            .node_tweed(st, node, &a)
             .output()
             .map_err(|e| LabError::Invalid(format!("tweed trace on {node}: {e}")))?;
         if !out.status.success() {
@@ -335,6 +332,17 @@ impl Lab {
             .stderr(std::process::Stdio::null())
             .spawn()
             .map_err(|e| LabError::Invalid(format!("nft monitor trace: {e}")))?;
+        // Events before the monitor joins nftables' trace group are lost:
+        // wait (with a deadline) until its netlink socket shows the group
+        // (NFNLGRP_NFTRACE, 9: bit 8) in /proc/PID/net/netlink.
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_to_string(format!("/proc/{pid}/net/netlink"))
+            .is_ok_and(|t| trace_subscribed(&t, pid))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let t = tweed_plan::services::TABLE;
         let rules = format!(
             "add chain ip {t} trace-pre {{ type filter hook prerouting priority -350; }}\n\
@@ -374,12 +382,34 @@ impl Lab {
     }
 
     fn verify(&self, st: &LabState, case: &Case, halves: &[NodeTrace]) -> Result<Verified> {
-        let first = &halves[0];
-        let ns = st.node(&first.node)?.ns.clone();
-        let tracer = self.nftrace_start(&ns, first.packet.src, first.packet.dst)?;
-        let file = tracer.1.clone();
-        let r = self.verify_traced(st, case, first, &file);
-        self.nftrace_stop(&ns, tracer);
+        // nftables' trace bit does not survive a veth or a tunnel: one
+        // monitor per node the packet may cross, each matching the packet
+        // as that node sees it (one half per node).
+        let mut tracers = Vec::new();
+        let mut seen_nodes = Vec::new();
+        let mut result = Ok(());
+        for h in halves {
+            if seen_nodes.contains(&h.node) {
+                continue;
+            }
+            seen_nodes.push(h.node.clone());
+            let ns = st.node(&h.node)?.ns.clone();
+            match self.nftrace_start(&ns, h.packet.src, h.packet.dst) {
+                Ok(t) => tracers.push((ns, h, t)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let r = result.and_then(|()| {
+            let files: Vec<(&NodeTrace, std::path::PathBuf)> =
+                tracers.iter().map(|(_, h, t)| (*h, t.1.clone())).collect();
+            self.verify_traced(st, case, &files)
+        });
+        for (ns, _, t) in tracers {
+            self.nftrace_stop(&ns, t);
+        }
         r
     }
 
@@ -387,9 +417,17 @@ impl Lab {
         &self,
         st: &LabState,
         case: &Case,
-        first: &NodeTrace,
-        file: &std::path::Path,
+        traced_halves: &[(&NodeTrace, std::path::PathBuf)],
     ) -> Result<Verified> {
+        let (first, file) = (traced_halves[0].0, traced_halves[0].1.as_path());
+        let read = |f: &std::path::Path| std::fs::read_to_string(f).unwrap_or_default();
+        // Where the request that counts starts in each remote monitor's output.
+        let remote_marks = || -> Vec<usize> {
+            traced_halves[1..]
+                .iter()
+                .map(|(_, f)| read(f).len())
+                .collect()
+        };
         let Case {
             s,
             d,
@@ -444,10 +482,12 @@ impl Lab {
             out = get()?;
         }
         let mut offset = traced().len();
+        let mut marks = remote_marks();
         if started() {
             out = get()?;
         } else {
             offset = 0;
+            marks = vec![0; marks.len()];
         }
         // The kernel draws an endpoint per connection; a pinned trace is
         // checked on a connection that drew the pinned one (40 tries: at 1/K
@@ -463,6 +503,7 @@ impl Lab {
                     break;
                 }
                 offset = traced().len();
+                marks = remote_marks();
                 out = get()?;
             }
         }
@@ -471,7 +512,7 @@ impl Lab {
             t[offset.min(t.len())..].to_string()
         };
         if !out.status.success() {
-            return Ok(self.verify_failure(expect, proto, &out, &after));
+            return Ok(self.verify_failure(&first.node, expect, proto, &out, &after));
         }
         let seen: crate::echo::Seen = serde_json::from_slice(&out.stdout).map_err(|e| {
             LabError::Invalid(format!("verify: the echo answer does not decode: {e}"))
@@ -524,7 +565,35 @@ impl Lab {
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let (nf_ok, nftrace) = compare_nftrace(first, pod_ip, &after(), proto, sport);
+        let (mut nf_ok, mut nftrace) = compare_nftrace(first, pod_ip, &after(), proto, sport);
+        // The node that delivered it, if not the first: its own trace of the
+        // same packet as it arrived (the source port survives unless the
+        // first node masqueraded it, fully random).
+        let masqueraded = tweed_explain::trace::observe_first(&after(), proto, sport)
+            .and_then(|o| o.masquerade)
+            .unwrap_or(false);
+        let rsport = if masqueraded { None } else { sport };
+        if let Some((i, (h, f))) = traced_halves
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, (h, _))| delivers_to(h, pod_ip))
+        {
+            let rafter = || {
+                let t = read(f);
+                t[marks[i - 1].min(t.len())..].to_string()
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while tweed_explain::trace::observe_first(&rafter(), proto, rsport)
+                .is_none_or(|o| o.masquerade.is_none())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let (ok, lines) = compare_nftrace(h, pod_ip, &rafter(), proto, rsport);
+            nf_ok &= ok;
+            nftrace.extend(lines);
+        }
         Ok(Verified {
             pod: seen.pod,
             pod_ip: pod_ip.to_string(),
@@ -542,6 +611,7 @@ impl Lab {
     /// silently dropped (a rule's drop verdict), or simply undelivered.
     fn verify_failure(
         &self,
+        first_node: &str,
         expect: Expect,
         proto: &str,
         out: &std::process::Output,
@@ -567,7 +637,8 @@ impl Lab {
         let mut check = |good: bool, what: &str| {
             nf_ok &= good;
             nftrace.push(format!(
-                "nftrace: {what} {}",
+                "nftrace on {}: {what} {}",
+                first_node,
                 if good { "✓" } else { "✗ DISAGREES" }
             ));
         };
@@ -610,7 +681,26 @@ impl Lab {
     }
 }
 
-/// Check the first node's prediction for the branch that delivered to
+/// Has process `pid` a netfilter netlink socket (protocol 12) in the
+/// trace group? `text`: `/proc/PID/net/netlink`.
+pub fn trace_subscribed(text: &str, pid: u32) -> bool {
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3
+            && f[1] == "12"
+            && f[2] == pid.to_string()
+            && u32::from_str_radix(f[3], 16).is_ok_and(|g| g & (1 << 8) != 0)
+    })
+}
+
+/// Does this half deliver the packet to `pod_ip` (after its own DNAT, if any)?
+fn delivers_to(h: &NodeTrace, pod_ip: Ipv4Addr) -> bool {
+    h.branches
+        .iter()
+        .any(|b| matches!(&b.exit, Exit::Delivered { packet, .. } if packet.dst == pod_ip))
+}
+
+/// Check a node's prediction for the branch that delivered to
 /// `pod_ip` against nftables' own trace of the connection's first packet:
 /// the DNAT (and the endpoint it chose), the masquerade decision, and the
 /// device the packet left by. Returns (all agree, one line per check).
@@ -621,10 +711,13 @@ pub fn compare_nftrace(
     proto: &str,
     sport: Option<u16>,
 ) -> (bool, Vec<String>) {
+    let node = &first.node;
     let Some(o) = tweed_explain::trace::observe_first(text, proto, sport) else {
         return (
             false,
-            vec!["nftrace: the connection's first packet was not traced".into()],
+            vec![format!(
+                "nftrace on {node}: the connection's first packet was not traced ✗ DISAGREES"
+            )],
         );
     };
     let mut lines = Vec::new();
@@ -632,7 +725,7 @@ pub fn compare_nftrace(
     let mut check = |good: bool, what: String| {
         ok &= good;
         lines.push(format!(
-            "nftrace: {what} {}",
+            "nftrace on {node}: {what} {}",
             if good { "✓" } else { "✗ DISAGREES" }
         ));
     };
@@ -855,6 +948,14 @@ pub fn render_as(t: &LabTrace, style: Style, names: &[(String, String)]) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_monitor_is_subscribed_once_its_socket_joins_the_trace_group() {
+        let t = "sk               Eth Pid        Groups   Rmem\n000000000a276b3c 12  19672      00000100 0\n000000004a1e45ac 12  0          00000000 0\n";
+        assert!(trace_subscribed(t, 19672));
+        assert!(!trace_subscribed(t, 0));
+        assert!(!trace_subscribed(t, 1));
+    }
 
     #[test]
     fn addresses_are_named_whole() {

@@ -618,6 +618,29 @@ impl Netlink {
         iif: Option<u32>,
         mark: Option<u32>,
     ) -> Result<std::result::Result<RouteLookup, i32>> {
+        self.lookup(dst, src, iif, None, mark).await
+    }
+
+    /// An output lookup bound to link `oif`, as a socket bound to a device
+    /// (or a VXLAN device with `dev`) asks: only routes through that link
+    /// match. Equivalent: `ip route get [fibmatch] DST [from SRC] oif DEV`.
+    pub async fn route_lookup_oif(
+        &self,
+        dst: Ipv4Addr,
+        src: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> Result<std::result::Result<RouteLookup, i32>> {
+        self.lookup(dst, src, None, Some(oif), None).await
+    }
+
+    async fn lookup(
+        &self,
+        dst: Ipv4Addr,
+        src: Option<Ipv4Addr>,
+        iif: Option<u32>,
+        oif: Option<u32>,
+        mark: Option<u32>,
+    ) -> Result<std::result::Result<RouteLookup, i32>> {
         let request = |fib_match: bool| {
             let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32);
             if let Some(s) = src {
@@ -626,6 +649,9 @@ impl Netlink {
             let mut m = b.build();
             if let Some(i) = iif {
                 m.attributes.push(RouteAttribute::Iif(i));
+            }
+            if let Some(o) = oif {
+                m.attributes.push(RouteAttribute::Oif(o));
             }
             if let Some(k) = mark {
                 m.attributes.push(RouteAttribute::Mark(k));

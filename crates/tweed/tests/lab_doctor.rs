@@ -101,8 +101,13 @@ fn doctor_names_each_injected_fault_on_its_node_and_nothing_else() {
     assert!(faults.len() >= 11, "{list}");
 
     for (fault, with_peer) in &faults {
-        if fault == "not-on-link" {
-            // Needs a peer on another segment: the seed 003 lab below.
+        if matches!(
+            fault.as_str(),
+            "not-on-link" | "default-route-other-nic" | "cni-plugin-missing"
+        ) {
+            // Need a peer on another segment (the seed 003 lab below), a
+            // second NIC (the seed 002 lab below), or a runtime's plugin
+            // directory (lab_kubelet.rs).
             continue;
         }
         let mut args = vec![
@@ -192,6 +197,56 @@ fn healthy_labs_of_every_shape_have_no_findings_and_seed_000s_blocked_port_is_fo
             }
             ok(&["lab", "fault", "clear", "--name", name]);
             assert_healthy(name, "after clearing vxlan-blocked");
+        }
+        if file == "seed-002-two-nics.yaml" {
+            // Seed 002, case 2's trigger: the default route moved to the
+            // second NIC. VXLAN and direct routes pin the source address
+            // peers know, so nothing breaks: no finding, and every pod pair
+            // still answers as traced.
+            ok(&[
+                "lab",
+                "fault",
+                "inject",
+                "default-route-other-nic",
+                "--node",
+                "node2",
+                "--name",
+                name,
+            ]);
+            assert_healthy(name, "with node2's default route on its other NIC");
+            for (src, dst) in [
+                ("pod2", "pod3"),
+                ("pod3", "pod2"),
+                ("pod2", "pod1"),
+                ("pod1", "pod3"),
+            ] {
+                let out = ok(&[
+                    "lab",
+                    "trace",
+                    "--name",
+                    name,
+                    src,
+                    &format!("{dst}:8080"),
+                    "--verify",
+                    "--summary",
+                ]);
+                assert!(out.contains("verify: agrees"), "{out}");
+            }
+            ok(&["lab", "fault", "clear", "--name", name]);
+            // A node with one NIC cannot have it: refused by name.
+            let o = tweed(&[
+                "lab",
+                "fault",
+                "inject",
+                "default-route-other-nic",
+                "--node",
+                "node1",
+                "--name",
+                name,
+            ]);
+            assert!(
+                !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no second NIC")
+            );
         }
         if file == "seed-003-vlans.yaml" {
             // Seed 003: host-gw-style direct routing to a node on another

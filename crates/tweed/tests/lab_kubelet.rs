@@ -634,6 +634,50 @@ fn the_daemonset_installs_tweed_and_rolls_without_breaking_connections() {
     let addr = format!("{svc}:80");
     let client = pods(&lab, "app=myapp")[0].0.clone();
 
+    // doctor and trace judge each node by the plan its agent pod wrote
+    // (`/run/tweed` in the node's mount namespace, as `kubectl exec` into
+    // the agent pod sees it): nothing wrong on a healthy cluster ...
+    let lab_doctor = || {
+        let o = tweed(&["lab", "doctor", "--name", &lab.name, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("lab doctor: {e}: {}", String::from_utf8_lossy(&o.stderr)));
+        assert!(v["errors"].as_array().is_none_or(|e| e.is_empty()), "{v:#}");
+        v["findings"].as_array().cloned().unwrap_or_default()
+    };
+    assert_eq!(lab_doctor(), Vec::<serde_json::Value>::new());
+    let out = ok(&[
+        "lab",
+        "trace",
+        "--name",
+        &lab.name,
+        "n1",
+        &addr,
+        "--verify",
+        "--summary",
+    ]);
+    assert!(out.contains("verify: agrees"), "{out}");
+    // ... and the plugin binary missing from the runtime's directory (a
+    // new pod on n1 would fail with "failed to find plugin") is named.
+    ok(&[
+        "lab",
+        "fault",
+        "inject",
+        "cni-plugin-missing",
+        "--node",
+        "n1",
+        "--name",
+        &lab.name,
+    ]);
+    let found = lab_doctor();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(
+        (found[0]["fault"].as_str(), found[0]["node"].as_str()),
+        (Some("cni-plugin-missing"), Some("n1")),
+        "{found:#?}"
+    );
+    ok(&["lab", "fault", "clear", "--name", &lab.name]);
+    assert_eq!(lab_doctor(), Vec::<serde_json::Value>::new());
+
     // A long-lived connection pod -> Service, across an image change and a
     // rollout restart of the DaemonSet.
     let hold = Command::new(TWEED)
