@@ -40,6 +40,22 @@ pub enum Update {
     Trouble(String),
     /// The trouble is over.
     Healthy,
+    /// The node record's lease was renewed (etcd): for `tweed doctor`,
+    /// which warns before it expires.
+    LeaseRenewed(Lease),
+}
+
+/// The lease a node lives by. etcd: the agent's, on its node record
+/// (peers drop a node whose lease expires, and its subnet can then be
+/// claimed by another node). Kubernetes: kubelet's, in kube-node-lease
+/// (the node controller marks the node NotReady, and its pods leave
+/// every Service's endpoints).
+#[derive(Debug, Clone, Copy)]
+pub struct Lease {
+    /// "agent" or "kubelet".
+    pub holder: &'static str,
+    pub ttl_secs: i64,
+    pub renewed: std::time::SystemTime,
 }
 
 #[allow(async_fn_in_trait)]
@@ -234,7 +250,13 @@ impl Datastore for Etcd {
                 msg = ka.message() => {
                     match msg {
                         Err(e) => return Err(self.etcd_err(e)),
-                        Ok(Some(m)) if m.ttl() > 0 => {}
+                        Ok(Some(m)) if m.ttl() > 0 => {
+                            return Ok(Update::LeaseRenewed(Lease {
+                                holder: "agent",
+                                ttl_secs: self.ttl,
+                                renewed: std::time::SystemTime::now(),
+                            }));
+                        }
                         Ok(_) => {
                             let name = self.me.as_ref().map(|m| m.name.clone()).unwrap_or_default();
                             return Err(StoreError::LeaseExpired(name).into());

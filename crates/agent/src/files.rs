@@ -69,4 +69,16 @@ pub struct AgentStatus {
     pub services: u64,
     #[serde(default)]
     pub last_sync: String,
+    /// etcd: the lease the node's record lives by, and when it was last
+    /// renewed (RFC 3339, UTC).
+    /// Whose lease: "agent" (etcd) or "kubelet" (kube-node-lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_renewed: Option<String>,
+    /// The same, in seconds since the epoch (what doctor computes with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_renewed_unix: Option<u64>,
 }

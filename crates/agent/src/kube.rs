@@ -24,7 +24,7 @@ use tweed_k8s::mirror::{Change, KeptSlice, Mirror, Slices};
 use tweed_k8s::{node_pod_cidr, node_record, EndpointSlice};
 use tweed_model::{ClusterConfig, NodeRecord, Service};
 
-use crate::datastore::{Datastore, Snapshot, Update};
+use crate::datastore::{Datastore, Lease, Snapshot, Update};
 use crate::error::AgentError;
 
 type Watch<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, KubeError>> + Send>>;
@@ -39,7 +39,16 @@ pub struct Kubernetes {
     watches: Option<(Watch<Node>, Watch<KService>, Watch<EndpointSlice>)>,
     /// The last watch error, until a watch works again.
     trouble: Option<String>,
+    /// When to read kubelet's Lease of this node next (for doctor).
+    lease_tick: tokio::time::Interval,
+    /// The renew time last reported, so only a renewal is an update.
+    lease_seen: Option<std::time::SystemTime>,
 }
+
+/// How often the agent reads kubelet's node Lease: well under half of its
+/// 40 s duration (kubelet renews every 10 s), so doctor, which warns at
+/// half, never mistakes a slow read for a lapse.
+const LEASE_READ: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn id_of<K: kube::Resource>(o: &K) -> String {
     format!(
@@ -114,6 +123,29 @@ impl Kubernetes {
             slices: Slices::default(),
             watches: None,
             trouble: None,
+            lease_tick: tokio::time::interval(LEASE_READ),
+            lease_seen: None,
+        })
+    }
+
+    /// kubelet's Lease of this node (kube-node-lease/NODE), if it has one
+    /// and tweed may read it: when it was renewed and for how long.
+    async fn node_lease(&self) -> Option<Lease> {
+        use k8s_openapi::api::coordination::v1::Lease as KLease;
+        let api = Api::<KLease>::namespaced(self.client.clone(), "kube-node-lease");
+        let l = match api.get_opt(&self.node).await {
+            Ok(l) => l?,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read this node's Lease");
+                return None;
+            }
+        };
+        let spec = l.spec?;
+        let renewed = spec.renew_time?.0;
+        Some(Lease {
+            holder: "kubelet",
+            ttl_secs: i64::from(spec.lease_duration_seconds?),
+            renewed: std::time::SystemTime::from(renewed),
         })
     }
 
@@ -150,6 +182,7 @@ impl Kubernetes {
                 let eps = self.slices.absorb(ch);
                 (!eps.is_empty()).then_some(Update::Endpoints(eps))
             }
+            Item::LeaseDue => None,
             Item::Failed(e) => {
                 let msg = e.to_string();
                 tracing::warn!(error = %msg, "Kubernetes watch failed; retrying with backoff, the data plane stays");
@@ -162,10 +195,12 @@ impl Kubernetes {
 
     async fn next_item(&mut self) -> Item {
         let (n, s, e) = self.watches.as_mut().expect("watches start in snapshot()");
+        let tick = &mut self.lease_tick;
         tokio::select! {
             Some(ev) = n.next() => ev.map(|e| Item::Node(Box::new(e))).unwrap_or_else(Item::Failed),
             Some(ev) = s.next() => ev.map(|e| Item::Service(Box::new(e))).unwrap_or_else(Item::Failed),
             Some(ev) = e.next() => ev.map(|e| Item::Slice(Box::new(e))).unwrap_or_else(Item::Failed),
+            _ = tick.tick() => Item::LeaseDue,
             else => Item::Failed(KubeError::Config("the watches ended".into())),
         }
     }
@@ -175,6 +210,8 @@ enum Item {
     Node(Box<Event<Node>>),
     Service(Box<Event<KService>>),
     Slice(Box<Event<EndpointSlice>>),
+    /// Time to read kubelet's Lease of this node.
+    LeaseDue,
     Failed(KubeError),
 }
 
@@ -282,6 +319,15 @@ impl Datastore for Kubernetes {
     async fn next(&mut self, cfg: &ClusterConfig) -> Result<Update, AgentError> {
         loop {
             let item = self.next_item().await;
+            if matches!(item, Item::LeaseDue) {
+                if let Some(l) = self.node_lease().await {
+                    if self.lease_seen != Some(l.renewed) {
+                        self.lease_seen = Some(l.renewed);
+                        return Ok(Update::LeaseRenewed(l));
+                    }
+                }
+                continue;
+            }
             let failed = matches!(item, Item::Failed(_));
             if let Some(u) = self.absorb(cfg, item) {
                 return Ok(u);

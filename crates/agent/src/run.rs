@@ -206,6 +206,10 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         last_error: None,
         services: 0,
         last_sync: String::new(),
+        lease_holder: None,
+        lease_ttl: None,
+        lease_renewed: None,
+        lease_renewed_unix: None,
     };
     let mut agent = Agent {
         opts,
@@ -396,6 +400,17 @@ impl Agent {
                         self.status.datastore = "retrying".into();
                         self.status.last_error = Some(why);
                         self.health.lock().expect("health").datastore_connected = false;
+                        self.write_status_file();
+                    }
+                    Update::LeaseRenewed(l) => {
+                        self.status.lease_holder = Some(l.holder.into());
+                        self.status.lease_ttl = Some(l.ttl_secs);
+                        self.status.lease_renewed = Some(rfc3339(l.renewed));
+                        self.status.lease_renewed_unix = l
+                            .renewed
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs());
                         self.write_status_file();
                     }
                     Update::Healthy => {
@@ -806,4 +821,11 @@ impl Agent {
     fn write_status_file(&self) {
         save_status(&self.opts.run_dir, &self.status);
     }
+}
+
+/// A time as RFC 3339 in UTC, to the second (status.json).
+fn rfc3339(t: std::time::SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .map(|t| format!("{t:.0}"))
+        .unwrap_or_default()
 }

@@ -499,9 +499,61 @@ pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
     // The datastore.
     if let Some(st) = &f.status {
         let why = st.last_error.clone().unwrap_or_default();
-        if st.datastore != "connected" && st.datastore != "waiting"
-            || matches!(f.datastore_reach, Some(Err(_)))
+        // The lease the node lives by. etcd: the agent's, on its node
+        // record, renewed every third of its TTL; when it lapses, peers
+        // drop this node's routes and its subnet can go to another node.
+        // Kubernetes: kubelet's (kube-node-lease), renewed every quarter;
+        // when it lapses, the node goes NotReady and its pods leave every
+        // Service.
+        let kubelet = st.lease_holder.as_deref() == Some("kubelet");
+        let (whose, then) = if kubelet {
+            (
+                "this node's Lease in kube-node-lease",
+                "the node controller marks the node NotReady and its pods leave every Service's endpoints",
+            )
+        } else {
+            (
+                "the lease on this node's record",
+                "peers drop this node's routes and its subnet may go to another node",
+            )
+        };
+        let lease = st.lease_ttl.zip(st.lease_renewed_unix).map(|(ttl, renewed)| {
+            let age = f.now_unix.saturating_sub(renewed) as i64;
+            let left = ttl - age;
+            let text = if left > 0 {
+                format!("{whose}: renewed {age} s ago, lasts {ttl} s: it expires in {left} s; then {then}")
+            } else {
+                format!("{whose}: renewed {age} s ago, lasts {ttl} s: it expired {} s ago, so {then}", -left)
+            };
+            (ttl, age, left, text)
+        });
+        let unreachable = st.datastore != "connected" && st.datastore != "waiting"
+            || matches!(f.datastore_reach, Some(Err(_)));
+        // Half the TTL without a renewal is never normal: renewals come
+        // every third (agent) or quarter (kubelet) of it.
+        if let Some((ttl, age, left, text)) = lease
+            .clone()
+            .filter(|(ttl, age, ..)| (kubelet || !unreachable) && 2 * age > *ttl)
         {
+            let who = if kubelet { "kubelet" } else { "the agent" };
+            out.push(finding(
+                "lease-expiring",
+                None,
+                format!(
+                    "{who} has not renewed {whose} for {age} s (it renews every {} s): it is stopped, stuck{}; {}",
+                    if kubelet { (ttl / 4).max(1) } else { (ttl / 3).max(1) },
+                    if kubelet { ", or cannot reach the API server" } else { "" },
+                    if left > 0 { format!("in {left} s {then}") } else { then.to_string() }
+                ),
+                vec![text, format!("agent: datastore {} {}", st.datastore, st.datastore_at)],
+                if kubelet {
+                    "look at kubelet on this node (systemctl status kubelet; journalctl -u kubelet): is it running, and can it reach the API server?".into()
+                } else {
+                    "look at the agent (tweed status; its log) and restart it if it hangs: its routes and Services stay as they are meanwhile".into()
+                },
+            ));
+        }
+        if unreachable {
             let mut ev = vec![format!(
                 "agent: datastore {} {}",
                 st.datastore, st.datastore_at
@@ -514,6 +566,9 @@ pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
                     Ok(()) => "TCP connect from this node: works".into(),
                     Err(e) => e.clone(),
                 });
+            }
+            if let Some((.., text)) = lease.as_ref().filter(|_| !kubelet) {
+                ev.push(text.clone());
             }
             out.push(finding(
                 "datastore-unreachable",
@@ -852,6 +907,7 @@ mod tests {
                 size: 1422,
             }],
             service_ct: vec![],
+            now_unix: 1_000_000,
         }
     }
 
@@ -1062,6 +1118,52 @@ mod tests {
         );
         // VXLAN pins its source (`local`): the same route is harmless.
         assert!(check(&intent(), &f).is_empty());
+    }
+
+    #[test]
+    fn a_lease_not_renewed_for_half_its_ttl_is_expiring() {
+        let mut f = healthy();
+        let st = f.status.as_mut().unwrap();
+        st.lease_ttl = Some(15);
+        st.lease_renewed_unix = Some(1_000_000 - 5);
+        assert_eq!(faults(&f), Vec::<String>::new());
+        f.status.as_mut().unwrap().lease_renewed_unix = Some(1_000_000 - 9);
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].fault, "lease-expiring");
+        assert!(
+            found[0].evidence[0].contains("expires in 6 s"),
+            "{found:#?}"
+        );
+        // With the datastore away, the lease is evidence of that finding.
+        f.datastore_reach = Some(Err("TCP connect to 198.51.100.2:2379: timed out".into()));
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].fault, "datastore-unreachable");
+        assert!(
+            found[0]
+                .evidence
+                .iter()
+                .any(|e| e.contains("expires in 6 s")),
+            "{found:#?}"
+        );
+        // kubelet's Lease (Kubernetes mode): its own finding, named as kubelet's.
+        let mut f = healthy();
+        let st = f.status.as_mut().unwrap();
+        st.lease_holder = Some("kubelet".into());
+        st.lease_ttl = Some(40);
+        st.lease_renewed_unix = Some(1_000_000 - 14);
+        assert_eq!(faults(&f), Vec::<String>::new());
+        f.status.as_mut().unwrap().lease_renewed_unix = Some(1_000_000 - 25);
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].summary.starts_with(
+                "kubelet has not renewed this node's Lease in kube-node-lease for 25 s"
+            ),
+            "{}",
+            found[0].summary
+        );
     }
 
     #[test]

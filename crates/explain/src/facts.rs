@@ -27,6 +27,14 @@ pub struct StatusView {
     pub datastore_at: String,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The lease the node lives by: "agent" (etcd: its node record's) or
+    /// "kubelet" (kube-node-lease), its TTL, and when it was last renewed.
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    #[serde(default)]
+    pub lease_ttl: Option<i64>,
+    #[serde(default)]
+    pub lease_renewed_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,6 +123,8 @@ pub struct Facts {
     /// Conntrack entries towards Service IPs that were DNATed, each with
     /// the Service's endpoints now (empty: it has none, or is gone).
     pub service_ct: Vec<(CtEntry, Backends)>,
+    /// When the facts were read (seconds since the epoch): lease ages.
+    pub now_unix: u64,
 }
 
 /// A Service's endpoints, (IP, port) each.
@@ -267,6 +277,10 @@ pub async fn gather(
         datastore_reach,
         probes,
         service_ct,
+        now_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     })
 }
 

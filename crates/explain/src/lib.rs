@@ -180,5 +180,6 @@ pub const FAULTS: &[(&str, &str)] = &[
     ("leftover-rules", "kube-proxy, flannel or Calico rules (iptables-legacy or nft) left beside tweed's"),
     ("stale-conntrack", "conntrack entries pointing at endpoints that no longer exist"),
     ("datastore-unreachable", "the agent cannot reach its datastore"),
+    ("lease-expiring", "the agent has not renewed its node record's lease (etcd): peers drop the node when it lapses"),
     ("podcidr-unassigned", "the Node has no spec.podCIDR yet (Kubernetes mode)"),
 ];

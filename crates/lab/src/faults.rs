@@ -34,6 +34,7 @@ pub const FAULTS: &[(&str, bool, &str)] = &[
     ("cni-config-missing", false, "on NODE, tweed's conflist removed from the CNI config directory"),
     ("cni-plugin-missing", false, "on NODE (a kubelet lab), tweed's plugin binary removed from the runtime's CNI plugin directory"),
     ("cni-config-shadowed", false, "on NODE, flannel's 10-flannel.conflist left as 00-flannel.conflist, sorting before tweed's"),
+    ("lease-expiring", false, "on NODE, the agent frozen (SIGSTOP), so its node record's etcd lease is not renewed; with kubelets, kubelet frozen, so the node's Lease is not; doctor names it once half the lease's TTL has passed"),
     ("datastore-unreachable", false, "in the fabric, NODE's traffic to the datastore dropped"),
     ("not-on-link", true, "on NODE, direct routing (host-gw, forced onlink) to a PEER on another segment (seed 003); the agent repairs it at its next resync"),
     ("default-route-other-nic", false, "on NODE (two NICs), the default route moved to the NIC of the address peers do not know: seed 002 case 2's trigger, harmful only with IP-in-IP (VXLAN and direct routes pin the source; doctor names it wrong-source for IP-in-IP peers)"),
@@ -392,6 +393,25 @@ impl Lab {
                     &conf.display().to_string(),
                 ]));
             }
+            "lease-expiring" => {
+                // Whoever renews the node's lease hangs: alive, renewing
+                // nothing. With kubelets, kubelet (its node Lease); else
+                // the agent (its etcd lease).
+                let kubelet = st
+                    .kube
+                    .as_ref()
+                    .and_then(|k| k.kubelets.get(node))
+                    .and_then(|r| r.kubelet_pid);
+                let pid = kubelet
+                    .or(n.agent_pid.filter(|_| !self.agents_are_pods(&st)))
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!(
+                            "lease-expiring freezes {node}'s kubelet or agent process, and this lab has neither running"
+                        ))
+                    })?;
+                exec(&argv(&["kill", "-STOP", &pid.to_string()]))?;
+                undo.push(argv(&["kill", "-CONT", &pid.to_string()]));
+            }
             "cni-plugin-missing" => {
                 // The runtime's plugin directory as the host sees it (the
                 // node's /opt is its own directory of the lab's).
@@ -624,31 +644,54 @@ impl Lab {
 
 impl Lab {
     /// `tweed ARGS --run-dir DIR` as a node's own tools run it: in its
-    /// network namespace, given its agent's run directory. A DaemonSet
-    /// agent's plan names the node's paths as its pod mounts them
-    /// (`/run/tweed`, `/etc/cni/net.d`), so then it runs in the node's mount
-    /// namespace too, as `kubectl exec` into the agent pod would.
-    pub fn node_tweed(&self, st: &LabState, node: &str, args: &[&str]) -> Command {
-        let ns = st.node(node).map(|n| n.ns.clone()).unwrap_or_default();
-        let containerd = st
-            .kube
-            .as_ref()
-            .and_then(|k| k.kubelets.get(node))
-            .and_then(|r| r.containerd_pid);
-        let (mut c, run_dir) = match containerd.filter(|_| self.agents_are_pods(st)) {
-            Some(pid) => {
-                let mut c = Command::new("nsenter");
-                c.args(["--mount", "--net", "--target", &pid.to_string(), "--"]);
-                (c, std::path::PathBuf::from("/run/tweed"))
+    /// network namespace, given its agent's run directory. With the agent
+    /// as a DaemonSet, exactly as in a real cluster: `kubectl exec` into
+    /// the node's agent pod, whose plan names paths as the pod mounts them.
+    pub fn node_tweed(&self, st: &LabState, node: &str, args: &[&str]) -> Result<Command> {
+        let n = st.node(node)?;
+        if self.agents_are_pods(st) {
+            let pod = self.kubectl(
+                st,
+                &[
+                    "-n",
+                    "tweed-system",
+                    "get",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=tweed",
+                    "--field-selector",
+                    &format!("spec.nodeName={node}"),
+                    "-o",
+                    "jsonpath={.items[0].metadata.name}",
+                ],
+                None,
+            )?;
+            let pod = pod.trim();
+            if pod.is_empty() {
+                return Err(LabError::Invalid(format!("no tweed agent pod on {node}")));
             }
-            None => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns]);
-                (c, self.agent_run_dir(st, node))
-            }
-        };
-        c.arg(&self.exe).args(args).arg("--run-dir").arg(run_dir);
-        c
+            let mut c = self.kubectl_command(st)?;
+            c.args([
+                "-n",
+                "tweed-system",
+                "exec",
+                pod,
+                "-c",
+                "agent",
+                "--",
+                "tweed",
+            ])
+            .args(args)
+            .args(["--run-dir", "/run/tweed"]);
+            return Ok(c);
+        }
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &n.ns])
+            .arg(&self.exe)
+            .args(args)
+            .arg("--run-dir")
+            .arg(self.agent_run_dir(st, node));
+        Ok(c)
     }
 
     /// `tweed doctor` on every node (or one), at once, each inside its
@@ -668,9 +711,11 @@ impl Lab {
                 let hs: Vec<_> = nodes
                     .iter()
                     .map(|n| {
-                        let mut c = self.node_tweed(&st, &n.name, &["doctor", "-o", "json"]);
+                        let c = self.node_tweed(&st, &n.name, &["doctor", "-o", "json"]);
                         s.spawn(move || {
-                            let out = c.output();
+                            let out = c
+                                .map_err(|e| std::io::Error::other(e.to_string()))
+                                .and_then(|mut c| c.output());
                             let r = match out {
                                 // 0: nothing found, 1: findings; both print the report.
                                 Ok(o) if matches!(o.status.code(), Some(0 | 1)) => {

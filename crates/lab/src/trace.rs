@@ -173,7 +173,7 @@ impl Lab {
         let mut a = vec!["trace", "-o", "json"];
         a.extend(args.iter().map(String::as_str));
         let out = self
-            .node_tweed(st, node, &a)
+            .node_tweed(st, node, &a)?
             .output()
             .map_err(|e| LabError::Invalid(format!("tweed trace on {node}: {e}")))?;
         if !out.status.success() {

@@ -66,6 +66,18 @@ fn cluster_role_is_exactly_what_the_agent_calls() {
     let binding = kind(&d, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["name"], "tweed");
     assert_eq!(binding["subjects"][0]["namespace"], "tweed-system");
+    // kubelet's node Leases, read only, in their namespace only (doctor's
+    // "lease-expiring").
+    let lease = kind(&d, "Role");
+    assert_eq!(lease["metadata"]["namespace"], "kube-node-lease");
+    assert_eq!(
+        lease["rules"],
+        serde_json::json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get"]}])
+    );
+    let binding = kind(&d, "RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"], "kube-node-lease");
+    assert_eq!(binding["roleRef"]["name"], "tweed");
+    assert_eq!(binding["subjects"][0]["namespace"], "tweed-system");
 }
 
 #[test]

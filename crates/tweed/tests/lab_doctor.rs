@@ -36,7 +36,14 @@ fn inject_and_find(lab: &LabGuard, args: &[&str], fault: &str) -> Vec<serde_json
     let name = args[args.iter().position(|a| *a == "--name").unwrap() + 1];
     for attempt in 0..3 {
         ok(args);
-        let (o, v) = doctor(name);
+        let (mut o, mut v) = doctor(name);
+        if fault == "lease-expiring" {
+            // Named once half the lease's TTL has passed without a renewal.
+            eventually("doctor to name the unrenewed lease", 30, || {
+                (o, v) = doctor(name);
+                !findings(&v).is_empty()
+            });
+        }
         let found = findings(&v);
         if !found.is_empty() {
             assert_eq!(o.status.code(), Some(1), "doctor must exit 1 with findings");

@@ -551,6 +551,49 @@ fn seed_001_runs_on_real_kubelets_and_the_data_plane_follows_kubectl() {
     });
 
     source_address_rows(&lab);
+
+    // kubelet frozen on n3: its node Lease goes unrenewed, and doctor on
+    // n3 (run on the node itself: `kubectl exec` would need that very
+    // kubelet) names it before the node controller marks n3 NotReady.
+    let doctor = || {
+        let o = tweed(&["lab", "doctor", "--name", &lab.name, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["findings"].as_array().cloned().unwrap_or_default()
+    };
+    assert_eq!(doctor(), Vec::<serde_json::Value>::new());
+    ok(&[
+        "lab",
+        "fault",
+        "inject",
+        "lease-expiring",
+        "--node",
+        "n3",
+        "--name",
+        &lab.name,
+    ]);
+    let mut found = Vec::new();
+    eventually("doctor to name n3's unrenewed Lease", 40, || {
+        found = doctor();
+        !found.is_empty()
+    });
+    ok(&["lab", "fault", "clear", "--name", &lab.name]);
+    for f in &found {
+        assert_eq!(
+            (f["fault"].as_str(), f["node"].as_str()),
+            (Some("lease-expiring"), Some("n3")),
+            "{found:#?}"
+        );
+        assert!(
+            f["summary"]
+                .as_str()
+                .unwrap()
+                .starts_with("kubelet has not renewed"),
+            "{f:#}"
+        );
+    }
+    eventually("no findings once kubelet runs again", 40, || {
+        doctor().is_empty()
+    });
 }
 
 /// Wait for the DaemonSet's rollout to finish.
