@@ -1,9 +1,13 @@
 //! The service proxy: kube-proxy's job on nftables. It keeps what it
 //! committed to the kernel in memory, per service, and turns each change
-//! into a small transaction of element updates; it never lists the ruleset
-//! in steady state. A failed transaction, or a change the ruleset's shape
-//! cannot take, falls back to a full sync that replaces the table
-//! atomically (conntrack keeps established connections flowing through it).
+//! into a small transaction of element updates, sent as raw nf_tables
+//! netlink (no `nft` process unless the shape changes); it never lists the
+//! ruleset in steady state. A full sync keeps the table and refills every
+//! element set in one batch ([`render_full_txn`]), so nothing is refused
+//! while it runs. A failed transaction, or a change the ruleset's shape
+//! cannot take, falls back to a full sync; a full sync the kernel refuses
+//! (a map outgrew its size) replaces the table atomically through `nft`
+//! (conntrack keeps established connections flowing through it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -12,8 +16,8 @@ use std::time::Instant;
 use tweed_model::{Endpoints, HostPorts, Service};
 use tweed_nft::NftError;
 use tweed_plan::services::{
-    plan_hostports, plan_service_from, render_delta, render_full, stale_flows, Contribution, Flow,
-    ProxyConfig, Shape,
+    plan_hostports, plan_service_from, render_delta_txn, render_full, render_full_txn, stale_flows,
+    Contribution, Flow, ProxyConfig, Shape, Txn,
 };
 
 fn hostport_contribution(h: &HostPorts) -> Contribution {
@@ -127,15 +131,29 @@ impl Proxy {
             .map(|id| (id.clone(), self.plan(id)))
             .collect();
         planned.extend(read_hostports(&self.run_dir));
-        let (script, shape) = render_full(&self.cfg, planned.values());
-        let rendered = t.elapsed();
-        tweed_nft::apply(&script)?;
-        tracing::debug!(
-            render_ms = rendered.as_secs_f64() * 1000.0,
-            nft_ms = (t.elapsed() - rendered).as_secs_f64() * 1000.0,
-            bytes = script.len(),
-            "full sync"
-        );
+        let kept = tweed_nft::txn::existing().and_then(|existing| {
+            let (txn, shape) = render_full_txn(&self.cfg, planned.values(), &existing);
+            let rendered = t.elapsed();
+            tweed_nft::txn::apply_txn(&txn)?;
+            tracing::debug!(
+                render_ms = rendered.as_secs_f64() * 1000.0,
+                kernel_ms = (t.elapsed() - rendered).as_secs_f64() * 1000.0,
+                elements = txn.adds.len(),
+                "full sync"
+            );
+            Ok(shape)
+        });
+        let shape = match kept {
+            Ok(shape) => shape,
+            Err(e) => {
+                // E.g. a map outgrew the size it was made with: make the
+                // table anew, in one transaction.
+                tracing::info!(error = %e, "full sync over the existing table refused; replacing the table");
+                let (script, shape) = render_full(&self.cfg, planned.values());
+                tweed_nft::apply(&script)?;
+                shape
+            }
+        };
         let stale: Vec<Flow> = planned
             .iter()
             .flat_map(|(id, new)| {
@@ -168,14 +186,14 @@ impl Proxy {
         let t = Instant::now();
         let dirty: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
         let empty = Contribution::default();
-        let mut script = String::new();
+        let mut txn = Txn::default();
         let mut planned = Vec::new();
         for id in &dirty {
             let new = self.plan(id);
             let old = self.committed.get(id).unwrap_or(&empty);
-            match render_delta(old, &new, &shape) {
+            match render_delta_txn(old, &new, &shape) {
                 Some((d, kept)) => {
-                    script.push_str(&d);
+                    txn.extend(d);
                     planned.push((id.clone(), new, kept));
                 }
                 None => {
@@ -184,7 +202,7 @@ impl Proxy {
                 }
             }
         }
-        if let Err(e) = tweed_nft::apply(&script) {
+        if let Err(e) = tweed_nft::txn::apply_txn(&txn) {
             tracing::warn!(error = %e, "incremental update failed; doing a full sync");
             return self.full_sync().map(Some);
         }

@@ -21,6 +21,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number (`meta l4proto`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::TCP => 6,
+            Protocol::UDP => 17,
+            Protocol::SCTP => 132,
+        }
+    }
+
     /// The name nft and conntrack use.
     pub fn nft(self) -> &'static str {
         match self {

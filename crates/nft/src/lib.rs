@@ -3,6 +3,9 @@
 //! conntrack entry deletion through `conntrack -D` (ctnetlink).
 #![forbid(unsafe_code)]
 
+pub mod elements;
+pub mod txn;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -20,6 +23,9 @@ pub enum NftError {
     Rejected { stderr: String },
     #[error("conntrack -D failed: {0}")]
     Conntrack(String),
+    /// The batch went to the kernel, but its answer could not be read.
+    #[error("nf_tables netlink: {0} (the transaction may or may not have applied; a full sync puts it right)")]
+    Unknown(String),
 }
 
 /// Apply a script as one transaction. Equivalent: `nft -f - <<< SCRIPT`.

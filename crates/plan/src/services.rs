@@ -101,6 +101,19 @@ pub enum Elem {
 pub type Flow = (Protocol, Option<Ipv4Addr>, u16, Option<Ipv4Addr>);
 
 impl Elem {
+    /// The name of the set or map it lives in (`None`: no element of its own).
+    pub fn set_name(&self) -> Option<String> {
+        self.group().map(Group::name)
+    }
+
+    /// The chain a verdict map element goes to (ClientIP affinity).
+    pub fn goto_chain(&self) -> Option<String> {
+        match self {
+            Elem::LbAffinity(k, t) => Some(affinity_chain(k, *t)),
+            _ => None,
+        }
+    }
+
     /// The set or map it lives in (`None`: no element of its own).
     fn group(&self) -> Option<Group> {
         Some(match self {
@@ -607,6 +620,126 @@ pub fn render_full<'a>(
     cfg: &ProxyConfig,
     parts: impl Iterator<Item = &'a Contribution> + Clone,
 ) -> (String, Shape) {
+    let t = render_table(cfg, parts, true);
+    (
+        format!("add table ip {TABLE}\ndelete table ip {TABLE}\n{}", t.block),
+        t.shape,
+    )
+}
+
+/// The kernel's view of tweed's table: the names of its sets and chains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    pub sets: BTreeSet<String>,
+    pub chains: BTreeSet<String>,
+}
+
+/// A change to the ruleset in three transactions, each atomic: `pre`
+/// (an `nft -f` script that only adds: sets, chains, rewritten rules),
+/// then the elements (`flush` these sets, delete `dels`, add `adds`: one
+/// netlink batch), then `post` (an `nft -f` script that removes what
+/// nothing points at any more). Every state between them is consistent:
+/// new objects are unreferenced until the elements point at them, and
+/// objects go only after nothing does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub pre: String,
+    pub flush: Vec<String>,
+    pub dels: Vec<Elem>,
+    pub adds: Vec<Elem>,
+    pub post: String,
+}
+
+impl Txn {
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_empty()
+            && self.flush.is_empty()
+            && self.dels.is_empty()
+            && self.adds.is_empty()
+            && self.post.is_empty()
+    }
+
+    /// Another change after this one, in the same three transactions.
+    pub fn extend(&mut self, o: Txn) {
+        self.pre.push_str(&o.pre);
+        self.flush.extend(o.flush);
+        self.dels.extend(o.dels);
+        self.adds.extend(o.adds);
+        self.post.push_str(&o.post);
+    }
+}
+
+/// A full sync that keeps the table: the shape is declared over what
+/// `existing` holds (chains flushed and rewritten, sets declared again,
+/// which the kernel takes as a no-op when they are the same), every
+/// element set flushed and refilled in one batch, and whatever the new
+/// shape no longer has removed last. Unlike [`render_full`] it never
+/// empties the table, so no connection is refused while it runs, and the
+/// per-client affinity sets keep their clients. If the kernel refuses
+/// the shape (a map's size or a set's type changed), [`render_full`]
+/// replaces the table instead.
+pub fn render_full_txn<'a>(
+    cfg: &ProxyConfig,
+    parts: impl Iterator<Item = &'a Contribution> + Clone,
+    existing: &Existing,
+) -> (Txn, Shape) {
+    let t = render_table(cfg, parts.clone(), false);
+    let mut pre = format!("add table ip {TABLE}\n");
+    for c in t.chains.iter().filter(|c| existing.chains.contains(*c)) {
+        let _ = writeln!(pre, "flush chain ip {TABLE} {c}");
+    }
+    if existing.sets.contains("hairpin") {
+        let _ = writeln!(pre, "flush set ip {TABLE} hairpin");
+    }
+    pre.push_str(&t.block);
+    let mut post = String::new();
+    let gone_chains: Vec<&String> = existing
+        .chains
+        .iter()
+        .filter(|c| !t.chains.contains(*c))
+        .collect();
+    for c in &gone_chains {
+        let _ = writeln!(post, "flush chain ip {TABLE} {c}");
+    }
+    for c in &gone_chains {
+        let _ = writeln!(post, "delete chain ip {TABLE} {c}");
+    }
+    for set in existing.sets.iter().filter(|n| !t.sets.contains(*n)) {
+        let _ = writeln!(post, "delete set ip {TABLE} {set}");
+    }
+    let adds = parts
+        .flat_map(|c| c.elems.iter())
+        .filter(|e| e.group().is_some())
+        .copied()
+        .collect();
+    (
+        Txn {
+            pre,
+            flush: t.element_sets,
+            dels: Vec::new(),
+            adds,
+            post,
+        },
+        t.shape,
+    )
+}
+
+/// The table block and what it declares.
+struct Table {
+    /// `table ip tweed { ... }`
+    block: String,
+    shape: Shape,
+    /// Every set and map it declares, and those that hold planned elements.
+    sets: BTreeSet<String>,
+    element_sets: Vec<String>,
+    chains: BTreeSet<String>,
+}
+
+fn render_table<'a>(
+    cfg: &ProxyConfig,
+    parts: impl Iterator<Item = &'a Contribution> + Clone,
+    with_elements: bool,
+) -> Table {
     let mut shape = Shape::preset();
     let mut counts: BTreeMap<Group, usize> = BTreeMap::new();
     let mut own_sets = BTreeMap::new();
@@ -621,13 +754,12 @@ pub fn render_full<'a>(
         own_sets.extend(c.own_sets.iter());
         chains.extend(c.chains.iter());
     }
-    let mut s = String::with_capacity(16384 + bytes);
-    let _ = writeln!(
-        s,
-        "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{"
-    );
+    let mut s = String::with_capacity(16384 + if with_elements { bytes } else { 0 });
+    let _ = writeln!(s, "table ip {TABLE} {{");
+    let mut element_sets = Vec::new();
     // One pass over the elements per set, written straight into the script.
-    let decl = |s: &mut String, kind: &str, g: Group, ty: &str| {
+    let mut decl = |s: &mut String, kind: &str, g: Group, ty: &str| {
+        element_sets.push(g.name());
         let n = counts.get(&g).copied().unwrap_or(0);
         let _ = write!(s, "  {kind} {} {{ {ty}", g.name());
         if kind == "map" {
@@ -637,7 +769,7 @@ pub fn render_full<'a>(
             // follows sizes it again.
             let _ = write!(s, " size {};", (n * 2).next_power_of_two().max(65536));
         }
-        if n > 0 {
+        if n > 0 && with_elements {
             s.push_str(" elements = { ");
             let mut first = true;
             for e in parts
@@ -677,17 +809,18 @@ pub fn render_full<'a>(
     decl(&mut s, "set", Group::DropLb, svc_key);
     decl(&mut s, "set", Group::DropNp, port_key);
     for p in PROTOS {
+        let n = p.nft();
         decl(
             &mut s,
             "map",
             Group::Be(p),
-            "typeof ip daddr . th dport . numgen random mod 2 : ip daddr . th dport;",
+            &format!("typeof ip daddr . {n} dport . numgen random mod 2 : ip daddr . {n} dport;"),
         );
         decl(
             &mut s,
             "map",
             Group::NpBe(p),
-            "typeof th dport . numgen random mod 2 : ip daddr . th dport;",
+            &format!("typeof {n} dport . numgen random mod 2 : ip daddr . {n} dport;"),
         );
     }
     decl(
@@ -710,18 +843,22 @@ pub fn render_full<'a>(
     // hit in lb-all / np-all.
     // Highest K first: a key may linger in a lower K's set after it grew
     // (see render_delta), and the live K must win.
+    // The maps' keys name the protocol's own `dport` (not `th dport`):
+    // nft 1.0.6 cannot add a rule that looks up a `typeof … th dport` map
+    // it read back from the kernel ("conflicting protocols specified: tcp
+    // vs. th"), and a full sync over the existing table re-adds these.
     s.push_str("  chain lb-rules {\n");
     for p in PROTOS {
         let p = p.nft();
         for k in shape.ks.iter().rev() {
-            let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . th dport . numgen random mod {k} map @be-{p}");
+            let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . {p} dport . numgen random mod {k} map @be-{p}");
         }
     }
     s.push_str("  }\n  chain np-rules {\n");
     for p in PROTOS {
         let p = p.nft();
         for k in shape.ks.iter().rev() {
-            let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to th dport . numgen random mod {k} map @npbe-{p}");
+            let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to {p} dport . numgen random mod {k} map @npbe-{p}");
         }
     }
     s.push_str("  }\n");
@@ -782,7 +919,30 @@ pub fn render_full<'a>(
   }}
 }}"
     );
-    (s, shape)
+    // What the block declares, as the kernel will name it.
+    let (mut sets, mut chains) = (BTreeSet::new(), BTreeSet::new());
+    for l in s
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+    {
+        let mut w = l.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("set" | "map"), Some(n)) => {
+                sets.insert(n.to_string());
+            }
+            (Some("chain"), Some(n)) => {
+                chains.insert(n.to_string());
+            }
+            _ => {}
+        }
+    }
+    Table {
+        block: s,
+        shape,
+        sets,
+        element_sets,
+        chains,
+    }
 }
 
 /// Can `e` (in the kernel, not in `new`) stay? A key that grew from K to
@@ -809,15 +969,45 @@ fn harmless(
 }
 
 /// The commands that turn the kernel's `old` into `new` for one
-/// contribution, and what the kernel holds afterwards (`new` plus the
-/// harmless leftovers it keeps); `None` when `new` needs an endpoint count
-/// the ruleset has no rule for (then the caller does a full resync).
-/// Deletions come first so a changed map value is delete-then-add.
+/// contribution, as one `nft -f` script, and what the kernel holds
+/// afterwards; see [`render_delta_txn`].
 pub fn render_delta(
     old: &Contribution,
     new: &Contribution,
     shape: &Shape,
 ) -> Option<(String, Contribution)> {
+    let (t, kept) = render_delta_txn(old, new, shape)?;
+    let mut s = t.pre;
+    for (verb, elems, with_value) in [("delete", &t.dels, false), ("add", &t.adds, true)] {
+        let mut by: BTreeMap<Group, String> = BTreeMap::new();
+        for e in elems {
+            if let Some(g) = e.group() {
+                let buf = by.entry(g).or_default();
+                if !buf.is_empty() {
+                    buf.push_str(", ");
+                }
+                e.write(buf, with_value);
+            }
+        }
+        for (g, els) in &by {
+            let _ = writeln!(s, "{verb} element ip {TABLE} {} {{ {els} }}", g.name());
+        }
+    }
+    s.push_str(&t.post);
+    Some((s, kept))
+}
+
+/// The change that turns the kernel's `old` into `new` for one
+/// contribution, and what the kernel holds afterwards (`new` plus the
+/// harmless leftovers it keeps); `None` when `new` needs an endpoint count
+/// the ruleset has no rule for (then the caller does a full resync).
+/// Deletions come before additions, so a changed map value is
+/// delete-then-add.
+pub fn render_delta_txn(
+    old: &Contribution,
+    new: &Contribution,
+    shape: &Shape,
+) -> Option<(Txn, Contribution)> {
     if !new
         .elems
         .iter()
@@ -883,34 +1073,22 @@ pub fn render_delta(
             let _ = writeln!(s, "add rule ip {TABLE} {name} {r}");
         }
     }
+    let pre = std::mem::take(&mut s);
     let (o, n): (BTreeSet<&Elem>, BTreeSet<&Elem>) =
         (old.elems.iter().collect(), new.elems.iter().collect());
-    let mut gone: BTreeMap<Group, String> = BTreeMap::new();
-    let mut came: BTreeMap<Group, String> = BTreeMap::new();
-    for (diff, out, with_value) in [
-        (o.difference(&n), &mut gone, false),
-        (n.difference(&o), &mut came, true),
-    ] {
-        for e in diff {
-            if !with_value && harmless(e, &live_lb, &live_np, &new_slots) {
-                kept.elems.push(**e);
-                continue;
-            }
-            if let Some(g) = e.group() {
-                let buf = out.entry(g).or_default();
-                if !buf.is_empty() {
-                    buf.push_str(", ");
-                }
-                e.write(buf, with_value);
-            }
+    let mut dels = Vec::new();
+    for e in o.difference(&n) {
+        if harmless(e, &live_lb, &live_np, &new_slots) {
+            kept.elems.push(**e);
+        } else if e.group().is_some() {
+            dels.push(**e);
         }
     }
-    for (g, els) in &gone {
-        let _ = writeln!(s, "delete element ip {TABLE} {} {{ {els} }}", g.name());
-    }
-    for (g, els) in &came {
-        let _ = writeln!(s, "add element ip {TABLE} {} {{ {els} }}", g.name());
-    }
+    let adds: Vec<Elem> = n
+        .difference(&o)
+        .filter(|e| e.group().is_some())
+        .map(|e| **e)
+        .collect();
     // Flush every chain that goes before deleting any: they may jump to each other.
     let gone_chains: Vec<&String> = old
         .chains
@@ -930,7 +1108,16 @@ pub fn render_delta(
     {
         let _ = writeln!(s, "delete set ip {TABLE} {name}");
     }
-    Some((s, kept.finish()))
+    Some((
+        Txn {
+            pre,
+            flush: Vec::new(),
+            dels,
+            adds,
+            post: s,
+        },
+        kept.finish(),
+    ))
 }
 
 #[cfg(test)]
@@ -1250,7 +1437,7 @@ mod tests {
             "40 endpoints need a full resync"
         );
         let (full, shape) = render_full(&cfg(), [&new].into_iter());
-        assert!(full.contains("meta l4proto tcp ip daddr . th dport @lb-tcp-40 dnat ip to ip daddr . th dport . numgen random mod 40 map @be-tcp"), "{full}");
+        assert!(full.contains("meta l4proto tcp ip daddr . th dport @lb-tcp-40 dnat ip to ip daddr . tcp dport . numgen random mod 40 map @be-tcp"), "{full}");
         assert!(render_delta(&new, &new, &shape).is_some());
         // Affinity: per-endpoint sets and chains, reached through the affinity map.
         let mut a = svc(ServiceType::ClusterIP);

@@ -1,0 +1,159 @@
+//! The service ruleset's changes as the kernel takes them fastest: the
+//! shape (sets, chains, rules) through `nft -f`, where it is small and
+//! rarely changes, and the elements, which are what scale, as one raw
+//! nf_tables netlink batch ([`crate::elements`]). See
+//! [`tweed_plan::services::Txn`] for why the three steps are each safe.
+
+use std::process::{Command, Stdio};
+
+use tweed_plan::services::{Elem, Existing, Txn, TABLE};
+
+use crate::elements::{self, Data, Field, Op};
+use crate::NftError;
+
+/// Apply a change: `pre`, the elements, `post`, each atomic.
+pub fn apply_txn(t: &Txn) -> Result<(), NftError> {
+    crate::apply(&t.pre)?;
+    elements::apply(TABLE, &ops(t))?;
+    crate::apply(&t.post)
+}
+
+/// The element half of a change, as netlink ops: flushes, then deletions,
+/// then additions (so a changed map value is delete-then-add).
+pub fn ops(t: &Txn) -> Vec<Op> {
+    let mut v = Vec::with_capacity(t.flush.len() + t.dels.len() + t.adds.len());
+    v.extend(t.flush.iter().map(|set| Op::Flush { set: set.clone() }));
+    v.extend(t.dels.iter().filter_map(|e| op(e, false)));
+    v.extend(t.adds.iter().filter_map(|e| op(e, true)));
+    v
+}
+
+/// One element as a netlink op: its set, its key's fields in the set's
+/// type order, and for maps its value (see the set declarations in
+/// `tweed_plan::services::render_full`).
+pub fn op(e: &Elem, add: bool) -> Option<Op> {
+    use Field::{Ipv4, Port, Proto, U32};
+    let set = e.set_name()?;
+    let (key, data) = match *e {
+        Elem::Lb((ip, _, port), _) => (vec![Ipv4(ip), Port(port)], Data::None),
+        Elem::LbAll((ip, p, port))
+        | Elem::MasqLb((ip, p, port))
+        | Elem::RejLb((ip, p, port))
+        | Elem::DropLb((ip, p, port)) => {
+            (vec![Ipv4(ip), Proto(p.number()), Port(port)], Data::None)
+        }
+        Elem::LbAffinity((ip, p, port), _) => (
+            vec![Ipv4(ip), Proto(p.number()), Port(port)],
+            Data::Goto(e.goto_chain()?),
+        ),
+        Elem::Be((ip, _, port), slot, (bip, bport)) => (
+            vec![Ipv4(ip), Port(port), U32(u32::from(slot))],
+            Data::Value(vec![Ipv4(bip), Port(bport)]),
+        ),
+        Elem::Np((_, port), _) => (vec![Port(port)], Data::None),
+        Elem::NpAll((p, port))
+        | Elem::MasqNp((p, port))
+        | Elem::RejNp((p, port))
+        | Elem::DropNp((p, port)) => (vec![Proto(p.number()), Port(port)], Data::None),
+        Elem::NpBe((_, port), slot, (bip, bport)) => (
+            vec![Port(port), U32(u32::from(slot))],
+            Data::Value(vec![Ipv4(bip), Port(bport)]),
+        ),
+        Elem::HostPort((p, port), (ip, cport)) => (
+            vec![Proto(p.number()), Port(port)],
+            Data::Value(vec![Ipv4(ip), Port(cport)]),
+        ),
+        Elem::AffinityBackend(..) => return None,
+    };
+    Some(if add {
+        Op::Add { set, key, data }
+    } else {
+        Op::Delete { set, key }
+    })
+}
+
+/// The sets and chains of tweed's table in the kernel (none when it is
+/// absent). Equivalent: `nft -t -j list table ip tweed` (`-t`: without
+/// elements, so it costs the same at 30k Services).
+pub fn existing() -> Result<Existing, NftError> {
+    let out = Command::new("nft")
+        .args(["-t", "-j", "list", "table", "ip", TABLE])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| NftError::Spawn {
+            tool: "nft",
+            source,
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(Existing::default());
+        }
+        return Err(NftError::Rejected {
+            stderr: err.trim().to_string(),
+        });
+    }
+    Ok(parse_existing(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The set, map and chain names of an `nft -j list table` document.
+pub fn parse_existing(json: &str) -> Existing {
+    let mut e = Existing::default();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for kind in ["set", "map"] {
+            if let Some(n) = item[kind]["name"].as_str() {
+                e.sets.insert(n.to_string());
+            }
+        }
+        if let Some(n) = item["chain"]["name"].as_str() {
+            e.chains.insert(n.to_string());
+        }
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tweed_model::Protocol;
+
+    #[test]
+    fn elements_become_ops_in_their_sets_type_order() {
+        let k = ("10.96.0.10".parse().unwrap(), Protocol::UDP, 53);
+        let b = ("10.244.1.2".parse().unwrap(), 5353);
+        assert_eq!(
+            op(&Elem::Be(k, 2, b), true),
+            Some(Op::Add {
+                set: "be-udp".into(),
+                key: vec![Field::Ipv4(k.0), Field::Port(53), Field::U32(2)],
+                data: Data::Value(vec![Field::Ipv4(b.0), Field::Port(5353)]),
+            })
+        );
+        assert_eq!(
+            op(&Elem::RejNp((Protocol::TCP, 30080)), false),
+            Some(Op::Delete {
+                set: "rej-np".into(),
+                key: vec![Field::Proto(6), Field::Port(30080)],
+            })
+        );
+        let Some(Op::Add { set, data, .. }) = op(&Elem::LbAffinity(k, 60), true) else {
+            panic!()
+        };
+        assert_eq!(set, "lb");
+        assert!(matches!(data, Data::Goto(c) if c.starts_with("aff-")));
+        assert_eq!(op(&Elem::AffinityBackend(k, b), true), None);
+    }
+
+    #[test]
+    fn existing_objects_are_read_from_nft_json() {
+        let j = r#"{"nftables": [{"metainfo": {}}, {"table": {"family": "ip", "name": "tweed"}},
+            {"set": {"family": "ip", "name": "lb-all", "table": "tweed"}},
+            {"map": {"family": "ip", "name": "be-tcp", "table": "tweed"}},
+            {"chain": {"family": "ip", "table": "tweed", "name": "services"}}]}"#;
+        let e = parse_existing(j);
+        assert_eq!(e.sets.iter().collect::<Vec<_>>(), ["be-tcp", "lb-all"]);
+        assert_eq!(e.chains.iter().collect::<Vec<_>>(), ["services"]);
+    }
+}
