@@ -38,13 +38,13 @@ ms() { awk -v s="$1" -v e="$2" 'BEGIN {printf "%.0f", (e - s) / 1e6}'; }
 
 echo "## Service proxy at scale ($(date -u +%F), $(nproc) vCPU, kernel $(uname -r), nft $(nft --version | awk '{print $2}'), ${E} endpoints per service)"
 echo
-echo "| N services | engine | full sync ms | +1 service ms (median / max of 15) | +1 endpoint ms (median / max of 15) | −1 service ms (median / max of 15) | peak RSS MiB | connect() first svc p50/p99 µs | connect() last svc p50/p99 µs |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| N services | engine | full sync ms | again, over its table ms | +1 service ms (median / max of 15) | +1 endpoint ms (median / max of 15) | −1 service ms (median / max of 15) | peak RSS MiB | connect() first svc p50/p99 µs | connect() last svc p50/p99 µs |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for n in "${sizes[@]}"; do
   ns=tw-bsvc-nft-$n; setup "$ns"
   j=$(ip netns exec "$ns" "$tweed" bench proxy --services "$n" --endpoints $E --listen $LISTEN:$PORT)
   first=$(jq -r .first <<< "$j"); last=$(jq -r .last <<< "$j")
-  echo "| $n | tweed (nftables maps) | $(jq -r '.fullSyncMs|floor' <<< "$j") | $(jq -r '"\(.addServiceMs*10|floor/10) / \(.addServiceMaxMs*10|floor/10)"' <<< "$j") | $(jq -r '"\(.addEndpointMs*10|floor/10) / \(.addEndpointMaxMs*10|floor/10)"' <<< "$j") | $(jq -r '"\(.delServiceMs*10|floor/10) / \(.delServiceMaxMs*10|floor/10)"' <<< "$j") | $(jq -r '.peakRssMiB|floor' <<< "$j") | $(lat "$ns" "$first") | $(lat "$ns" "$last") |"
+  echo "| $n | tweed (nftables maps) | $(jq -r '.fullSyncMs|floor' <<< "$j") | $(jq -r '.refullSyncMs|floor' <<< "$j") | $(jq -r '"\(.addServiceMs*100|floor/100) / \(.addServiceMaxMs*100|floor/100)"' <<< "$j") | $(jq -r '"\(.addEndpointMs*100|floor/100) / \(.addEndpointMaxMs*100|floor/100)"' <<< "$j") | $(jq -r '"\(.delServiceMs*100|floor/100) / \(.delServiceMaxMs*100|floor/100)"' <<< "$j") | $(jq -r '.peakRssMiB|floor' <<< "$j") | $(lat "$ns" "$first") | $(lat "$ns" "$last") |"
   tweed_full=$(jq -r .fullSyncMs <<< "$j")
   ip netns del "$ns"
 
@@ -55,10 +55,10 @@ for n in "${sizes[@]}"; do
   if timeout "$IPT_TIMEOUT" ip netns exec "$ns" iptables-restore < "$work/full.rules"; then
     e=$(date +%s%N); full=$(ms "$s" "$e")
     s=$(date +%s%N); ip netns exec "$ns" iptables-restore --noflush < "$work/add.rules"; e=$(date +%s%N); add=$(ms "$s" "$e")
-    echo "| $n | kube-proxy iptables mode (iptables-restore, $(iptables --version | awk '{print $2, $3}')) | $full | – | $add | – | – | $(lat "$ns" "10.96.0.1:80") | $(lat "$ns" "$last") |"
+    echo "| $n | kube-proxy iptables mode (iptables-restore, $(iptables --version | awk '{print $2, $3}')) | $full | – | – | $add | – | – | $(lat "$ns" "10.96.0.1:80") | $(lat "$ns" "$last") |"
     awk -v a="$full" -v b="$tweed_full" -v n="$n" 'BEGIN {ratios = ratios sprintf("- N=%d: iptables-restore full load / tweed full sync = **%.1f×**\n", n, a / b); printf "%s", ratios > "/dev/stderr"}'
   else
-    echo "| $n | kube-proxy iptables mode (iptables-restore) | did not finish in ${IPT_TIMEOUT} s | – | – | – | – | – | – |"
+    echo "| $n | kube-proxy iptables mode (iptables-restore) | did not finish in ${IPT_TIMEOUT} s | – | – | – | – | – | – | – |"
   fi
   ip netns del "$ns"
 done

@@ -13,6 +13,7 @@
 pub mod conntrack;
 pub mod doctor;
 pub mod facts;
+pub mod sockets;
 pub mod trace;
 
 use serde::{Deserialize, Serialize};

@@ -868,7 +868,7 @@ async fn route_branch(
         if let (Some(port), Some(false)) = (
             pkt.port,
             pkt.port
-                .and_then(|port| crate::facts::listening(&pkt.proto, pkt.dst, port)),
+                .and_then(|port| crate::sockets::listening(&pkt.proto, pkt.dst, port)),
         ) {
             let answer = if pkt.proto == "tcp" {
                 "a TCP reset"

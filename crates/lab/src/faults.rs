@@ -98,6 +98,21 @@ impl Lab {
             .map_err(|source| LabError::Io { path: p, source })
     }
 
+    /// Move a node's file into the lab's directory as `keep` (a file gone
+    /// the way an operator's mistake removes it); returns the undo.
+    fn move_aside(&self, path: &std::path::Path, keep: &str) -> Result<Vec<String>> {
+        let keep = self.dir.join(keep);
+        std::fs::rename(path, &keep).map_err(|source| LabError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(argv(&[
+            "mv",
+            &keep.display().to_string(),
+            &path.display().to_string(),
+        ]))
+    }
+
     /// The plan a node's agent last wrote (what doctor judges it by).
     pub fn node_intent(&self, st: &LabState, node: &str) -> Result<NodeIntent> {
         let p = self.agent_run_dir(st, node).join("plan.json");
@@ -382,16 +397,7 @@ impl Lab {
                 // The node's directory as the host sees it (a DaemonSet
                 // agent's plan names the path inside its own mounts).
                 let conf = self.node_dir(node).join("net.d/10-tweed.conflist");
-                let keep = self.dir.join(format!("fault-{node}-10-tweed.conflist"));
-                std::fs::rename(&conf, &keep).map_err(|source| LabError::Io {
-                    path: conf.clone(),
-                    source,
-                })?;
-                undo.push(argv(&[
-                    "mv",
-                    &keep.display().to_string(),
-                    &conf.display().to_string(),
-                ]));
+                undo.push(self.move_aside(&conf, &format!("fault-{node}-10-tweed.conflist"))?);
             }
             "lease-expiring" => {
                 // Whoever renews the node's lease hangs: alive, renewing
@@ -421,16 +427,7 @@ impl Lab {
                     ));
                 }
                 let bin = self.node_dir(node).join("k/opt/cni/bin/tweed");
-                let keep = self.dir.join(format!("fault-{node}-cni-tweed"));
-                std::fs::rename(&bin, &keep).map_err(|source| LabError::Io {
-                    path: bin.clone(),
-                    source,
-                })?;
-                undo.push(argv(&[
-                    "mv",
-                    &keep.display().to_string(),
-                    &bin.display().to_string(),
-                ]));
+                undo.push(self.move_aside(&bin, &format!("fault-{node}-cni-tweed"))?);
             }
             "not-on-link" => {
                 // Seed 003: direct routing (flannel host-gw) towards a peer

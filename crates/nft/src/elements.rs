@@ -71,6 +71,28 @@ pub enum Op {
     Delete { set: String, key: Vec<Field> },
 }
 
+/// Ops by index, made on demand: a full sync's 100k elements need never
+/// all exist as `Op`s at once (only the encoded batch does).
+pub trait OpList {
+    fn len(&self) -> usize;
+    fn op(&self, i: usize) -> std::borrow::Cow<'_, Op>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Ops that exist already.
+struct Slice<'a>(&'a [Op]);
+
+impl OpList for Slice<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn op(&self, i: usize) -> std::borrow::Cow<'_, Op> {
+        std::borrow::Cow::Borrowed(&self.0[i])
+    }
+}
+
 impl Op {
     fn set(&self) -> &str {
         match self {
@@ -312,14 +334,14 @@ struct Encoded {
 }
 
 /// A message being filled with elements.
-struct Open<'a> {
+struct Open {
     delete: bool,
-    set: &'a str,
+    set: String,
     msg: usize,
     nest: usize,
 }
 
-fn encode(table: &str, ops: &[Op], first_seq: u32) -> Encoded {
+fn encode(table: &str, ops: &dyn OpList, first_seq: u32) -> Encoded {
     let mut out = Vec::with_capacity(64 + ops.len() * 48);
     let mut msgs = Vec::new();
     let mut seq = first_seq;
@@ -362,8 +384,9 @@ fn encode(table: &str, ops: &[Op], first_seq: u32) -> Encoded {
 
     let mut open: Option<Open> = None;
     let mut elem = Vec::with_capacity(128);
-    for (i, op) in ops.iter().enumerate() {
-        let (delete, set, key, data) = match op {
+    for i in 0..ops.len() {
+        let op = ops.op(i);
+        let (delete, set, key, data) = match &*op {
             Op::Flush { set } => {
                 close(&mut out, &mut open);
                 let at = start(&mut out, &mut msgs, NFT_MSG_DELSETELEM, set, i);
@@ -391,7 +414,7 @@ fn encode(table: &str, ops: &[Op], first_seq: u32) -> Encoded {
             let nest = begin_nest(&mut out, NFTA_SET_ELEM_LIST_ELEMENTS);
             open = Some(Open {
                 delete,
-                set,
+                set: set.to_string(),
                 msg,
                 nest,
             });
@@ -424,7 +447,7 @@ fn encode(table: &str, ops: &[Op], first_seq: u32) -> Encoded {
 /// outgrow [`MAX_ELEMENTS_NEST`]; order is kept, so `Delete` then `Add` of
 /// one key replaces it.
 pub fn encode_batch(table: &str, ops: &[Op], first_seq: u32) -> Vec<u8> {
-    encode(table, ops, first_seq).bytes
+    encode(table, &Slice(ops), first_seq).bytes
 }
 
 // ---------------------------------------------------------------------------
@@ -547,7 +570,7 @@ fn parse_acks(b: &[u8], portid: u32, acks: &mut Vec<Ack>) {
 
 /// Say which part of message `m` the kernel's bad-attribute offset points
 /// at: the table, the set, or one element.
-fn blame(enc: &Encoded, ops: &[Op], m: usize, offset: usize) -> Option<String> {
+fn blame(enc: &Encoded, ops: &dyn OpList, m: usize, offset: usize) -> Option<String> {
     let msg = &enc.msgs[m];
     let end = enc.msgs.get(m + 1).map_or(enc.bytes.len(), |n| n.start);
     let body_at = NLMSG_HDRLEN + NFGENMSG_LEN;
@@ -564,7 +587,11 @@ fn blame(enc: &Encoded, ops: &[Op], m: usize, offset: usize) -> Option<String> {
                 let inner = offset.checked_sub(at + NLA_HDRLEN)?;
                 let i = attrs(payload)
                     .position(|(_, a, p)| inner >= a && inner < a + NLA_HDRLEN + p.len())?;
-                match ops.get(msg.first_op + i)? {
+                let n = msg.first_op + i;
+                if n >= ops.len() {
+                    return None;
+                }
+                match &*ops.op(n) {
                     Op::Add { key, data, .. } => Some(match data {
                         Data::None => format!("element {{ {} }}", Concat(key)),
                         Data::Value(v) => format!("element {{ {} : {} }}", Concat(key), Concat(v)),
@@ -581,11 +608,11 @@ fn blame(enc: &Encoded, ops: &[Op], m: usize, offset: usize) -> Option<String> {
 }
 
 /// Describe a failed ack for the user: the op, the set, what the errno means.
-fn describe(enc: &Encoded, table: &str, ops: &[Op], ack: &Ack) -> String {
+fn describe(enc: &Encoded, table: &str, ops: &dyn OpList, ack: &Ack) -> String {
     let e = Errno::from_raw(ack.errno);
     let mut s = match enc.msgs.iter().position(|m| m.seq == ack.seq) {
         Some(m) => {
-            let op = &ops[enc.msgs[m].first_op];
+            let op = ops.op(enc.msgs[m].first_op);
             let mut s = format!(
                 "{} set {} in table ip {table}: {} ({e:?})",
                 op.verb(),
@@ -632,6 +659,11 @@ static SEQ: AtomicU32 = AtomicU32::new(1);
 /// network namespace. Errors name the op, the set, the errno's meaning and,
 /// where the kernel says (extended ack), the offending element.
 pub fn apply(table: &str, ops: &[Op]) -> Result<(), NftError> {
+    apply_list(table, &Slice(ops))
+}
+
+/// [`apply`] for ops made on demand.
+pub fn apply_list(table: &str, ops: &dyn OpList) -> Result<(), NftError> {
     if ops.is_empty() {
         return Ok(());
     }
@@ -996,7 +1028,7 @@ mod tests {
                 key: vec![ip("10.0.0.2"), Field::Proto(17), Field::Port(53)],
             },
         ];
-        let enc = encode("t", &ops, 1);
+        let enc = encode("t", &Slice(&ops), 1);
         // The second element of the second message: header, nfgenmsg, table
         // (8), set (12), elements nest header (4), first element (24).
         let off = 16 + 4 + 8 + 12 + 4 + 24 + 2;
@@ -1006,7 +1038,7 @@ mod tests {
             bad_offset: Some(off),
             text: None,
         };
-        let s = describe(&enc, "t", &ops, &ack);
+        let s = describe(&enc, "t", &Slice(&ops), &ack);
         assert_eq!(
             s,
             "delete from set lb-all in table ip t: no such table, set, element or chain (ENOENT), at element { 10.0.0.2 . udp . 53 }"
@@ -1017,7 +1049,7 @@ mod tests {
             bad_offset: Some(16 + 4 + 8 + 1),
             text: None,
         };
-        assert!(describe(&enc, "t", &ops, &ack).ends_with("at the set"));
+        assert!(describe(&enc, "t", &Slice(&ops), &ack).ends_with("at the set"));
     }
 
     #[test]

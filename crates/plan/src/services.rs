@@ -715,7 +715,12 @@ pub fn render_full_txn<'a>(
     (
         Txn {
             pre,
-            flush: t.element_sets,
+            // Sets the kernel had before this sync (new ones are empty).
+            flush: t
+                .element_sets
+                .into_iter()
+                .filter(|n| existing.sets.contains(n))
+                .collect(),
             dels: Vec::new(),
             adds,
             post,

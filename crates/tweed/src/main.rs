@@ -829,6 +829,9 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
         (0..n).map(|i| (format!("bench/s{i}"), eps(i, e))).collect(),
     );
     let full = proxy.full_sync()?;
+    // The periodic (and restarted agent's) full sync: over the table the
+    // first one made, refilling it in place.
+    let refull = proxy.full_sync()?;
     // Each change is made REPS times on different services; medians and maxima are reported.
     const REPS: usize = 15;
     let mut timed = |f: &mut dyn FnMut(&mut tweed_agent::Proxy, usize)| -> Result<(f64, f64)> {
@@ -858,6 +861,7 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
         serde_json::json!({
             "services": n, "endpoints": e,
             "fullSyncMs": full.millis,
+            "refullSyncMs": refull.millis,
             "addServiceMs": add_svc.0, "addServiceMaxMs": add_svc.1,
             "addEndpointMs": add_ep.0, "addEndpointMaxMs": add_ep.1,
             "delServiceMs": del_svc.0, "delServiceMaxMs": del_svc.1,
