@@ -78,6 +78,26 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+impl Report {
+    /// Several nodes' reports as one, judged together ([`correlate`]); a
+    /// node that could not be examined is an error naming it.
+    pub fn merge(results: Vec<(String, Result<Report, String>)>) -> Report {
+        let mut report = Report::default();
+        for (node, r) in results {
+            report.nodes.push(node.clone());
+            match r {
+                Ok(mut one) => {
+                    report.findings.append(&mut one.findings);
+                    report.errors.append(&mut one.errors);
+                }
+                Err(e) => report.errors.push(format!("{node}: {e}")),
+            }
+        }
+        report.findings = correlate(report.findings);
+        report
+    }
+}
+
 /// Faults a node finds by probing a peer, and faults in a node's own
 /// routes towards a peer.
 const PROBE_FAULTS: &[&str] = &[

@@ -731,18 +731,6 @@ impl Lab {
                     .map(|h| h.join().expect("doctor thread"))
                     .collect()
             });
-        let mut report = tweed_explain::Report::default();
-        for (node, r) in results {
-            report.nodes.push(node.clone());
-            match r {
-                Ok(mut one) => {
-                    report.findings.append(&mut one.findings);
-                    report.errors.append(&mut one.errors);
-                }
-                Err(e) => report.errors.push(format!("{node}: {e}")),
-            }
-        }
-        report.findings = tweed_explain::correlate(report.findings);
-        Ok(report)
+        Ok(tweed_explain::Report::merge(results))
     }
 }

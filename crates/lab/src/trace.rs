@@ -567,18 +567,23 @@ impl Lab {
         }
         let (mut nf_ok, mut nftrace) = compare_nftrace(first, pod_ip, &after(), proto, sport);
         // The node that delivered it, if not the first: its own trace of the
-        // same packet as it arrived (the source port survives unless the
-        // first node masqueraded it, fully random).
+        // same packet as it arrived. The source port survives unless a node
+        // on the way masqueraded it (fully random): the first node, or one
+        // in between (a node port reached from a pod on another node).
         let masqueraded = tweed_explain::trace::observe_first(&after(), proto, sport)
             .and_then(|o| o.masquerade)
             .unwrap_or(false);
-        let rsport = if masqueraded { None } else { sport };
         if let Some((i, (h, f))) = traced_halves
             .iter()
             .enumerate()
             .skip(1)
             .find(|(_, (h, _))| delivers_to(h, pod_ip))
         {
+            let rsport = if masqueraded || h.packet.src != first.packet.src {
+                None
+            } else {
+                sport
+            };
             let rafter = || {
                 let t = read(f);
                 t[marks[i - 1].min(t.len())..].to_string()

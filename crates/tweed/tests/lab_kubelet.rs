@@ -718,6 +718,32 @@ fn the_daemonset_installs_tweed_and_rolls_without_breaking_connections() {
         (Some("cni-plugin-missing"), Some("n1")),
         "{found:#?}"
     );
+    // The same as an operator runs it on a real cluster: every node's
+    // agent pod through kubectl exec, from wherever kubectl works.
+    let k8s = std::env::var("TWEED_K8S_BIN")
+        .unwrap_or_else(|_| "/var/cache/tweed/kubernetes/v1.20.2/bin".into());
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.state()["cp_ns"].as_str().unwrap(),
+            TWEED,
+        ])
+        .args(["doctor", "--all-nodes", "-o", "json", "--kubectl"])
+        .arg(format!("{k8s}/kubectl"))
+        .arg("--kubeconfig")
+        .arg(lab.dir.join("kube/admin.kubeconfig"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["nodes"].as_array().map(|n| n.len()), Some(2), "{v:#}");
+    assert_eq!(v["findings"], serde_json::json!(found), "{v:#}");
     ok(&["lab", "fault", "clear", "--name", &lab.name]);
     assert_eq!(lab_doctor(), Vec::<serde_json::Value>::new());
 
