@@ -1426,18 +1426,6 @@ pub struct Observed {
     pub dropped: bool,
 }
 
-/// The first SYN's events in `nft monitor trace` text (nft 1.0.6 prints
-/// text even with -j): every line of its trace id, in order.
-pub fn observe_syn(text: &str) -> Option<Observed> {
-    observe_syn_from(text, None)
-}
-
-/// The SYN of the connection from source port `sport` (the first SYN when
-/// `None`): the monitor may still be writing an earlier connection's events.
-pub fn observe_syn_from(text: &str, sport: Option<u16>) -> Option<Observed> {
-    observe_first(text, "tcp", sport)
-}
-
 /// Does this `nft monitor trace` packet line start a connection of
 /// `proto` (a TCP SYN; any UDP datagram: its first is the one traced)?
 pub fn first_packet(line: &str, proto: &str) -> bool {
@@ -1449,7 +1437,9 @@ pub fn first_packet(line: &str, proto: &str) -> bool {
 }
 
 /// The first packet of the `proto` connection from source port `sport`
-/// (the first one seen when `None`).
+/// (the first one seen when `None`) in `nft monitor trace` text (nft 1.0.6
+/// prints text even with -j): every line of its trace id, in order. The
+/// monitor may still be writing an earlier connection's events.
 pub fn observe_first(text: &str, proto: &str, sport: Option<u16>) -> Option<Observed> {
     let lines: Vec<&str> = text.lines().collect();
     let want = sport.map(|p| format!("{proto} sport {p} "));
@@ -1521,7 +1511,7 @@ trace id bca0db5c ip tweed filter-forward packet: iif "tw3731b46a0e7" oif "tw603
 trace id bca0db5c ip tweed masquerading rule meta mark & 0x00004000 == 0x00000000 return (verdict return)
 trace id bca0db5c ip tweed trace-pre packet: iif "tw3731b46a0e7" ip saddr 10.244.1.1 ip daddr 10.96.0.1 tcp flags == ack
 "#;
-        let o = observe_syn(t).unwrap();
+        let o = observe_first(t, "tcp", None).unwrap();
         assert_eq!(o.daddr, Some(Ipv4Addr::new(10, 244, 1, 3)));
         assert_eq!(o.oif.as_deref(), Some("tw6039ca005e4"));
         assert_eq!(o.masquerade, Some(false));
@@ -1542,14 +1532,14 @@ trace id 8 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip d
 trace id 8 ip tweed filter-forward packet: iif "a" oif "b" ip saddr 10.244.1.1 ip daddr 10.244.1.3 tcp sport 2222 tcp flags == syn
 "#;
         assert_eq!(
-            observe_syn_from(t, Some(2222)).unwrap().daddr,
+            observe_first(t, "tcp", Some(2222)).unwrap().daddr,
             Some(Ipv4Addr::new(10, 244, 1, 3))
         );
         assert_eq!(
-            observe_syn_from(t, None).unwrap().daddr,
+            observe_first(t, "tcp", None).unwrap().daddr,
             Some(Ipv4Addr::new(10, 244, 2, 3))
         );
-        assert!(observe_syn_from(t, Some(3333)).is_none());
+        assert!(observe_first(t, "tcp", Some(3333)).is_none());
     }
 
     #[test]
@@ -1559,7 +1549,7 @@ trace id 1 ip tweed lb-rules rule ip daddr . tcp dport @lb-tcp-3 dnat ip to ip d
 trace id 1 ip tweed nat-postrouting packet: iif "a" oif "a" ip saddr 10.244.1.3 ip daddr 10.244.1.3 tcp flags == syn
 trace id 1 ip tweed masquerading rule ct status dnat ip saddr . ip daddr @hairpin masquerade (verdict accept)
 "#;
-        let o = observe_syn(t).unwrap();
+        let o = observe_first(t, "tcp", None).unwrap();
         assert_eq!(o.masquerade, Some(true));
         assert!(o.dnat.unwrap().starts_with("lb-rules"));
     }

@@ -53,16 +53,6 @@ impl elements::OpList for TxnOps<'_> {
     }
 }
 
-/// The element half of a change, as netlink ops: flushes, then deletions,
-/// then additions (so a changed map value is delete-then-add).
-pub fn ops(t: &Txn) -> Vec<Op> {
-    let mut v = Vec::with_capacity(t.flush.len() + t.dels.len() + t.adds.len());
-    v.extend(t.flush.iter().map(|set| Op::Flush { set: set.clone() }));
-    v.extend(t.dels.iter().filter_map(|e| op(e, false)));
-    v.extend(t.adds.iter().filter_map(|e| op(e, true)));
-    v
-}
-
 /// One element as a netlink op: its set, its key's fields in the set's
 /// type order, and for maps its value (see the set declarations in
 /// `tweed_plan::services::render_full`).

@@ -651,14 +651,6 @@ pub struct Txn {
 }
 
 impl Txn {
-    pub fn is_empty(&self) -> bool {
-        self.pre.is_empty()
-            && self.flush.is_empty()
-            && self.dels.is_empty()
-            && self.adds.is_empty()
-            && self.post.is_empty()
-    }
-
     /// Another change after this one, in the same three transactions.
     pub fn extend(&mut self, o: Txn) {
         self.pre.push_str(&o.pre);
