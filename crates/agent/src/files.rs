@@ -81,4 +81,9 @@ pub struct AgentStatus {
     /// The same, in seconds since the epoch (what doctor computes with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_renewed_unix: Option<u64>,
+    /// A peer has just missed a path probe and is probed again within
+    /// seconds: its mode may still change (the lab waits for this to
+    /// clear before calling the network up).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probing: bool,
 }

@@ -45,8 +45,11 @@ pub fn ensure_rule() -> std::io::Result<()> {
 }
 
 /// Probe one peer: does an echo to `vtep` sent straight to `via` on `dev`
-/// come back within a second?
-/// Equivalent: `ip route replace VTEP/32 via VIA dev DEV table 7744 && ping -c1 -W1 -m 0x7744 VTEP`.
+/// come back within two seconds? Echoes go every 0.2 s until the first
+/// answer, so one lost packet (a busy host, a neighbour still resolving,
+/// a peer that registered a moment before its VXLAN device had its
+/// address) does not decide the peer's mode.
+/// Equivalent: `ip route replace VTEP/32 via VIA dev DEV table 7744 && ping -c1 -w2 -i0.2 -m 0x7744 VTEP`.
 pub fn probe(vtep: Ipv4Addr, via: Ipv4Addr, dev: &str) -> bool {
     let route = ip(&[
         "route",
@@ -66,8 +69,10 @@ pub fn probe(vtep: Ipv4Addr, via: Ipv4Addr, dev: &str) -> bool {
         .args([
             "-c",
             "1",
-            "-W",
-            "1",
+            "-w",
+            "2",
+            "-i",
+            "0.2",
             "-q",
             "-m",
             &PROBE_MARK.to_string(),
@@ -92,4 +97,61 @@ pub fn probe_all(peers: &[(String, Ipv4Addr, Ipv4Addr)], dev: &str) -> Vec<(Stri
             .map(|h| h.join().unwrap_or_default())
             .collect()
     })
+}
+
+/// Probes in a row a direct peer may miss before it falls back to VXLAN.
+/// Switching modes is not free (node-to-pod connections change source
+/// address), so one bad moment must not flip a peer back and forth.
+pub const MISSES_TO_FALL_BACK: u32 = 2;
+
+/// What the planner is told about one probe. `misses` counts unanswered
+/// probes in a row (reset by an answer); a peer routed directly now keeps
+/// its mode until it has missed [`MISSES_TO_FALL_BACK`] of them.
+pub fn judge(direct_now: bool, answered: bool, misses: &mut u32) -> bool {
+    if answered {
+        *misses = 0;
+        return true;
+    }
+    *misses = misses.saturating_add(1);
+    direct_now && *misses < MISSES_TO_FALL_BACK
+}
+
+/// Should the agent probe again soon rather than at the next resync? While
+/// a peer has missed only a few probes in a row: a peer that registered a
+/// moment before its device was up, or a direct peer held on one miss.
+pub fn reprobe_soon(misses: u32) -> bool {
+    (1..=3).contains(&misses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_peer_survives_one_miss_and_falls_back_on_the_second() {
+        let mut m = 0;
+        assert!(judge(true, false, &mut m));
+        assert!(reprobe_soon(m));
+        assert!(!judge(true, false, &mut m));
+        assert_eq!(m, 2);
+        assert!(
+            judge(false, true, &mut m),
+            "one answer is enough to go direct"
+        );
+        assert_eq!(m, 0);
+    }
+
+    #[test]
+    fn a_peer_not_direct_stays_on_vxlan_at_the_first_miss_and_is_probed_again_soon() {
+        let mut m = 0;
+        assert!(!judge(false, false, &mut m));
+        assert!(reprobe_soon(m));
+        for _ in 0..3 {
+            judge(false, false, &mut m);
+        }
+        assert!(
+            !reprobe_soon(m),
+            "a peer that never answers waits for the resync"
+        );
+    }
 }

@@ -152,6 +152,17 @@ fn peak_rss_mib() -> u64 {
         .unwrap_or(0)
 }
 
+/// How soon a peer that just missed a probe is probed again.
+const REPROBE_AFTER: Duration = Duration::from_secs(2);
+
+/// Resolves at `at`, or never.
+async fn reprobe(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Agent {
     opts: AgentOpts,
     nl: Netlink,
@@ -165,6 +176,11 @@ struct Agent {
     unreachable: Vec<String>,
     /// The probe's policy rule is in place (it is added once).
     probe_rule: std::cell::Cell<bool>,
+    /// Unanswered probes in a row, per peer (see `probe::judge`).
+    probe_misses: std::cell::RefCell<BTreeMap<String, u32>>,
+    /// When to converge again before the resync: a peer has just missed
+    /// a probe (see `probe::reprobe_soon`).
+    reprobe_at: Option<tokio::time::Instant>,
     /// What `tweed status` shows (written to RUN_DIR/status.json).
     status: AgentStatus,
     mtu: u32,
@@ -210,6 +226,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         lease_ttl: None,
         lease_renewed: None,
         lease_renewed_unix: None,
+        probing: false,
     };
     let mut agent = Agent {
         opts,
@@ -220,6 +237,8 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         modes: Vec::new(),
         unreachable: Vec::new(),
         probe_rule: std::cell::Cell::new(false),
+        probe_misses: Default::default(),
+        reprobe_at: None,
         status,
         mtu: 1450,
         dataplane_ok: false,
@@ -421,6 +440,10 @@ impl Agent {
                         self.write_status_file();
                     }
                 },
+                _ = reprobe(self.reprobe_at) => {
+                    self.converge(&cfg, &local, &map).await?;
+                    self.report_unreachable(&mut ds, &mut mine).await?;
+                }
                 _ = resync.tick() => {
                     self.converge(&cfg, &local, &map).await?;
                     self.report_unreachable(&mut ds, &mut mine).await?;
@@ -451,6 +474,13 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let nodes: Vec<NodeRecord> = map.values().cloned().collect();
         let facts = self.peer_facts(cfg, local, &nodes).await;
+        self.reprobe_at = self
+            .probe_misses
+            .borrow()
+            .values()
+            .any(|m| crate::probe::reprobe_soon(*m))
+            .then(|| tokio::time::Instant::now() + REPROBE_AFTER);
+        self.status.probing = self.reprobe_at.is_some();
         let plan = plan_node(cfg, local, &nodes, &facts);
         let modes: Vec<(String, tweed_plan::Mode)> = plan
             .peers
@@ -701,9 +731,20 @@ impl Agent {
                 tokio::task::spawn_blocking(move || crate::probe::probe_all(&targets, &dev))
                     .await
                     .unwrap_or_default();
+            let mut misses = self.probe_misses.borrow_mut();
+            misses.retain(|n, _| facts.contains_key(n));
             for (name, ok) in answers {
+                let direct_now = self
+                    .modes
+                    .iter()
+                    .any(|(n, m)| *n == name && *m == tweed_plan::Mode::Direct);
+                let m = misses.entry(name.clone()).or_default();
+                let verdict = crate::probe::judge(direct_now, ok, m);
+                if !ok {
+                    tracing::debug!(peer = %name, misses = *m, direct_now, "probe unanswered");
+                }
                 if let Some(f) = facts.get_mut(&name) {
-                    f.probe = Some(ok);
+                    f.probe = Some(verdict);
                 }
             }
         }

@@ -627,6 +627,7 @@ impl Lab {
         for n in &st.nodes {
             self.wait_node_ready(&n.name, 90)?;
         }
+        self.wait_paths_settled(&st, 30)?;
         if kubelet.is_some() {
             // The runtime reports the network ready once it has read the conflist.
             self.kubectl(
@@ -881,6 +882,24 @@ impl Lab {
             &format!("; see {}", log.display()),
             || p.exists(),
         )
+    }
+
+    /// Wait until every agent has seen every other node and none is about
+    /// to probe a peer again (`probing` in status.json): until then a
+    /// peer's mode (direct or VXLAN) may still change under a test.
+    fn wait_paths_settled(&self, st: &LabState, secs: u64) -> Result<()> {
+        let others = st.nodes.len().saturating_sub(1);
+        wait_for("every node's peer paths to settle", secs, "", || {
+            st.nodes.iter().all(|n| {
+                std::fs::read(self.agent_status_path(st, &n.name))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| {
+                        v["peers"].as_array().map_or(0, |p| p.len()) == others
+                            && v["probing"] != true
+                    })
+            })
+        })
     }
 
     /// Stop a node's agent (SIGTERM); its data plane stays.

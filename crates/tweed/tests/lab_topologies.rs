@@ -176,7 +176,7 @@ fn auto_goes_direct_within_a_segment_vxlan_across_and_switches_without_breaking_
         ])
     };
     fabric_drops("true");
-    eventually("n1 and n2 to move each other to VXLAN", 15, || {
+    eventually("n1 and n2 to move each other to VXLAN", 25, || {
         peer(&lab, "n1", "n2")["mode"] == "vxlan" && peer(&lab, "n2", "n1")["mode"] == "vxlan"
     });
     assert!(peer(&lab, "n1", "n2")["reason"]
