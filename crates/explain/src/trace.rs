@@ -261,11 +261,11 @@ pub fn service_step(
             d.steps.push(step(
                 "service",
                 format!("Service {}:{port}/{p}: {}", pkt.dst, endpoints_text(k)),
-                format!("set lb-all: {{ {svc} }}; set lb-{p}-{k}: {{ {key} }}; map be-{p}: {{ {key} . 0..{} }}", k - 1),
+                format!("set lb-all: {{ {svc} }}; set lb-{p}-{k}: {{ {key} }}; map be-{p}-{k}: {{ {key} . 0..{} }}", k - 1),
             ));
             if d.backends.len() != usize::from(k) {
                 d.steps.last_mut().expect("pushed").problem = Some(format!(
-                    "be-{p} holds {} of the {k} slots",
+                    "be-{p}-{k} holds {} of the {k} slots",
                     d.backends.len()
                 ));
             }
@@ -283,7 +283,7 @@ pub fn service_step(
             d.steps.push(step(
                 "service",
                 format!("node port {port}/{p}: {}", endpoints_text(k)),
-                format!("set np-all: {{ {np} }}; set np-{p}-{k}: {{ {port} }}; map npbe-{p}: {{ {port} . 0..{} }}", k - 1),
+                format!("set np-all: {{ {np} }}; set np-{p}-{k}: {{ {port} }}; map npbe-{p}-{k}: {{ {port} . 0..{} }}", k - 1),
             ));
             return d;
         }
@@ -423,7 +423,7 @@ fn balanced(
         .into_iter()
         .find(|k| rs.has(&format!("{sets}-{k}"), key))?;
     let backends = (0..k)
-        .filter_map(|slot| rs.value(map, &format!("{key} . {slot}")))
+        .filter_map(|slot| rs.value(&format!("{map}-{k}"), &format!("{key} . {slot}")))
         .collect();
     Some((k, backends))
 }
@@ -1237,7 +1237,7 @@ mod tests {
             .insert((format!("lb-tcp-{k}"), "10.96.0.10 . 80".into()));
         for slot in 0..k {
             f.values.insert(
-                ("be-tcp".into(), format!("10.96.0.10 . 80 . {slot}")),
+                (format!("be-tcp-{k}"), format!("10.96.0.10 . 80 . {slot}")),
                 (Ipv4Addr::new(10, 244, 1, 2 + slot as u8), 8080),
             );
         }
@@ -1354,11 +1354,11 @@ mod tests {
         f.has.insert(("np-tcp-2".into(), "30080".into()));
         f.has.insert(("masq-np".into(), "tcp . 30080".into()));
         f.values.insert(
-            ("npbe-tcp".into(), "30080 . 0".into()),
+            ("npbe-tcp-2".into(), "30080 . 0".into()),
             (Ipv4Addr::new(10, 244, 1, 2), 8080),
         );
         f.values.insert(
-            ("npbe-tcp".into(), "30080 . 1".into()),
+            ("npbe-tcp-2".into(), "30080 . 1".into()),
             (Ipv4Addr::new(10, 244, 2, 2), 8080),
         );
         let p = pkt("203.0.113.9", "198.51.100.10", 30080);

@@ -669,7 +669,9 @@ pub fn apply_list(table: &str, ops: &dyn OpList) -> Result<(), NftError> {
     }
     // Room for the sequence numbers of a whole batch.
     let first_seq = SEQ.fetch_add(ops.len() as u32 + 2, Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
     let enc = encode(table, ops, first_seq);
+    let encoded = t0.elapsed();
 
     let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)
         .map_err(|e| netlink_err(format!("cannot open a NETLINK_NETFILTER socket: {e}")))?;
@@ -724,6 +726,7 @@ pub fn apply_list(table: &str, ops: &dyn OpList) -> Result<(), NftError> {
         }
     }
 
+    let sent = t0.elapsed();
     // nfnetlink runs the whole batch, commit or abort included, inside
     // sendmsg, so every answer is already queued (nft reads them with a
     // zero-timeout select). Block, briefly, only while answers are missing
@@ -767,6 +770,14 @@ pub fn apply_list(table: &str, ops: &dyn OpList) -> Result<(), NftError> {
         }
     }
 
+    tracing::debug!(
+        encode_ms = encoded.as_secs_f64() * 1000.0,
+        kernel_ms = (sent - encoded).as_secs_f64() * 1000.0,
+        acks_ms = (t0.elapsed() - sent).as_secs_f64() * 1000.0,
+        bytes = len,
+        messages = enc.msgs.len(),
+        "element batch"
+    );
     // Errors come in message order after a failed batch; the first is the cause.
     if let Some(bad) = acks
         .iter()

@@ -71,7 +71,7 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
             vec![Ipv4(ip), Proto(p.number()), Port(port)],
             Data::Goto(e.goto_chain()?),
         ),
-        Elem::Be((ip, _, port), slot, (bip, bport)) => (
+        Elem::Be((ip, _, port), _, slot, (bip, bport)) => (
             vec![Ipv4(ip), Port(port), U32(u32::from(slot))],
             Data::Value(vec![Ipv4(bip), Port(bport)]),
         ),
@@ -80,7 +80,7 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
         | Elem::MasqNp((p, port))
         | Elem::RejNp((p, port))
         | Elem::DropNp((p, port)) => (vec![Proto(p.number()), Port(port)], Data::None),
-        Elem::NpBe((_, port), slot, (bip, bport)) => (
+        Elem::NpBe((_, port), _, slot, (bip, bport)) => (
             vec![Port(port), U32(u32::from(slot))],
             Data::Value(vec![Ipv4(bip), Port(bport)]),
         ),
@@ -158,9 +158,9 @@ mod tests {
         let k = ("10.96.0.10".parse().unwrap(), Protocol::UDP, 53);
         let b = ("10.244.1.2".parse().unwrap(), 5353);
         assert_eq!(
-            op(&Elem::Be(k, 2, b), true),
+            op(&Elem::Be(k, 3, 2, b), true),
             Some(Op::Add {
-                set: "be-udp".into(),
+                set: "be-udp-3".into(),
                 key: vec![Field::Ipv4(k.0), Field::Port(53), Field::U32(2)],
                 data: Data::Value(vec![Field::Ipv4(b.0), Field::Port(5353)]),
             })

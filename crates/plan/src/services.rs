@@ -10,9 +10,11 @@
 //! Load balancing: a service key (ip . proto . port) with K backends is in
 //! set `lb-all` and in set `lb-PROTO-K` (keyed ip . port); the rule for
 //! (PROTO, K) does `dnat to ip daddr . th dport . numgen random mod K map
-//! @be-PROTO`, so each backend has probability exactly 1/K. New connections
+//! @be-PROTO-K`, so each backend has probability exactly 1/K. Each K has a
+//! map of its own because the kernel walks a map every time a rule that
+//! uses it is added. New connections
 //! that are not for a service pay one lookup (`lb-all`). Node ports work the
-//! same with port keys (`np-all`, `np-PROTO-K`, `npbe-PROTO`), matched on
+//! same with port keys (`np-all`, `np-PROTO-K`, `npbe-PROTO-K`), matched on
 //! any local address. Rules exist for K up to [`PRESET_K`] and any larger
 //! K in use; a change that needs a new K is applied as a full (atomic)
 //! resync, because nft 1.0.6 cannot add a rule that uses a `typeof` map to
@@ -73,8 +75,12 @@ pub enum Elem {
     LbAll(SvcKey),
     /// `lb`: key → `goto aff-…` (ClientIP affinity with this timeout).
     LbAffinity(SvcKey, u32),
-    /// `be-PROTO`: (ip . port . slot) → backend.
-    Be(SvcKey, u16, Backend),
+    /// `be-PROTO-K`: (ip . port . slot) → backend, for a key with K
+    /// backends (fields: key, K, slot, backend). One map per K, so each
+    /// is bound by one rule: the kernel walks a map each time a rule
+    /// that looks up in it is added (a loop check), so one shared map
+    /// bound by every K's rule cost a walk of all its buckets per rule.
+    Be(SvcKey, u16, u16, Backend),
     /// A backend reached through affinity chains (no element of its own;
     /// kept so conntrack clean-up knows about it).
     AffinityBackend(SvcKey, Backend),
@@ -82,8 +88,8 @@ pub enum Elem {
     Np(PortKey, u16),
     /// `np-all`: the node port is load-balanced.
     NpAll(PortKey),
-    /// `npbe-PROTO`: (port . slot) → backend.
-    NpBe(PortKey, u16, Backend),
+    /// `npbe-PROTO-K`: (port . slot) → backend (key, K, slot, backend).
+    NpBe(PortKey, u16, u16, Backend),
     MasqLb(SvcKey),
     MasqNp(PortKey),
     RejLb(SvcKey),
@@ -120,11 +126,11 @@ impl Elem {
             Elem::Lb((_, p, _), n) => Group::LbK(*p, *n),
             Elem::LbAll(_) => Group::LbAll,
             Elem::LbAffinity(..) => Group::Lb,
-            Elem::Be((_, p, _), ..) => Group::Be(*p),
+            Elem::Be((_, p, _), n, ..) => Group::Be(*p, *n),
             Elem::AffinityBackend(..) => return None,
             Elem::Np((p, _), n) => Group::NpK(*p, *n),
             Elem::NpAll(_) => Group::NpAll,
-            Elem::NpBe((p, _), ..) => Group::NpBe(*p),
+            Elem::NpBe((p, _), n, ..) => Group::NpBe(*p, *n),
             Elem::MasqLb(_) => Group::MasqLb,
             Elem::MasqNp(_) => Group::MasqNp,
             Elem::RejLb(_) => Group::RejLb,
@@ -148,7 +154,7 @@ impl Elem {
                         Ok(())
                     }
                 }),
-            Elem::Be((ip, _, port), slot, (bip, bport)) => write!(s, "{ip} . {port} . {slot}")
+            Elem::Be((ip, _, port), _, slot, (bip, bport)) => write!(s, "{ip} . {port} . {slot}")
                 .and_then(|_| {
                     if with_value {
                         write!(s, " : {bip} . {bport}")
@@ -159,7 +165,7 @@ impl Elem {
             Elem::AffinityBackend(..) => Ok(()),
             Elem::Np((_, port), _) => write!(s, "{port}"),
             Elem::NpAll((p, port)) => write!(s, "{} . {port}", p.nft()),
-            Elem::NpBe((_, port), slot, (bip, bport)) => {
+            Elem::NpBe((_, port), _, slot, (bip, bport)) => {
                 write!(s, "{port} . {slot}").and_then(|_| {
                     if with_value {
                         write!(s, " : {bip} . {bport}")
@@ -190,10 +196,9 @@ impl Elem {
 
     fn flow(&self) -> Option<Flow> {
         match *self {
-            Elem::Be((ip, p, port), _, (b, _)) | Elem::AffinityBackend((ip, p, port), (b, _)) => {
-                Some((p, Some(ip), port, Some(b)))
-            }
-            Elem::NpBe((p, port), _, (b, _)) => Some((p, None, port, Some(b))),
+            Elem::Be((ip, p, port), _, _, (b, _))
+            | Elem::AffinityBackend((ip, p, port), (b, _)) => Some((p, Some(ip), port, Some(b))),
+            Elem::NpBe((p, port), _, _, (b, _)) => Some((p, None, port, Some(b))),
             Elem::RejLb((ip, p, port)) | Elem::DropLb((ip, p, port)) => {
                 Some((p, Some(ip), port, None))
             }
@@ -216,10 +221,10 @@ enum Group {
     Lb,
     LbAll,
     LbK(Protocol, u16),
-    Be(Protocol),
+    Be(Protocol, u16),
     NpAll,
     NpK(Protocol, u16),
-    NpBe(Protocol),
+    NpBe(Protocol, u16),
     MasqLb,
     MasqNp,
     RejLb,
@@ -235,10 +240,10 @@ impl Group {
             Group::Lb => "lb".into(),
             Group::LbAll => "lb-all".into(),
             Group::LbK(p, k) => format!("lb-{}-{k}", p.nft()),
-            Group::Be(p) => format!("be-{}", p.nft()),
+            Group::Be(p, k) => format!("be-{}-{k}", p.nft()),
             Group::NpAll => "np-all".into(),
             Group::NpK(p, k) => format!("np-{}-{k}", p.nft()),
-            Group::NpBe(p) => format!("npbe-{}", p.nft()),
+            Group::NpBe(p, k) => format!("npbe-{}-{k}", p.nft()),
             Group::MasqLb => "masq-lb".into(),
             Group::MasqNp => "masq-np".into(),
             Group::RejLb => "rej-lb".into(),
@@ -285,12 +290,9 @@ impl Contribution {
         self.elems
             .iter()
             .filter(|e| match **e {
-                Elem::Be((ip, p, port), slot, _) => {
-                    live.get(&(p, Some(ip), port)).is_some_and(|n| slot < *n)
-                }
-                Elem::NpBe((p, port), slot, _) => {
-                    live.get(&(p, None, port)).is_some_and(|n| slot < *n)
-                }
+                // The live K is the highest (lower ones may linger).
+                Elem::Be((ip, p, port), k, _, _) => live.get(&(p, Some(ip), port)) == Some(&k),
+                Elem::NpBe((p, port), k, _, _) => live.get(&(p, None, port)) == Some(&k),
                 _ => true,
             })
             .filter_map(Elem::flow)
@@ -344,10 +346,10 @@ fn slot_orders(
     }
     for e in &prev.elems {
         match *e {
-            Elem::Be(k, slot, b) if lb_k.get(&k).is_some_and(|n| slot < *n) => {
+            Elem::Be(k, n, slot, b) if lb_k.get(&k) == Some(&n) => {
                 lb.entry(k).or_default().push((slot, b))
             }
-            Elem::NpBe(k, slot, b) if np_k.get(&k).is_some_and(|n| slot < *n) => {
+            Elem::NpBe(k, n, slot, b) if np_k.get(&k) == Some(&n) => {
                 np.entry(k).or_default().push((slot, b))
             }
             _ => {}
@@ -447,13 +449,14 @@ pub fn plan_service_from(
                 });
             } else {
                 let external = stable(prev_np.get(&k), external);
-                c.elems.push(Elem::Np(k, external.len() as u16));
+                let n = external.len() as u16;
+                c.elems.push(Elem::Np(k, n));
                 c.elems.push(Elem::NpAll(k));
                 c.elems.extend(
                     external
                         .iter()
                         .enumerate()
-                        .map(|(i, b)| Elem::NpBe(k, i as u16, *b)),
+                        .map(|(i, b)| Elem::NpBe(k, n, i as u16, *b)),
                 );
             }
         }
@@ -553,13 +556,14 @@ fn lb(c: &mut Contribution, k: SvcKey, backends: &[Backend], affinity: Option<u3
         c.elems.push(Elem::LbAffinity(k, t));
         return;
     }
-    c.elems.push(Elem::Lb(k, backends.len() as u16));
+    let n = backends.len() as u16;
+    c.elems.push(Elem::Lb(k, n));
     c.elems.push(Elem::LbAll(k));
     c.elems.extend(
         backends
             .iter()
             .enumerate()
-            .map(|(i, b)| Elem::Be(k, i as u16, *b)),
+            .map(|(i, b)| Elem::Be(k, n, i as u16, *b)),
     );
 }
 
@@ -699,11 +703,16 @@ pub fn render_full_txn<'a>(
     for set in existing.sets.iter().filter(|n| !t.sets.contains(*n)) {
         let _ = writeln!(post, "delete set ip {TABLE} {set}");
     }
-    let adds = parts
+    let mut adds: Vec<Elem> = parts
         .flat_map(|c| c.elems.iter())
         .filter(|e| e.group().is_some())
         .copied()
         .collect();
+    // Grouped by set: each run of one set's elements packs into as few
+    // netlink messages as fit, where service order would switch sets at
+    // almost every element (30k messages at 10k Services instead of ~100,
+    // and the kernel finds each message's set by name, one by one).
+    adds.sort_unstable_by_key(Elem::group);
     (
         Txn {
             pre,
@@ -759,12 +768,20 @@ fn render_table<'a>(
         element_sets.push(g.name());
         let n = counts.get(&g).copied().unwrap_or(0);
         let _ = write!(s, "  {kind} {} {{ {ty}", g.name());
-        if kind == "map" {
-            // A size hint lets the kernel use a fixed hash table instead of
-            // growing one while 100k elements go in (about a third faster).
-            // Outgrowing it makes an update fail, and the full sync that
-            // follows sizes it again.
-            let _ = write!(s, " size {};", (n * 2).next_power_of_two().max(65536));
+        // A size hint lets the kernel use a fixed hash table instead of
+        // growing one while 100k elements go in (about a third faster).
+        // Outgrowing it makes an update fail, and the full sync that
+        // follows sizes it again. But the kernel walks every bucket of a
+        // map when a rule that uses it is added, so the many small
+        // per-K backend maps get no hint (they grow as needed) and the
+        // big ones get room for twice what they hold, not more.
+        let hint = match g {
+            Group::Be(..) | Group::NpBe(..) => (n >= 1024).then(|| (n * 2).next_power_of_two()),
+            _ if kind == "map" => Some((n * 2).next_power_of_two().max(65536)),
+            _ => None,
+        };
+        if let Some(size) = hint {
+            let _ = write!(s, " size {size};");
         }
         if n > 0 && with_elements {
             s.push_str(" elements = { ");
@@ -807,18 +824,22 @@ fn render_table<'a>(
     decl(&mut s, "set", Group::DropNp, port_key);
     for p in PROTOS {
         let n = p.nft();
-        decl(
-            &mut s,
-            "map",
-            Group::Be(p),
-            &format!("typeof ip daddr . {n} dport . numgen random mod 2 : ip daddr . {n} dport;"),
-        );
-        decl(
-            &mut s,
-            "map",
-            Group::NpBe(p),
-            &format!("typeof {n} dport . numgen random mod 2 : ip daddr . {n} dport;"),
-        );
+        for k in &shape.ks {
+            decl(
+                &mut s,
+                "map",
+                Group::Be(p, *k),
+                &format!(
+                    "typeof ip daddr . {n} dport . numgen random mod 2 : ip daddr . {n} dport;"
+                ),
+            );
+            decl(
+                &mut s,
+                "map",
+                Group::NpBe(p, *k),
+                &format!("typeof {n} dport . numgen random mod 2 : ip daddr . {n} dport;"),
+            );
+        }
     }
     decl(
         &mut s,
@@ -848,14 +869,14 @@ fn render_table<'a>(
     for p in PROTOS {
         let p = p.nft();
         for k in shape.ks.iter().rev() {
-            let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . {p} dport . numgen random mod {k} map @be-{p}");
+            let _ = writeln!(s, "    meta l4proto {p} ip daddr . th dport @lb-{p}-{k} dnat ip to ip daddr . {p} dport . numgen random mod {k} map @be-{p}-{k}");
         }
     }
     s.push_str("  }\n  chain np-rules {\n");
     for p in PROTOS {
         let p = p.nft();
         for k in shape.ks.iter().rev() {
-            let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to {p} dport . numgen random mod {k} map @npbe-{p}");
+            let _ = writeln!(s, "    meta l4proto {p} th dport @np-{p}-{k} dnat ip to {p} dport . numgen random mod {k} map @npbe-{p}-{k}");
         }
     }
     s.push_str("  }\n");
@@ -943,24 +964,16 @@ fn render_table<'a>(
 }
 
 /// Can `e` (in the kernel, not in `new`) stay? A key that grew from K to
-/// K' > K may stay in `lb-K` (rules try the highest K first) and keep its
-/// slots >= K' (never drawn): leaving them makes growing add-only.
-fn harmless(
-    e: &Elem,
-    live_lb: &BTreeMap<SvcKey, u16>,
-    live_np: &BTreeMap<PortKey, u16>,
-    new: &BTreeSet<(u8, SvcKey, u16)>,
-) -> bool {
+/// K' > K may stay in `lb-K` (rules try the highest K first), and its
+/// entries in any `be-PROTO-K` but the live K's are never drawn: leaving
+/// them makes growing and shrinking add-only but for the one `lb-K`
+/// element above the live K (deletions make the kernel wait).
+fn harmless(e: &Elem, live_lb: &BTreeMap<SvcKey, u16>, live_np: &BTreeMap<PortKey, u16>) -> bool {
     match *e {
         Elem::Lb(k, n) => live_lb.get(&k).is_some_and(|live| n < *live),
-        Elem::Be(k, slot, _) => {
-            live_lb.get(&k).is_some_and(|live| slot >= *live) && !new.contains(&(0, k, slot))
-        }
+        Elem::Be(k, n, ..) => live_lb.get(&k).is_some_and(|live| n != *live),
         Elem::Np(k, n) => live_np.get(&k).is_some_and(|live| n < *live),
-        Elem::NpBe(k, slot, _) => {
-            live_np.get(&k).is_some_and(|live| slot >= *live)
-                && !new.contains(&(1, (Ipv4Addr::UNSPECIFIED, k.0, k.1), slot))
-        }
+        Elem::NpBe(k, n, ..) => live_np.get(&k).is_some_and(|live| n != *live),
         _ => false,
     }
 }
@@ -1035,15 +1048,6 @@ pub fn render_delta_txn(
             }
         })
         .collect();
-    let new_slots: BTreeSet<(u8, SvcKey, u16)> = new
-        .elems
-        .iter()
-        .filter_map(|e| match *e {
-            Elem::Be(k, slot, _) => Some((0, k, slot)),
-            Elem::NpBe(k, slot, _) => Some((1, (Ipv4Addr::UNSPECIFIED, k.0, k.1), slot)),
-            _ => None,
-        })
-        .collect();
     let mut kept = new.clone();
     let mut s = String::new();
     // The service's own sets and chains: create what is new, rewrite what
@@ -1075,7 +1079,7 @@ pub fn render_delta_txn(
         (old.elems.iter().collect(), new.elems.iter().collect());
     let mut dels = Vec::new();
     for e in o.difference(&n) {
-        if harmless(e, &live_lb, &live_np, &new_slots) {
+        if harmless(e, &live_lb, &live_np) {
             kept.elems.push(**e);
         } else if e.group().is_some() {
             dels.push(**e);
@@ -1198,16 +1202,16 @@ mod tests {
         assert_eq!(be.len(), 3);
         assert!(c
             .elems
-            .contains(&Elem::Be(k, 0, ("10.244.1.2".parse().unwrap(), 8080))));
+            .contains(&Elem::Be(k, 3, 0, ("10.244.1.2".parse().unwrap(), 8080))));
         assert!(c
             .elems
-            .contains(&Elem::Be(k, 2, ("10.244.3.2".parse().unwrap(), 8080))));
+            .contains(&Elem::Be(k, 3, 2, ("10.244.3.2".parse().unwrap(), 8080))));
         assert!(!c.elems.iter().any(|e| matches!(e, Elem::RejLb(_))));
         let d = render_delta(&Contribution::default(), &c, &Shape::preset())
             .unwrap()
             .0;
         assert!(
-            d.contains("add element ip tweed be-tcp { 10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080, "),
+            d.contains("add element ip tweed be-tcp-3 { 10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080, "),
             "{d}"
         );
         assert!(
@@ -1240,7 +1244,7 @@ mod tests {
         assert!(here.elems.contains(&Elem::Np(np, 1)));
         assert!(here
             .elems
-            .contains(&Elem::NpBe(np, 0, ("10.244.1.2".parse().unwrap(), 8080))));
+            .contains(&Elem::NpBe(np, 1, 0, ("10.244.1.2".parse().unwrap(), 8080))));
         assert!(!here.elems.contains(&Elem::MasqNp(np)));
         // ClusterIP traffic still goes everywhere.
         assert!(here.elems.contains(&Elem::Lb(key(), 2)));
@@ -1300,9 +1304,12 @@ mod tests {
         e.endpoints[0].serving = false;
         let c = plan_service(&cfg(), &s, Some(&e));
         assert!(c.elems.contains(&Elem::Lb(key(), 1)));
-        assert!(c
-            .elems
-            .contains(&Elem::Be(key(), 0, ("10.244.2.2".parse().unwrap(), 8080))));
+        assert!(c.elems.contains(&Elem::Be(
+            key(),
+            1,
+            0,
+            ("10.244.2.2".parse().unwrap(), 8080)
+        )));
         // Not ready and not terminating (e.g. failing its probe): nothing.
         e.endpoints[1].terminating = false;
         let c = plan_service(&cfg(), &s, Some(&e));
@@ -1328,7 +1335,8 @@ mod tests {
         );
         let shape = Shape::preset();
         let d = render_delta(&old, &new, &shape).unwrap().0;
-        // Growing leaves the key in lb-tcp-2 (the higher K wins), so nothing is deleted.
+        // Growing leaves the key in lb-tcp-2 and be-tcp-2 (the higher K
+        // wins), so nothing is deleted; be-tcp-3 gets every slot.
         assert!(!d.contains("delete"), "{d}");
         assert!(
             d.contains("add element ip tweed lb-tcp-3 { 10.96.0.10 . 80 }")
@@ -1336,7 +1344,7 @@ mod tests {
             "{d}"
         );
         assert!(
-            d.contains("add element ip tweed be-tcp { 10.96.0.10 . 80 . 2 : 10.244.3.2 . 8080 }"),
+            d.contains("add element ip tweed be-tcp-3 { 10.96.0.10 . 80 . 0 : 10.244.1.2 . 8080, 10.96.0.10 . 80 . 1 : 10.244.2.2 . 8080, 10.96.0.10 . 80 . 2 : 10.244.3.2 . 8080 }"),
             "{d}"
         );
         assert!(!d.contains("add set"), "{d}");
@@ -1353,8 +1361,8 @@ mod tests {
         );
         let d = render_delta(&new, &moved, &shape).unwrap().0;
         assert!(
-            d.find("delete element ip tweed be-tcp").unwrap()
-                < d.find("add element ip tweed be-tcp").unwrap(),
+            d.find("delete element ip tweed be-tcp-3").unwrap()
+                < d.find("add element ip tweed be-tcp-3").unwrap(),
             "{d}"
         );
     }
@@ -1380,9 +1388,12 @@ mod tests {
             Some(&two),
         );
         assert!(
-            three
-                .elems
-                .contains(&Elem::Be(key(), 2, ("10.244.1.2".parse().unwrap(), 8080))),
+            three.elems.contains(&Elem::Be(
+                key(),
+                3,
+                2,
+                ("10.244.1.2".parse().unwrap(), 8080)
+            )),
             "{three:?}"
         );
         let (d, kept) = render_delta(&two, &three, &shape).unwrap();
@@ -1434,7 +1445,7 @@ mod tests {
             "40 endpoints need a full resync"
         );
         let (full, shape) = render_full(&cfg(), [&new].into_iter());
-        assert!(full.contains("meta l4proto tcp ip daddr . th dport @lb-tcp-40 dnat ip to ip daddr . tcp dport . numgen random mod 40 map @be-tcp"), "{full}");
+        assert!(full.contains("meta l4proto tcp ip daddr . th dport @lb-tcp-40 dnat ip to ip daddr . tcp dport . numgen random mod 40 map @be-tcp-40"), "{full}");
         assert!(render_delta(&new, &new, &shape).is_some());
         // Affinity: per-endpoint sets and chains, reached through the affinity map.
         let mut a = svc(ServiceType::ClusterIP);
