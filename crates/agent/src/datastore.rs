@@ -16,6 +16,7 @@ use tweed_store::{apply_events, LeaseKeepAliveStream, LeaseKeeper, NodeEvent, No
 use tweed_store::{PrefixWatch, Store, StoreError};
 
 use crate::error::AgentError;
+use crate::packed::PackedEndpoints;
 
 /// Everything the agent follows, complete, at one moment.
 #[derive(Debug, Default)]
@@ -24,7 +25,9 @@ pub struct Snapshot {
     pub nodes: BTreeMap<Ipv4Net, NodeRecord>,
     /// By "namespace/name".
     pub services: BTreeMap<String, Service>,
-    pub endpoints: BTreeMap<String, Endpoints>,
+    /// Packed as each is decoded (an agent holds 300k endpoints at 30k
+    /// Services).
+    pub endpoints: BTreeMap<String, PackedEndpoints>,
 }
 
 /// A change since the snapshot or the last update.
@@ -87,11 +90,6 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {
     serde_json::from_slice(v)
         .map_err(|e| tracing::warn!(%key, error = %e, "ignoring a record that does not decode"))
         .ok()
-}
-
-fn compacted(mut e: Endpoints) -> Endpoints {
-    e.compact();
-    e
 }
 
 /// tweed's own keys in etcd v3 (the lab's datastore): subnets claimed by
@@ -180,7 +178,7 @@ impl Datastore for Etcd {
             .store
             .scan_prefix(&self.store.services_prefix(), |k, v| {
                 if let Some(s) = decode::<Service>(&k, v) {
-                    services.insert(k, s);
+                    services.insert(k, crate::proxy::for_planning(s));
                 }
             })
             .await?;
@@ -189,7 +187,7 @@ impl Datastore for Etcd {
             .store
             .scan_prefix(&self.store.endpoints_prefix(), |k, v| {
                 if let Some(e) = decode::<Endpoints>(&k, v) {
-                    endpoints.insert(k, compacted(e));
+                    endpoints.insert(k, PackedEndpoints::from(e));
                 }
             })
             .await?;
@@ -238,7 +236,7 @@ impl Datastore for Etcd {
                 evs = ew.next() => {
                     return Ok(Update::Endpoints(
                         evs?.into_iter()
-                            .map(|(id, v)| { let e = v.and_then(|v| decode(&id, &v)).map(compacted); (id, e) })
+                            .map(|(id, v)| { let e = v.and_then(|v| decode(&id, &v)); (id, e) })
                             .collect(),
                     ));
                 }

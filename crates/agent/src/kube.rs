@@ -312,7 +312,12 @@ impl Datastore for Kubernetes {
         Ok(Snapshot {
             nodes: self.node_map(),
             services: self.services.known().clone(),
-            endpoints: self.slices.all(),
+            endpoints: self
+                .slices
+                .all()
+                .into_iter()
+                .map(|(k, e)| (k, e.into()))
+                .collect(),
         })
     }
 

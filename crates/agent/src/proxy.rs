@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::packed::PackedEndpoints;
 use tweed_model::{Endpoints, HostPorts, Service};
 use tweed_nft::NftError;
 use tweed_plan::services::{
@@ -54,6 +55,17 @@ pub fn read_hostports(run_dir: &std::path::Path) -> BTreeMap<String, Contributio
     out
 }
 
+/// A Service as the proxy keeps it: what planning reads. Its id already
+/// names it, and the selector is the endpoints controller's business; at
+/// 30k Services their strings and maps would be several MiB.
+pub(crate) fn for_planning(mut s: Service) -> Service {
+    s.compact();
+    s.namespace = String::new();
+    s.name = String::new();
+    s.selector = BTreeMap::new();
+    s
+}
+
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub full: bool,
@@ -65,7 +77,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     run_dir: PathBuf,
     services: BTreeMap<String, Service>,
-    endpoints: BTreeMap<String, Endpoints>,
+    endpoints: BTreeMap<String, PackedEndpoints>,
     /// What the kernel holds, per service id (and per host-port record).
     committed: BTreeMap<String, Contribution>,
     /// `None` until a full sync has succeeded.
@@ -87,19 +99,23 @@ impl Proxy {
     }
 
     /// Replace the whole model (after a fresh list from the datastore).
-    pub fn load(
+    /// Endpoints are packed one by one as they are taken.
+    pub fn load<E: Into<PackedEndpoints>>(
         &mut self,
         services: BTreeMap<String, Service>,
-        endpoints: BTreeMap<String, Endpoints>,
+        endpoints: impl IntoIterator<Item = (String, E)>,
     ) {
-        self.services = services;
-        self.endpoints = endpoints;
+        self.services = services
+            .into_iter()
+            .map(|(k, s)| (k, for_planning(s)))
+            .collect();
+        self.endpoints = endpoints.into_iter().map(|(k, e)| (k, e.into())).collect();
         self.shape = None;
     }
 
     pub fn set_service(&mut self, id: String, svc: Option<Service>) {
         match svc {
-            Some(s) => self.services.insert(id.clone(), s),
+            Some(s) => self.services.insert(id.clone(), for_planning(s)),
             None => self.services.remove(&id),
         };
         self.dirty.insert(id);
@@ -107,17 +123,24 @@ impl Proxy {
 
     pub fn set_endpoints(&mut self, id: String, eps: Option<Endpoints>) {
         match eps {
-            Some(e) => self.endpoints.insert(id.clone(), e),
+            Some(e) => self.endpoints.insert(id.clone(), e.into()),
             None => self.endpoints.remove(&id),
         };
         self.dirty.insert(id);
     }
 
     fn plan(&self, id: &str) -> Contribution {
+        self.plan_from(id, self.committed.get(id))
+    }
+
+    /// Plan one service; `prev` (what the kernel holds) keeps its
+    /// endpoints in the slots they have.
+    fn plan_from(&self, id: &str, prev: Option<&Contribution>) -> Contribution {
         self.services
             .get(id)
             .map(|s| {
-                plan_service_from(&self.cfg, s, self.endpoints.get(id), self.committed.get(id))
+                let eps = self.endpoints.get(id).map(|e| e.unpack("", ""));
+                plan_service_from(&self.cfg, s, eps.as_ref(), prev)
             })
             .unwrap_or_default()
     }
@@ -125,20 +148,40 @@ impl Proxy {
     /// Plan everything and replace the table in one transaction.
     pub fn full_sync(&mut self) -> Result<SyncReport, NftError> {
         let t = Instant::now();
-        let mut planned: BTreeMap<String, Contribution> = self
-            .services
-            .keys()
-            .map(|id| (id.clone(), self.plan(id)))
-            .collect();
-        planned.extend(read_hostports(&self.run_dir));
+        // Each old plan is dropped as soon as its service is planned anew,
+        // with what lost its backend noted: holding both sets of plans
+        // would double them at the peak (13 MiB each at 30k Services).
+        // Until this sync succeeds nothing is known to be committed, so a
+        // failure leaves the next flush a full sync to do.
+        let mut old = std::mem::take(&mut self.committed);
+        self.shape = None;
+        let mut stale: Vec<Flow> = Vec::new();
+        let mut planned: BTreeMap<String, Contribution> = BTreeMap::new();
+        for id in self.services.keys() {
+            let prev = old.remove(id);
+            let new = self.plan_from(id, prev.as_ref());
+            if let Some(prev) = prev {
+                stale.extend(stale_flows(&prev, &new));
+            }
+            planned.insert(id.clone(), new);
+        }
+        for (id, new) in read_hostports(&self.run_dir) {
+            if let Some(prev) = old.remove(&id) {
+                stale.extend(stale_flows(&prev, &new));
+            }
+            planned.insert(id, new);
+        }
+        drop(old);
+        tracing::debug!(hwm_mib = crate::run::peak_rss_mib(), "full sync planned");
         let kept = tweed_nft::txn::existing().and_then(|existing| {
             let (txn, shape) = render_full_txn(&self.cfg, planned.values(), &existing);
             let rendered = t.elapsed();
+            tracing::debug!(hwm_mib = crate::run::peak_rss_mib(), "full sync rendered");
             tweed_nft::txn::apply_txn(&txn)?;
             tracing::debug!(
                 render_ms = rendered.as_secs_f64() * 1000.0,
                 kernel_ms = (t.elapsed() - rendered).as_secs_f64() * 1000.0,
-                elements = txn.adds.len(),
+                elements = txn.additions(),
                 "full sync"
             );
             Ok(shape)
@@ -154,15 +197,6 @@ impl Proxy {
                 shape
             }
         };
-        let stale: Vec<Flow> = planned
-            .iter()
-            .flat_map(|(id, new)| {
-                self.committed
-                    .get(id)
-                    .map(|old| stale_flows(old, new))
-                    .unwrap_or_default()
-            })
-            .collect();
         self.committed = planned;
         self.shape = Some(shape);
         self.dirty.clear();

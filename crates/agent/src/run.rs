@@ -140,7 +140,7 @@ enum Exit {
 }
 
 /// This process's peak resident memory (VmHWM), for the debug log.
-fn peak_rss_mib() -> u64 {
+pub(crate) fn peak_rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -860,12 +860,15 @@ impl Lab {
     fn start_agent(&self, st: &LabState, node: &str) -> Result<u32> {
         let ns = st.node(node)?.ns.clone();
         let log = self.node_dir(node).join("agent.log");
+        // TWEED_LAB_AGENT_LOG (a RUST_LOG filter) for a closer look, e.g.
+        // `info,tweed_agent=debug` logs the agent's peak memory per step.
+        let filter = std::env::var("TWEED_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into());
         self.spawn_in(
             &ns,
             &self.exe,
             &self.agent_args(st, node),
             &log,
-            &[("RUST_LOG", "info")],
+            &[("RUST_LOG", filter.as_str())],
         )
     }
 

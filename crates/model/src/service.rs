@@ -141,6 +141,19 @@ fn yes() -> bool {
     true
 }
 
+impl Service {
+    /// Give back the spare capacity decoding leaves (serde grows a vector
+    /// to four elements for one): an agent holds 30k of these.
+    pub fn compact(&mut self) {
+        self.ports.shrink_to_fit();
+        for p in &mut self.ports {
+            p.name.shrink_to_fit();
+        }
+        self.external_ips.shrink_to_fit();
+        self.load_balancer_ips.shrink_to_fit();
+    }
+}
+
 impl Endpoints {
     /// Give back the spare capacity decoding leaves (serde grows vectors by
     /// doubling): an agent holds 100k endpoints at 10k services.

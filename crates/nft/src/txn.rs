@@ -12,7 +12,7 @@ use crate::elements::{self, Data, Field, Op};
 use crate::NftError;
 
 /// Apply a change: `pre`, the elements, `post`, each atomic.
-pub fn apply_txn(t: &Txn) -> Result<(), NftError> {
+pub fn apply_txn(t: &Txn<'_>) -> Result<(), NftError> {
     let start = std::time::Instant::now();
     crate::apply(&t.pre)?;
     let pre = start.elapsed();
@@ -32,11 +32,11 @@ pub fn apply_txn(t: &Txn) -> Result<(), NftError> {
 
 /// A change's elements as netlink ops, each made when the encoder (or an
 /// error message) asks for it: flushes, then deletions, then additions.
-struct TxnOps<'a>(&'a Txn);
+struct TxnOps<'a>(&'a Txn<'a>);
 
 impl elements::OpList for TxnOps<'_> {
     fn len(&self) -> usize {
-        self.0.flush.len() + self.0.dels.len() + self.0.adds.len()
+        self.0.flush.len() + self.0.dels.len() + self.0.additions()
     }
     fn op(&self, i: usize) -> std::borrow::Cow<'_, Op> {
         let t = self.0;
@@ -47,8 +47,11 @@ impl elements::OpList for TxnOps<'_> {
             }
         } else if i < f + d {
             op(&t.dels[i - f], false).expect("planned deletions have a set")
-        } else {
+        } else if i < f + d + t.adds.len() {
             op(&t.adds[i - f - d], true).expect("planned additions have a set")
+        } else {
+            op(t.adds_borrowed[i - f - d - t.adds.len()], true)
+                .expect("planned additions have a set")
         })
     }
 }

@@ -826,8 +826,9 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
     let mut proxy = tweed_agent::Proxy::new(cfg, run_dir);
     proxy.load(
         (0..n).map(|i| (format!("bench/s{i}"), svc(i))).collect(),
-        (0..n).map(|i| (format!("bench/s{i}"), eps(i, e))).collect(),
+        (0..n).map(|i| (format!("bench/s{i}"), eps(i, e))),
     );
+    tracing::debug!(hwm_mib = peak_rss_mib(), "model loaded");
     let full = proxy.full_sync()?;
     // The periodic (and restarted agent's) full sync: over the table the
     // first one made, refilling it in place.
