@@ -13,6 +13,7 @@ mod error;
 mod files;
 mod health;
 mod kube;
+mod pods;
 mod probe;
 mod proxy;
 mod run;
