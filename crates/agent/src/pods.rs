@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tweed_model::PodAttachment;
+use tweed_model::{PodAttachment, DEFAULT_GSO_MAX_SIZE};
 use tweed_netlink::Netlink;
 
 /// Every attachment the CNI plugin recorded; unreadable files are skipped
@@ -79,15 +79,27 @@ pub async fn converge_sizes(
                 a.netns.display()
             )
         };
-        if known.get(&a.host_veth) != Some(&pod) {
+        // The plugin never gives a pod's end more than its host end, so a
+        // pod whose host end is at the default needs no look inside while
+        // the default is what it should have: nodes without BIG TCP never
+        // enter a pod's namespace.
+        let host_big = h
+            .gso_ipv4_max_size
+            .is_some_and(|s| s > DEFAULT_GSO_MAX_SIZE)
+            || h.gro_ipv4_max_size
+                .is_some_and(|s| s > DEFAULT_GSO_MAX_SIZE);
+        let look = pod > DEFAULT_GSO_MAX_SIZE || host_big;
+        if look && known.get(&a.host_veth) != Some(&pod) {
             match Netlink::set_ipv4_max_sizes_in(&a.netns, &a.ifname, pod).await {
                 Ok(changed) => {
                     rep.changed += usize::from(changed);
                     known.insert(a.host_veth.clone(), pod);
                 }
                 Err(e) => {
+                    // The host end stays as it is, so this pod is looked at again.
                     known.remove(&a.host_veth);
                     rep.failed.push(fail(e));
+                    continue;
                 }
             }
         }
@@ -99,4 +111,35 @@ pub async fn converge_sizes(
         }
     }
     rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attachments_are_the_whole_records_in_host_veth_order() {
+        let dir = std::env::temp_dir().join(format!("tweed-pods-{}", std::process::id()));
+        let pods = dir.join("pods");
+        std::fs::create_dir_all(&pods).unwrap();
+        assert!(attachments(&dir.join("nowhere")).is_empty());
+        let a = |veth: &str| PodAttachment {
+            container_id: format!("c-{veth}"),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{veth}").into(),
+            host_veth: veth.into(),
+        };
+        for x in [a("tw2"), a("tw1")] {
+            std::fs::write(
+                pods.join(format!("{}.json", x.host_veth)),
+                serde_json::to_vec(&x).unwrap(),
+            )
+            .unwrap();
+        }
+        // A plugin mid-write leaves a temporary file; garbage is skipped.
+        std::fs::write(pods.join("tw3.tmp"), b"{").unwrap();
+        std::fs::write(pods.join("tw4.json"), b"not json").unwrap();
+        assert_eq!(attachments(&dir), vec![a("tw1"), a("tw2")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
