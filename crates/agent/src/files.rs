@@ -86,4 +86,8 @@ pub struct AgentStatus {
     /// clear before calling the network up).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probing: bool,
+    /// The IPv4 GSO/GRO max size pod veths get (above 65536: BIG TCP,
+    /// while every peer is direct and the underlay allows it).
+    #[serde(default)]
+    pub pod_gso_max_size: u32,
 }

@@ -14,6 +14,7 @@ mod files;
 mod health;
 mod kube;
 mod packed;
+mod pods;
 mod probe;
 mod proxy;
 mod run;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{signal, SignalKind};
 use tweed_k8s::client::KubeOpts;
-use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState};
+use tweed_model::{vtep_mac_for, ClusterConfig, NodeRecord, NodeState, DEFAULT_GSO_MAX_SIZE};
 use tweed_netlink::Netlink;
 use tweed_plan::services::ProxyConfig;
 use tweed_plan::{plan_node, select_underlay, LocalNode, UnderlaySelector};
@@ -195,6 +195,14 @@ struct Agent {
     store_trouble: Option<String>,
     /// plan.json as last written.
     intent_written: Option<Vec<u8>>,
+    /// The IPv4 GSO/GRO max sizes pod veths get now: the pod's end (see
+    /// `tweed_plan::pod_gso_max_size`) and the host's (the underlay's own).
+    pod_gso: u32,
+    host_gso: u32,
+    /// Each pod end's size as last set or read (see `pods::converge_sizes`).
+    pod_gso_known: BTreeMap<String, u32>,
+    /// Pods whose size could not be set, last time (logged when it changes).
+    pod_gso_failed: Vec<String>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -227,6 +235,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         lease_renewed: None,
         lease_renewed_unix: None,
         probing: false,
+        pod_gso_max_size: DEFAULT_GSO_MAX_SIZE,
     };
     let mut agent = Agent {
         opts,
@@ -246,6 +255,10 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         health: health::Shared::default(),
         store_trouble: None,
         intent_written: None,
+        pod_gso: DEFAULT_GSO_MAX_SIZE,
+        host_gso: DEFAULT_GSO_MAX_SIZE,
+        pod_gso_known: BTreeMap::new(),
+        pod_gso_failed: Vec::new(),
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -514,6 +527,32 @@ impl Agent {
             .iter()
             .map(|s| format!("{}: {}", s.node, s.reason))
             .collect();
+        // Pods shrink before a peer's route moves into a tunnel (a 192 KiB
+        // packet must never reach it) and grow only once every route is direct.
+        let underlay_gso = match self.nl.link(&local.underlay_dev).await {
+            Ok(Some(l)) => l.gso_ipv4_max_size,
+            _ => None,
+        };
+        let pod_gso = tweed_plan::pod_gso_max_size(underlay_gso, plan.peers.iter().map(|p| p.mode));
+        let host_gso = tweed_plan::pod_gso_max_size(underlay_gso, []);
+        let shrinking = pod_gso < self.pod_gso;
+        if (pod_gso, host_gso) != (self.pod_gso, self.host_gso) {
+            tracing::info!(
+                from = self.pod_gso,
+                to = pod_gso,
+                host_end = host_gso,
+                "pod veth GSO/GRO size"
+            );
+            self.pod_gso = pod_gso;
+            self.host_gso = host_gso;
+            self.status.pod_gso_max_size = pod_gso;
+            if self.ready {
+                self.write_node_state(local, self.mtu)?;
+            }
+        }
+        if shrinking {
+            self.converge_pod_sizes().await;
+        }
         let err = match reconcile(&self.nl, &plan, &local.underlay_dev).await {
             Ok(rep) => {
                 if rep.added + rep.removed > 0 {
@@ -532,6 +571,9 @@ impl Agent {
                 Some(e.to_string())
             }
         };
+        if !shrinking {
+            self.converge_pod_sizes().await;
+        }
         self.mtu = cfg.effective_mtu(local.underlay_mtu);
         if let (None, Some(v)) = (&err, &plan.vxlan) {
             self.vxlan_checksum(&v.name);
@@ -771,14 +813,7 @@ impl Agent {
     /// node state first (the plugin reads it), then the conflist (its
     /// appearance is what clears a runtime's "cni plugin not initialized").
     fn publish_ready(&mut self, local: &LocalNode, mtu: u32) -> Result<(), AgentError> {
-        let state = NodeState {
-            node: local.record.name.clone(),
-            subnet: local.record.subnet,
-            mtu,
-        };
-        let p = self.opts.run_dir.join("node.json");
-        write_atomic(&p, &serde_json::to_vec(&state).expect("json"))
-            .map_err(|source| AgentError::File { path: p, source })?;
+        self.write_node_state(local, mtu)?;
         if let Some(dir) = &self.opts.cni_bin_dir {
             install_plugin(dir)?;
         }
@@ -792,6 +827,45 @@ impl Agent {
         tracing::info!(conflist = %c.display(), "node ready for pods");
         self.ready = true;
         Ok(())
+    }
+
+    /// What the CNI plugin reads for each new pod (RUN_DIR/node.json).
+    fn write_node_state(&self, local: &LocalNode, mtu: u32) -> Result<(), AgentError> {
+        let state = NodeState {
+            node: local.record.name.clone(),
+            subnet: local.record.subnet,
+            mtu,
+            pod_gso_max_size: self.pod_gso,
+            host_gso_max_size: self.host_gso,
+        };
+        let p = self.opts.run_dir.join("node.json");
+        write_atomic(&p, &serde_json::to_vec(&state).expect("json"))
+            .map_err(|source| AgentError::File { path: p, source })
+    }
+
+    /// Bring every existing pod veth to the current size (see `pods`).
+    async fn converge_pod_sizes(&mut self) {
+        let rep = crate::pods::converge_sizes(
+            &self.nl,
+            &self.opts.run_dir,
+            self.host_gso,
+            self.pod_gso,
+            &mut self.pod_gso_known,
+        )
+        .await;
+        if rep.changed > 0 {
+            tracing::info!(
+                pods = rep.changed,
+                size = self.pod_gso,
+                "pod veth GSO/GRO size set"
+            );
+        }
+        if rep.failed != self.pod_gso_failed {
+            for f in &rep.failed {
+                tracing::warn!(pod = %f, size = self.pod_gso, "cannot set the pod veth's GSO/GRO size; retrying at the next resync");
+            }
+            self.pod_gso_failed = rep.failed;
+        }
     }
 
     fn report(&mut self, r: Option<crate::proxy::SyncReport>) {

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
-use tweed_model::{HostPorts, NodeState};
+use tweed_model::{HostPorts, NodeState, PodAttachment, DEFAULT_GSO_MAX_SIZE};
 use tweed_netlink::Netlink;
 
 use crate::ipam::{self, IpamError, Owner};
@@ -133,7 +133,9 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let host = host_veth_name(&env.container_id, &env.ifname);
     let wired = match conf.port_mappings() {
         Ok(maps) => match wire(env, conf, &node, &netns, netns_path, ip, &host).await {
-            Ok(v) => add_hostports(conf, env, ip, &maps).map(|_| v),
+            Ok(v) => add_hostports(conf, env, ip, &maps)
+                .and_then(|_| record_attachment(conf, env, netns_path, &host))
+                .map(|_| v),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -145,6 +147,8 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             if let Ok(nl) = Netlink::open() {
                 let _ = nl.del_link(&host).await;
             }
+            del_hostports(conf, &env.container_id, &env.ifname);
+            let _ = std::fs::remove_file(attachment_file(conf, &host));
             let _ = store.release(&owner);
             Err(e)
         }
@@ -206,6 +210,19 @@ async fn wire(
         p.mac.expect("veth has a MAC"),
     );
     let pod_ip = Ipv4Net::new(ip, 32).expect("/32");
+    // IPv4 BIG TCP as the agent decided: the pod sends large packets only
+    // while every path carries them, the node hands it what the underlay
+    // does. Before the pod has an address, so its first socket has the size.
+    if node.pod_gso_max_size > DEFAULT_GSO_MAX_SIZE {
+        pod.set_ipv4_max_sizes(p.index, node.pod_gso_max_size)
+            .await
+            .map_err(dp_err("pod veth GSO/GRO size"))?;
+    }
+    if node.host_gso_max_size > DEFAULT_GSO_MAX_SIZE {
+        nl.set_ipv4_max_sizes(h.index, node.host_gso_max_size)
+            .await
+            .map_err(dp_err("host veth GSO/GRO size"))?;
+    }
 
     if let Some(lo) = pod.link("lo").await.map_err(dp_err("pod lo"))? {
         pod.set_up(lo.index)
@@ -259,6 +276,31 @@ async fn wire(
         dns: serde_json::json!({}),
     };
     Ok(serde_json::to_value(res).expect("json"))
+}
+
+fn attachment_file(conf: &NetConf, host: &str) -> std::path::PathBuf {
+    conf.run_dir.join("pods").join(format!("{host}.json"))
+}
+
+/// Tell the agent where the pod's end of this veth lives, so it can
+/// change that end later (the BIG TCP size follows the peers' paths).
+fn record_attachment(conf: &NetConf, env: &Env, netns: &Path, host: &str) -> Result<(), CniError> {
+    let a = PodAttachment {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        netns: netns.to_path_buf(),
+        host_veth: host.to_string(),
+    };
+    let f = attachment_file(conf, host);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(f.parent().expect("in a directory"))?;
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&a).expect("json"))?;
+        std::fs::rename(&tmp, &f)
+    };
+    write().map_err(|e| {
+        CniError::new(code::IO_FAILURE, format!("cannot write {}", f.display())).details(e)
+    })
 }
 
 fn hostport_file(conf: &NetConf, container_id: &str, ifname: &str) -> std::path::PathBuf {
@@ -358,8 +400,10 @@ fn del_hostports(conf: &NetConf, container_id: &str, ifname: &str) {
 async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // DEL must succeed for things already gone, so every step tolerates absence.
     del_hostports(conf, &env.container_id, &env.ifname);
+    let host = host_veth_name(&env.container_id, &env.ifname);
+    let _ = std::fs::remove_file(attachment_file(conf, &host));
     let nl = Netlink::open().map_err(dp_err("cannot open netlink"))?;
-    nl.del_link(&host_veth_name(&env.container_id, &env.ifname))
+    nl.del_link(&host)
         .await
         .map_err(dp_err("cannot delete the host veth"))?;
     let owner = Owner {
@@ -443,12 +487,11 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
             continue;
         }
         // Keep going past one failure: GC should free as much as it can.
-        if let Err(e) = nl
-            .del_link(&host_veth_name(&owner.container_id, &owner.ifname))
-            .await
-        {
+        let host = host_veth_name(&owner.container_id, &owner.ifname);
+        if let Err(e) = nl.del_link(&host).await {
             errors.push(e.to_string());
         }
+        let _ = std::fs::remove_file(attachment_file(conf, &host));
         if let Err(e) = store.release(&owner) {
             errors.push(e.to_string());
         }

@@ -445,6 +445,24 @@ impl Lab {
         let segments = topo.segments();
         ip(&["netns", "add", &st.ul_ns])?;
         ip(&["-n", &st.ul_ns, "link", "set", "lo", "up"])?;
+        // A `bigTcp` segment's links get BIG TCP sizes over netlink (iproute2 6.1 cannot).
+        let big_tcp = |k: usize, ns: &str, devs: &[String]| -> Result<()> {
+            if !segments[k].big_tcp {
+                return Ok(());
+            }
+            crate::bigtcp::set_sizes_in(
+                &Path::new("/run/netns").join(ns),
+                devs,
+                crate::bigtcp::BIG_TCP_SIZE,
+            )
+            .map_err(|e| {
+                LabError::Invalid(format!(
+                    "segment {}: cannot give {} in {ns} IPv4 BIG TCP sizes (bigTcp): {e}",
+                    segments[k].name,
+                    devs.join(", ")
+                ))
+            })
+        };
         for k in 0..segments.len() {
             let br = format!("br{k}");
             let mtu = seg_mtu(k);
@@ -473,6 +491,7 @@ impl Lab {
                 "-n", &st.ul_ns, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
                 ifname, "netns", ns, "mtu", &mtu,
             ])?;
+            big_tcp(k, ns, &[ifname.to_string()])?;
             ip(&[
                 "-n",
                 &st.ul_ns,
@@ -483,6 +502,9 @@ impl Lab {
                 &format!("br{k}"),
                 "up",
             ])?;
+            // The bridge takes sizes up to what its ports allow, so it
+            // follows each new port (a bridge with no ports refuses them).
+            big_tcp(k, &st.ul_ns, &[port.clone(), format!("br{k}")])?;
             ip(&[
                 "-n",
                 ns,

@@ -7,6 +7,7 @@
 //! links are created inside lab namespaces and every process runs in one.
 #![forbid(unsafe_code)]
 
+pub mod bigtcp;
 pub mod echo;
 pub mod faults;
 pub mod kube;

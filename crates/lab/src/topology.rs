@@ -88,6 +88,10 @@ pub struct SegmentSpec {
     /// the middle of a path to exercise path-MTU discovery.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Model NICs with IPv4 BIG TCP: the bridge, its ports and every NIC
+    /// on the segment get GSO/GRO IPv4 max size 196608 (default 65536).
+    #[serde(default)]
+    pub big_tcp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +109,8 @@ pub const PUBLIC_RANGE: &str = "203.0.113.0/24";
 pub struct Underlay {
     pub cidr: Ipv4Net,
     pub mtu: u32,
+    /// IPv4 BIG TCP on the one underlay (as `bigTcp` on a segment).
+    pub big_tcp: bool,
 }
 
 impl Default for Underlay {
@@ -112,6 +118,7 @@ impl Default for Underlay {
         Self {
             cidr: "198.51.100.0/24".parse().expect("literal"),
             mtu: 1500,
+            big_tcp: false,
         }
     }
 }
@@ -264,6 +271,12 @@ impl Topology {
         if self.hosts.len() > 40 {
             return bad("hosts: at most 40".into());
         }
+        if self.underlay.big_tcp && !self.segments.is_empty() {
+            return bad(
+                "underlay.bigTcp is for the one underlay; with segments, set bigTcp on each segment"
+                    .into(),
+            );
+        }
         let segs = self.segments();
         let mut names = std::collections::BTreeSet::new();
         for (i, sg) in segs.iter().enumerate() {
@@ -353,6 +366,7 @@ impl Topology {
                 name: "ul".into(),
                 cidr: self.underlay.cidr,
                 mtu: None,
+                big_tcp: self.underlay.big_tcp,
             }]
         } else {
             self.segments.clone()
@@ -448,6 +462,19 @@ pods:
     }
 
     #[test]
+    fn big_tcp_is_a_segment_option_and_an_underlay_one() {
+        let t = Topology::parse("underlay: {bigTcp: true}\nnodes: [{name: a}]").unwrap();
+        assert!(t.segments()[0].big_tcp);
+        assert!(!Topology::parse(DEMO).unwrap().segments()[0].big_tcp);
+        let t = Topology::parse(
+            "segments:\n  - {name: a, cidr: 198.51.100.0/26, bigTcp: true}\n  - {name: b, cidr: 198.51.100.64/26}\nnodes: [{name: n}]",
+        )
+        .unwrap();
+        let big: Vec<bool> = t.segments().iter().map(|s| s.big_tcp).collect();
+        assert_eq!(big, [true, false]);
+    }
+
+    #[test]
     fn kubelets_imply_kubernetes_and_the_example_parses() {
         let t = Topology::parse(include_str!("../../../examples/kubelets.yaml")).unwrap();
         assert!(t.kubernetes);
@@ -484,6 +511,14 @@ pods:
             ),
             (
                 "kubelet: {agent: pod}\nnodes: [{name: a}]",
+                "does not decode",
+            ),
+            (
+                "underlay: {bigTcp: true}\nsegments: [{name: a, cidr: 198.51.100.0/26}]\nnodes: [{name: a}]",
+                "set bigTcp on each segment",
+            ),
+            (
+                "segments: [{name: a, cidr: 198.51.100.0/26, bigTcp: 1}]\nnodes: [{name: a}]",
                 "does not decode",
             ),
         ];

@@ -11,7 +11,9 @@ mod service;
 mod subnet;
 
 pub use config::{Backend, ClusterConfig, ConfigError, Mtu, IPIP_OVERHEAD, VXLAN_OVERHEAD};
-pub use node::{vtep_mac_for, HostPorts, MacAddr, NodeRecord, NodeState};
+pub use node::{
+    vtep_mac_for, HostPorts, MacAddr, NodeRecord, NodeState, PodAttachment, DEFAULT_GSO_MAX_SIZE,
+};
 pub use service::{
     allocate_cluster_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints, FieldError,
     Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy, NODE_PORT_RANGE,

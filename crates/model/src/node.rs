@@ -105,6 +105,35 @@ pub struct NodeState {
     pub node: String,
     pub subnet: Ipv4Net,
     pub mtu: u32,
+    /// The IPv4 GSO/GRO max size the pod's end of a new veth gets: the
+    /// largest packet the pod sends (above 65536 is IPv4 BIG TCP). Files
+    /// from before it existed mean 65536, as does a missing field below.
+    #[serde(default = "default_gso_size")]
+    pub pod_gso_max_size: u32,
+    /// The same for the host's end: the largest packet the node hands the
+    /// pod, which is the underlay's own size whatever the peers' paths.
+    #[serde(default = "default_gso_size")]
+    pub host_gso_max_size: u32,
+}
+
+/// The kernel's default (and pre-BIG-TCP) largest IPv4 GSO/GRO packet.
+pub const DEFAULT_GSO_MAX_SIZE: u32 = 65_536;
+
+fn default_gso_size() -> u32 {
+    DEFAULT_GSO_MAX_SIZE
+}
+
+/// One pod attachment, as the CNI plugin records it for the agent in
+/// `RUN_DIR/pods/HOST_VETH.json`: where the pod's end of the veth lives,
+/// so the agent can change it (BIG TCP sizes) after ADD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodAttachment {
+    pub container_id: String,
+    pub ifname: String,
+    /// The pod's network namespace, as the runtime named it (CNI_NETNS).
+    pub netns: std::path::PathBuf,
+    pub host_veth: String,
 }
 
 /// A pod's host ports, as the CNI plugin records them for the agent in
@@ -137,6 +166,20 @@ mod tests {
         assert_ne!(a, vtep_mac_for("node2"));
         assert_eq!(a.0[0] & 0x01, 0, "unicast");
         assert_eq!(a.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn node_state_from_before_big_tcp_still_decodes() {
+        let s: NodeState =
+            serde_json::from_str(r#"{"node":"n1","subnet":"10.244.1.0/24","mtu":1450}"#).unwrap();
+        assert_eq!(s.pod_gso_max_size, DEFAULT_GSO_MAX_SIZE);
+        assert_eq!(s.host_gso_max_size, DEFAULT_GSO_MAX_SIZE);
+        let j = serde_json::to_string(&NodeState {
+            pod_gso_max_size: 196_608,
+            ..s
+        })
+        .unwrap();
+        assert!(j.contains("\"podGsoMaxSize\":196608"), "{j}");
     }
 
     #[test]

@@ -177,3 +177,69 @@ fn routes_neighbours_and_fdb_round_trip_and_foreign_routes_are_invisible() {
         "{routes}"
     );
 }
+
+#[test]
+fn ipv4_big_tcp_sizes_read_back_on_both_ends_of_a_veth() {
+    let host = Ns::new("gsoh");
+    let pod = Ns::new("gsop");
+    host.ip(&[
+        "link", "add", "h0", "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+    ]);
+    let pod_path = std::path::PathBuf::from(format!("/run/netns/{}", pod.0));
+    host.run(move || async move {
+        let nl = Netlink::open().unwrap();
+        let h = nl.link("h0").await.unwrap().unwrap();
+        assert_eq!(
+            (h.gso_ipv4_max_size, h.gro_ipv4_max_size),
+            (Some(65_536), Some(65_536)),
+            "the kernel's default (a kernel before 6.3 reports none: no IPv4 BIG TCP)"
+        );
+        nl.set_ipv4_max_sizes(h.index, 196_608).await.unwrap();
+        let h = nl.link("h0").await.unwrap().unwrap();
+        assert_eq!(
+            (h.gso_ipv4_max_size, h.gro_ipv4_max_size),
+            (Some(196_608), Some(196_608))
+        );
+        // The pod's end, from outside its namespace: set once, then a no-op.
+        assert!(Netlink::set_ipv4_max_sizes_in(&pod_path, "eth0", 196_608)
+            .await
+            .unwrap());
+        assert!(!Netlink::set_ipv4_max_sizes_in(&pod_path, "eth0", 196_608)
+            .await
+            .unwrap());
+        let p = Netlink::open_in(&pod_path)
+            .unwrap()
+            .link("eth0")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.gso_ipv4_max_size, p.gro_ipv4_max_size),
+            (Some(196_608), Some(196_608))
+        );
+        // Back to the default; the host end keeps its own size.
+        assert!(Netlink::set_ipv4_max_sizes_in(&pod_path, "eth0", 65_536)
+            .await
+            .unwrap());
+        let p = Netlink::open_in(&pod_path)
+            .unwrap()
+            .link("eth0")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.gso_ipv4_max_size, Some(65_536));
+        let h = nl.link("h0").await.unwrap().unwrap();
+        assert_eq!(h.gso_ipv4_max_size, Some(196_608));
+        // A link that is not there is an error naming it.
+        let e = Netlink::set_ipv4_max_sizes_in(&pod_path, "nope0", 65_536)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nope0"), "{e}");
+    });
+    // A size above what the device can do is refused, not clamped silently.
+    host.run(|| async {
+        let nl = Netlink::open().unwrap();
+        let h = nl.link("h0").await.unwrap().unwrap();
+        assert!(nl.set_ipv4_max_sizes(h.index, 1 << 30).await.is_err());
+    });
+}

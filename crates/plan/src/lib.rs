@@ -4,10 +4,12 @@
 //! root; the appliers in `tweed-netlink` only make the kernel match.
 #![forbid(unsafe_code)]
 
+mod gso;
 mod intent;
 pub mod services;
 mod underlay;
 
+pub use gso::pod_gso_max_size;
 pub use intent::{NodeIntent, PeerIntent};
 
 pub use underlay::{select_underlay, LinkAddrs, UnderlaySelector};

@@ -395,6 +395,13 @@ enum ProbeCmd {
         #[arg(long, default_value_t = 500)]
         count: usize,
     },
+    /// A link's IPv4 GSO/GRO max sizes (BIG TCP), read over netlink as
+    /// JSON; `--set BYTES` sets both first (iproute2 6.1 can do neither).
+    Gso {
+        dev: String,
+        #[arg(long)]
+        set: Option<u32>,
+    },
     /// Send a UDP datagram and print the reply.
     Udp {
         addr: SocketAddr,
@@ -1017,6 +1024,10 @@ fn probe_cmd(cmd: ProbeCmd) -> Result<()> {
             )? {
                 println!("{who}");
             }
+        }
+        ProbeCmd::Gso { dev, set } => {
+            let sizes = tweed_lab::bigtcp::link_sizes(&dev, set)?;
+            println!("{}", serde_json::to_string(&sizes)?);
         }
         ProbeCmd::Udp {
             addr,

@@ -97,6 +97,16 @@ fn table(st: &AgentStatus, from: &Path) -> String {
         format!("{} synced, last at {}", st.services, st.last_sync)
     };
     row(&mut s, "SERVICES", &sync);
+    if st.pod_gso_max_size > 65_536 {
+        row(
+            &mut s,
+            "POD GSO",
+            &format!(
+                "{} (IPv4 BIG TCP: every peer is direct)",
+                st.pod_gso_max_size
+            ),
+        );
+    }
     if let Some(e) = &st.last_error {
         row(&mut s, "PROBLEM", e);
     }
