@@ -1,31 +1,30 @@
 //! Endpoints as the service proxy keeps them between plans. An agent holds
 //! every endpoint of every Service (300k at 30k Services × 10). As the
 //! model has them each costs about 160 bytes and two small heap blocks (its
-//! node's name, its ports); here one is 16 bytes and none: node names are
-//! numbered once, the endpoints of one Service share their port lists, and
-//! the pod name (for people, not for planning) is left out. Planning
-//! unpacks one Service's endpoints at a time.
+//! node's name, its ports); here one is 16 bytes and none: node names and
+//! port lists are numbered once for the whole agent (a cluster has few of
+//! either), and the pod name (for people, not for planning) is left out.
+//! Planning unpacks one Service's endpoints at a time.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tweed_model::{Endpoint, Endpoints};
 
 /// (service port name, target port) pairs of one endpoint.
-type PortList = Box<[(Box<str>, u16)]>;
+type PortList = Vec<(String, u16)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedEndpoints {
     eps: Box<[PackedEndpoint]>,
-    /// The distinct port lists; each endpoint names one by index.
-    ports: Box<[PortList]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PackedEndpoint {
     ip: Ipv4Addr,
-    /// See [`node_number`].
+    /// Numbers in [`NODES`] and [`PORTS`].
     node: u32,
     ports: u32,
     flags: u8,
@@ -35,76 +34,72 @@ const READY: u8 = 1;
 const SERVING: u8 = 2;
 const TERMINATING: u8 = 4;
 
-/// Node names, numbered in the order they are first seen. The table only
-/// grows, by the names of nodes the agent has seen endpoints on: a
-/// cluster's nodes, not its endpoints.
-#[derive(Default)]
-struct Names {
-    by_name: HashMap<Arc<str>, u32>,
-    names: Vec<Arc<str>>,
+/// Values numbered in the order they are first seen. A table only grows,
+/// by the node names and port lists the agent has seen endpoints with:
+/// a cluster's nodes and its Services' port shapes, not its endpoints.
+struct Numbers<T> {
+    by_value: HashMap<Arc<T>, u32>,
+    values: Vec<Arc<T>>,
 }
 
-fn names() -> std::sync::MutexGuard<'static, Names> {
-    static NAMES: OnceLock<Mutex<Names>> = OnceLock::new();
-    NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-}
-
-fn node_number(name: &str) -> u32 {
-    let mut t = names();
-    if let Some(n) = t.by_name.get(name) {
-        return *n;
+impl<T: Hash + Eq> Numbers<T> {
+    fn number(&mut self, v: T) -> u32 {
+        if let Some(n) = self.by_value.get(&v) {
+            return *n;
+        }
+        let n = self.values.len() as u32;
+        let v = Arc::new(v);
+        self.values.push(v.clone());
+        self.by_value.insert(v, n);
+        n
     }
-    let n = t.names.len() as u32;
-    let name: Arc<str> = Arc::from(name);
-    t.names.push(name.clone());
-    t.by_name.insert(name, n);
-    n
+
+    fn get(&self, n: u32) -> Option<&T> {
+        self.values.get(n as usize).map(|v| &**v)
+    }
+}
+
+type Table<T> = OnceLock<Mutex<Numbers<T>>>;
+static NODES: Table<String> = OnceLock::new();
+static PORTS: Table<PortList> = OnceLock::new();
+
+fn table<T>(t: &'static Table<T>) -> MutexGuard<'static, Numbers<T>> {
+    t.get_or_init(|| {
+        Mutex::new(Numbers {
+            by_value: HashMap::new(),
+            values: Vec::new(),
+        })
+    })
+    .lock()
+    .unwrap_or_else(|p| p.into_inner())
 }
 
 impl From<Endpoints> for PackedEndpoints {
     fn from(e: Endpoints) -> Self {
-        let mut lists: Vec<Vec<(String, u16)>> = Vec::new();
+        let (mut nodes, mut ports) = (table(&NODES), table(&PORTS));
         let eps = e
             .endpoints
             .into_iter()
             .map(|ep| {
-                let at = match lists.iter().position(|l| *l == ep.ports) {
-                    Some(i) => i,
-                    None => {
-                        lists.push(ep.ports);
-                        lists.len() - 1
-                    }
-                };
                 let flags = (if ep.ready { READY } else { 0 })
                     | (if ep.serving { SERVING } else { 0 })
                     | (if ep.terminating { TERMINATING } else { 0 });
                 PackedEndpoint {
                     ip: ep.ip,
-                    node: node_number(&ep.node),
-                    ports: at as u32,
+                    node: nodes.number(ep.node),
+                    ports: ports.number(ep.ports),
                     flags,
                 }
             })
             .collect();
-        let ports = lists
-            .into_iter()
-            .map(|l| {
-                l.into_iter()
-                    .map(|(n, p)| (n.into_boxed_str(), p))
-                    .collect()
-            })
-            .collect();
-        PackedEndpoints { eps, ports }
+        PackedEndpoints { eps }
     }
 }
 
 impl PackedEndpoints {
     /// The model's form, for planning (pods unnamed).
     pub fn unpack(&self, namespace: &str, name: &str) -> Endpoints {
-        let t = names();
+        let (nodes, ports) = (table(&NODES), table(&PORTS));
         Endpoints {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -113,15 +108,8 @@ impl PackedEndpoints {
                 .iter()
                 .map(|e| Endpoint {
                     ip: e.ip,
-                    node: t
-                        .names
-                        .get(e.node as usize)
-                        .map(|n| n.to_string())
-                        .unwrap_or_default(),
-                    ports: self.ports[e.ports as usize]
-                        .iter()
-                        .map(|(n, p)| (n.to_string(), *p))
-                        .collect(),
+                    node: nodes.get(e.node).cloned().unwrap_or_default(),
+                    ports: ports.get(e.ports).cloned().unwrap_or_default(),
                     ready: e.flags & READY != 0,
                     serving: e.flags & SERVING != 0,
                     terminating: e.flags & TERMINATING != 0,
@@ -170,7 +158,11 @@ mod tests {
             ],
         };
         let packed = PackedEndpoints::from(e.clone());
-        assert_eq!(packed.ports.len(), 2, "equal port lists are stored once");
+        assert_eq!(
+            packed.eps[0].ports, packed.eps[1].ports,
+            "equal port lists are numbered once"
+        );
+        assert_ne!(packed.eps[0].ports, packed.eps[2].ports);
         assert_eq!(packed.eps[0].node, packed.eps[2].node);
         assert_ne!(packed.eps[0].node, packed.eps[1].node);
         let mut want = e;
