@@ -178,7 +178,7 @@ impl Datastore for Etcd {
             .store
             .scan_prefix(&self.store.services_prefix(), |k, v| {
                 if let Some(s) = decode::<Service>(&k, v) {
-                    services.insert(k, crate::proxy::for_planning(s));
+                    services.insert(k, crate::packed::for_planning(s));
                 }
             })
             .await?;

@@ -11,7 +11,7 @@ use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use tweed_model::{Endpoint, Endpoints};
+use tweed_model::{Endpoint, Endpoints, Service};
 
 /// (service port name, target port) pairs of one endpoint.
 type PortList = Vec<(String, u16)>;
@@ -118,6 +118,17 @@ impl PackedEndpoints {
                 .collect(),
         }
     }
+}
+
+/// A Service as the proxy keeps it: what planning reads. Its id already
+/// names it, and the selector is the endpoints controller's business; at
+/// 30k Services their strings and maps would be several MiB.
+pub(crate) fn for_planning(mut s: Service) -> Service {
+    s.compact();
+    s.namespace = String::new();
+    s.name = String::new();
+    s.selector = Default::default();
+    s
 }
 
 #[cfg(test)]

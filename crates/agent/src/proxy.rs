@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::packed::PackedEndpoints;
+use crate::packed::{for_planning, PackedEndpoints};
 use tweed_model::{Endpoints, HostPorts, Service};
 use tweed_nft::NftError;
 use tweed_plan::services::{
@@ -53,17 +53,6 @@ pub fn read_hostports(run_dir: &std::path::Path) -> BTreeMap<String, Contributio
         }
     }
     out
-}
-
-/// A Service as the proxy keeps it: what planning reads. Its id already
-/// names it, and the selector is the endpoints controller's business; at
-/// 30k Services their strings and maps would be several MiB.
-pub(crate) fn for_planning(mut s: Service) -> Service {
-    s.compact();
-    s.namespace = String::new();
-    s.name = String::new();
-    s.selector = BTreeMap::new();
-    s
 }
 
 #[derive(Debug, Default)]
@@ -172,11 +161,11 @@ impl Proxy {
             planned.insert(id, new);
         }
         drop(old);
-        tracing::debug!(hwm_mib = crate::run::peak_rss_mib(), "full sync planned");
+        tracing::debug!(hwm_mib = crate::mem::peak_rss_mib(), "full sync planned");
         let kept = tweed_nft::txn::existing().and_then(|existing| {
             let (txn, shape) = render_full_txn(&self.cfg, planned.values(), &existing);
             let rendered = t.elapsed();
-            tracing::debug!(hwm_mib = crate::run::peak_rss_mib(), "full sync rendered");
+            tracing::debug!(hwm_mib = crate::mem::peak_rss_mib(), "full sync rendered");
             tweed_nft::txn::apply_txn(&txn)?;
             tracing::debug!(
                 render_ms = rendered.as_secs_f64() * 1000.0,

@@ -139,19 +139,6 @@ enum Exit {
     Signal,
 }
 
-/// This process's peak resident memory (VmHWM), for the debug log.
-pub(crate) fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
-}
-
 /// How soon a peer that just missed a probe is probed again.
 const REPROBE_AFTER: Duration = Duration::from_secs(2);
 
@@ -363,9 +350,9 @@ impl Agent {
             .map_err(|source| AgentError::File { path, source })?;
         backoff.reset();
 
-        tracing::debug!(hwm_mib = peak_rss_mib(), "before listing");
+        tracing::debug!(hwm_mib = crate::mem::peak_rss_mib(), "before listing");
         let snap = ds.snapshot(&cfg).await?;
-        tracing::debug!(hwm_mib = peak_rss_mib(), "snapshot decoded");
+        tracing::debug!(hwm_mib = crate::mem::peak_rss_mib(), "snapshot decoded");
         let mut map = snap.nodes;
         let local = LocalNode {
             record: me.clone(),
@@ -388,7 +375,10 @@ impl Agent {
         proxy.load(snap.services, snap.endpoints);
         let rep = proxy.full_sync()?;
         self.record_sync(&rep);
-        tracing::debug!(hwm_mib = peak_rss_mib(), "after the first full sync");
+        tracing::debug!(
+            hwm_mib = crate::mem::peak_rss_mib(),
+            "after the first full sync"
+        );
         self.proxy_synced = true;
         tracing::info!(
             services = rep.services,
