@@ -25,6 +25,9 @@ pkgs=(
   podman runc busybox-static containernetworking-plugins
   # measurement and debugging
   iperf3 curl jq socat tcpdump hyperfine
+  # BGP: the speaker the agent will run (its generated configuration is
+  # checked with `bird -p`); never started as a service here
+  bird2
 )
 
 missing=()

@@ -1,0 +1,229 @@
+//! The cluster's BGP configuration, as a user writes it (the cluster
+//! config's `bgp:`), with Calico's defaults: AS 64512, a full node-to-node
+//! mesh unless route reflectors or fabric peers are configured.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use tweed_model::FieldError;
+
+/// Calico's default AS number (a private one, RFC 6996).
+pub const DEFAULT_ASN: u32 = 64512;
+/// BGP's usual hold time; a dead peer's routes go after it.
+pub const DEFAULT_HOLD_SECS: u16 = 90;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfig {
+    /// The cluster's AS (a node may override it: see `BgpNode::asn`).
+    #[serde(default = "default_asn")]
+    pub asn: u32,
+    /// Peers outside the cluster (ToR routers, route reflectors that are
+    /// not nodes), each for every node or for the nodes its selector picks.
+    #[serde(default)]
+    pub peers: Vec<BgpPeer>,
+    /// Every node peers with every other. Default: on, unless `peers` or
+    /// `routeReflectors` are given (a mesh beside ToR peers would carry
+    /// the same routes twice).
+    #[serde(default)]
+    pub mesh: Option<bool>,
+    /// Nodes (by name) that reflect routes: every other node peers with
+    /// them only, and they with each other and every node.
+    #[serde(default)]
+    pub route_reflectors: Vec<String>,
+    /// Seconds without a keepalive before a peer's routes are withdrawn.
+    #[serde(default = "default_hold")]
+    pub hold_time: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeer {
+    pub address: Ipv4Addr,
+    pub asn: u32,
+    /// TCP MD5 password (RFC 2385), if the peer wants one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Node labels that must all match (empty: every node).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+fn default_asn() -> u32 {
+    DEFAULT_ASN
+}
+
+fn default_hold() -> u16 {
+    DEFAULT_HOLD_SECS
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        BgpConfig {
+            asn: DEFAULT_ASN,
+            peers: Vec::new(),
+            mesh: None,
+            route_reflectors: Vec::new(),
+            hold_time: DEFAULT_HOLD_SECS,
+        }
+    }
+}
+
+fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// Is `asn` usable as a speaker's or peer's AS? 0 and AS_TRANS (23456,
+/// RFC 6793) are reserved; 4-byte numbers are fine.
+pub fn valid_asn(asn: u32) -> bool {
+    asn != 0 && asn != 23456 && asn != u32::MAX
+}
+
+impl BgpConfig {
+    /// Is the node-to-node mesh on?
+    pub fn mesh_on(&self) -> bool {
+        self.mesh
+            .unwrap_or(self.peers.is_empty() && self.route_reflectors.is_empty())
+    }
+
+    /// Every problem at once, each naming its field (`bgp.peers[1].asn`).
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        if !valid_asn(self.asn) {
+            errs.push(ferr(
+                "bgp.asn",
+                format!(
+                    "{} is reserved (0, 23456 and 4294967295 cannot be used)",
+                    self.asn
+                ),
+            ));
+        }
+        // RFC 4271: 0 (no keepalives) or at least 3 seconds.
+        if self.hold_time != 0 && self.hold_time < 3 {
+            errs.push(ferr(
+                "bgp.holdTime",
+                format!(
+                    "{} s: must be 0 (no keepalives) or at least 3",
+                    self.hold_time
+                ),
+            ));
+        }
+        let mut seen = BTreeMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let f = |x: &str| format!("bgp.peers[{i}].{x}");
+            if !valid_asn(p.asn) {
+                errs.push(ferr(f("asn"), format!("{} is reserved", p.asn)));
+            }
+            if p.address.is_unspecified()
+                || p.address.is_broadcast()
+                || p.address.is_multicast()
+                || p.address.is_loopback()
+            {
+                errs.push(ferr(
+                    f("address"),
+                    format!("{} cannot be a BGP peer", p.address),
+                ));
+            }
+            if let Some(pw) = &p.password {
+                // It goes into the speaker's configuration between quotes.
+                if pw.is_empty()
+                    || pw.len() > 80
+                    || pw.chars().any(|c| c == '"' || c == '\\' || c.is_control())
+                {
+                    errs.push(ferr(
+                        f("password"),
+                        "must be 1-80 characters without quotes, backslashes or control characters",
+                    ));
+                }
+            }
+            if let Some(j) = seen.insert(p.address, i) {
+                errs.push(ferr(
+                    f("address"),
+                    format!("{} is also bgp.peers[{j}]", p.address),
+                ));
+            }
+        }
+        if self.mesh == Some(true) && !self.route_reflectors.is_empty() {
+            errs.push(ferr(
+                "bgp.mesh",
+                "a full mesh and route reflectors exclude each other",
+            ));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(addr: &str, asn: u32) -> BgpPeer {
+        BgpPeer {
+            address: addr.parse().unwrap(),
+            asn,
+            password: None,
+            node_selector: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_calicos() {
+        let c: BgpConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.asn, 64512);
+        assert!(c.mesh_on(), "a mesh when nothing else is configured");
+        let tor = BgpConfig {
+            peers: vec![peer("198.51.100.1", 65001)],
+            ..Default::default()
+        };
+        assert!(!tor.mesh_on(), "fabric peers turn the mesh off");
+        let both = BgpConfig {
+            mesh: Some(true),
+            ..tor
+        };
+        assert!(both.mesh_on(), "unless it is asked for");
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_field() {
+        let mut bad_pw = peer("198.51.100.2", 65001);
+        bad_pw.password = Some("a\"b".into());
+        let c = BgpConfig {
+            asn: 23456,
+            hold_time: 2,
+            peers: vec![peer("198.51.100.1", 0), bad_pw, peer("198.51.100.1", 65002)],
+            mesh: Some(true),
+            route_reflectors: vec!["n1".into()],
+        };
+        let fields: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "bgp.asn",
+                "bgp.holdTime",
+                "bgp.peers[0].asn",
+                "bgp.peers[1].password",
+                "bgp.peers[2].address",
+                "bgp.mesh",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<BgpConfig>(r#"{"asm": 65000}"#).unwrap_err();
+        assert!(e.to_string().contains("asm"), "{e}");
+    }
+}
