@@ -1369,6 +1369,92 @@ impl Lab {
         }
     }
 
+    /// What `tweed lab status -o json` prints: the same facts as
+    /// [`Lab::status_text`], for scripts.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        use serde_json::json;
+        let st = self.state()?;
+        let etcd = st.etcd_pid.is_some_and(|p| ours_alive(p, &self.marker()));
+        let nodes: Vec<_> = st
+            .nodes
+            .iter()
+            .map(|n| {
+                let (status, agent) = self.node_agent(&st, n);
+                json!({
+                    "name": n.name, "underlay": n.ip, "subnet": status["subnet"],
+                    "agent": agent, "datastore": status["datastore"],
+                })
+            })
+            .collect();
+        let pods: Vec<_> = st
+            .pods
+            .values()
+            .map(|p| {
+                let alive = p.echo_pid.is_some_and(|pid| ours_alive(pid, &self.marker()));
+                json!({"name": p.name, "node": p.node, "ip": p.ip, "echo": if alive { "running" } else { "down" }})
+            })
+            .collect();
+        let hosts: Vec<_> = st
+            .hosts
+            .iter()
+            .map(|h| json!({"name": h.name, "underlay": h.ip}))
+            .collect();
+        let routers: Vec<_> = st
+            .topology
+            .routers
+            .iter()
+            .enumerate()
+            .map(|(r, spec)| {
+                let legs: serde_json::Map<String, serde_json::Value> = spec
+                    .segments
+                    .iter()
+                    .map(|g| (g.clone(), json!(st.topology.router_ip(r, g))))
+                    .collect();
+                json!({"name": spec.name, "segments": legs})
+            })
+            .collect();
+        let services: Vec<_> = st
+            .services
+            .iter()
+            .map(|(id, svc)| {
+                json!({
+                    "id": id, "type": format!("{:?}", svc.service_type),
+                    "clusterIp": svc.cluster_ip, "externalIps": svc.external_ips,
+                    "ports": svc.ports_text(), "endpoints": self.endpoint_pods(&st, id),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "name": st.name,
+            "etcd": {"url": st.etcd_url(), "running": etcd},
+            "nodes": nodes, "pods": pods, "hosts": hosts, "routers": routers, "services": services,
+        }))
+    }
+
+    /// A node's agent status file and whether its agent runs (a process
+    /// of the lab's, or a pod that has written its status).
+    fn node_agent(&self, st: &LabState, n: &NodeState) -> (serde_json::Value, &'static str) {
+        let status: serde_json::Value = std::fs::read(self.agent_status_path(st, &n.name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let alive = n.agent_pid.is_some_and(|p| ours_alive(p, &self.marker()));
+        let alive = alive || (self.agents_are_pods(st) && !status.is_null());
+        let agent = match (alive, self.agents_are_pods(st)) {
+            (true, true) => "pod",
+            (true, false) => "running",
+            (false, _) => "stopped",
+        };
+        (status, agent)
+    }
+
+    fn endpoint_pods(&self, st: &LabState, id: &str) -> Vec<String> {
+        st.endpoints
+            .get(id)
+            .map(|e| e.endpoints.iter().map(|e| e.pod.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn status_text(&self) -> Result<String> {
         use std::fmt::Write;
         let st = self.state()?;
@@ -1387,23 +1473,14 @@ impl Lab {
             "NODE", "UNDERLAY", "SUBNET", "AGENT"
         );
         for n in &st.nodes {
-            let status: serde_json::Value = std::fs::read(self.agent_status_path(&st, &n.name))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            let alive = n.agent_pid.is_some_and(|p| ours_alive(p, &self.marker()));
-            let alive = alive || (self.agents_are_pods(&st) && !status.is_null());
+            let (status, agent) = self.node_agent(&st, n);
             let _ = writeln!(
                 s,
                 "{:<12} {:<16} {:<18} {:<8} {}",
                 n.name,
                 n.ip,
                 status["subnet"].as_str().unwrap_or("-"),
-                match (alive, self.agents_are_pods(&st)) {
-                    (true, true) => "pod",
-                    (true, false) => "running",
-                    (false, _) => "stopped",
-                },
+                agent,
                 status["datastore"].as_str().unwrap_or("-"),
             );
         }
@@ -1441,23 +1518,24 @@ impl Lab {
         if !st.services.is_empty() {
             let _ = writeln!(
                 s,
-                "\n{:<28} {:<10} {:<14} {:<26} ENDPOINTS",
-                "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)"
+                "\n{:<28} {:<10} {:<14} {:<16} {:<26} ENDPOINTS",
+                "SERVICE", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"
             );
             for (id, svc) in &st.services {
-                let ports = svc.ports_text();
-                let eps: Vec<String> = st
-                    .endpoints
-                    .get(id)
-                    .map(|e| e.endpoints.iter().map(|e| e.pod.clone()).collect())
-                    .unwrap_or_default();
+                let eps = self.endpoint_pods(&st, id);
+                let ext: Vec<String> = svc.external_ips.iter().map(|i| i.to_string()).collect();
                 let _ = writeln!(
                     s,
-                    "{:<28} {:<10} {:<14} {:<26} {}",
+                    "{:<28} {:<10} {:<14} {:<16} {:<26} {}",
                     id,
                     format!("{:?}", svc.service_type),
                     svc.cluster_ip.map(|i| i.to_string()).unwrap_or_default(),
-                    ports,
+                    if ext.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        ext.join(",")
+                    },
+                    svc.ports_text(),
                     if eps.is_empty() {
                         "<none>".to_string()
                     } else {

@@ -141,6 +141,9 @@ enum LabCmd {
     Status {
         #[arg(long, default_value = "demo")]
         name: String,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// Every pod to every pod over HTTP, with the client address each pod saw.
     Matrix {
@@ -567,7 +570,14 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
             Lab::new(&name)?.down()?;
             println!("lab {name} is down");
         }
-        LabCmd::Status { name } => print!("{}", Lab::new(&name)?.status_text()?),
+        LabCmd::Status { name, output } => {
+            let lab = Lab::new(&name)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&lab.status_json()?)?);
+            } else {
+                print!("{}", lab.status_text()?);
+            }
+        }
         LabCmd::Matrix { name } => {
             if !print_matrix(&Lab::new(&name)?)? {
                 return Ok(ExitCode::FAILURE);

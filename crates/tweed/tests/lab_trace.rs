@@ -273,6 +273,28 @@ fn every_service_kind_is_predicted_and_verified() {
     .unwrap();
     lab.apply_ok(&manifest);
     lab.apply_ok(MORE_SERVICES);
+    // `lab status` shows the external IP, in the table and in JSON.
+    let text = ok(&["lab", "status", "--name", "trace3"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("default/web-ext "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("203.0.113.50"), "{row}");
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&["lab", "status", "--name", "trace3", "-o", "json"])).unwrap();
+    let ext = js["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "default/web-ext")
+        .unwrap_or_else(|| panic!("{js}"));
+    assert_eq!(
+        ext["externalIps"],
+        serde_json::json!(["203.0.113.50"]),
+        "{ext}"
+    );
+    assert!(!ext["endpoints"].as_array().unwrap().is_empty(), "{ext}");
+    assert_eq!(js["nodes"].as_array().unwrap().len(), 3, "{js}");
     let ip = |name: &str| {
         lab.state()["services"][format!("default/{name}")]["clusterIp"]
             .as_str()
