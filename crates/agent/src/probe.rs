@@ -10,19 +10,29 @@
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-pub use tweed_plan::{PROBE_MARK, PROBE_TABLE};
+pub use tweed_plan::{OLD_PROBE_MARK, PROBE_MARK, PROBE_TABLE};
 
 fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
     Command::new("ip").args(args).stdin(Stdio::null()).output()
 }
 
 /// Make probe packets use the probe table. Equivalent:
-/// `ip rule add fwmark 0x7744 lookup 7744 priority 7744` (once).
+/// `ip rule add fwmark 0x3744 lookup 7744 priority 7744` (once), and
+/// `ip rule del fwmark 0x7744 lookup 7744` (an older agent's rule).
 pub fn ensure_rule() -> std::io::Result<()> {
     let rules = ip(&["rule", "show"])?;
-    if String::from_utf8_lossy(&rules.stdout)
-        .contains(&format!("fwmark {PROBE_MARK:#x} lookup {PROBE_TABLE}"))
-    {
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    if rules.contains(&format!("fwmark {OLD_PROBE_MARK:#x} lookup {PROBE_TABLE}")) {
+        let _ = ip(&[
+            "rule",
+            "del",
+            "fwmark",
+            &format!("{OLD_PROBE_MARK:#x}"),
+            "lookup",
+            &PROBE_TABLE.to_string(),
+        ]);
+    }
+    if rules.contains(&format!("fwmark {PROBE_MARK:#x} lookup {PROBE_TABLE}")) {
         return Ok(());
     }
     let out = ip(&[
@@ -49,7 +59,7 @@ pub fn ensure_rule() -> std::io::Result<()> {
 /// answer, so one lost packet (a busy host, a neighbour still resolving,
 /// a peer that registered a moment before its VXLAN device had its
 /// address) does not decide the peer's mode.
-/// Equivalent: `ip route replace VTEP/32 via VIA dev DEV table 7744 && ping -c1 -w2 -i0.2 -m 0x7744 VTEP`.
+/// Equivalent: `ip route replace VTEP/32 via VIA dev DEV table 7744 && ping -c1 -w2 -i0.2 -m 0x3744 VTEP`.
 pub fn probe(vtep: Ipv4Addr, via: Ipv4Addr, dev: &str) -> bool {
     let route = ip(&[
         "route",

@@ -91,11 +91,16 @@ pub struct IpipLink {
 pub const IPIP_DEV: &str = "tunl0";
 
 /// The agent's path probe marks its packets and routes them through a
-/// table of its own (`ip rule add fwmark 0x7744 lookup 7744`), so probing
+/// table of its own (`ip rule add fwmark 0x3744 lookup 7744`), so probing
 /// never changes how real traffic is routed; `doctor` knows that table as
-/// tweed's.
-pub const PROBE_MARK: u32 = 0x7744;
+/// tweed's. The mark leaves kube-proxy's bits alone (0x4000 masquerade,
+/// 0x8000 drop): the first mark, 0x7744, had the masquerade bit, so every
+/// probe was masqueraded on its way out.
+pub const PROBE_MARK: u32 = 0x3744;
 pub const PROBE_TABLE: u32 = 7744;
+/// The mark agents before 2026-12 used; its rule is removed on start.
+pub const OLD_PROBE_MARK: u32 = 0x7744;
+const _: () = assert!(PROBE_MARK & (services::MASQ_MARK | 0x8000) == 0);
 
 /// What the agent has found out about reaching a peer without a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

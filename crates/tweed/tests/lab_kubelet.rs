@@ -93,8 +93,8 @@ fn jsonpath(lab: &LabGuard, what: &[&str], path: &str) -> String {
 }
 
 /// The backends node `node`'s data plane draws from for Service `ip:port`
-/// (TCP): the slots below the Service's endpoint count K (membership of
-/// set `lb-tcp-K`) in map `be-tcp`.
+/// (TCP): its slots in map `be-tcp-K`, where K is the Service's endpoint
+/// count (the highest `lb-tcp-K` set it is in).
 fn backends(lab: &LabGuard, node: &str, ip: &str, port: u16) -> BTreeSet<String> {
     let o = lab.exec_ok(
         &lab.node_ns(node),
@@ -121,7 +121,7 @@ fn backends(lab: &LabGuard, node: &str, ip: &str, port: u16) -> BTreeSet<String>
     }
     let mut out = BTreeSet::new();
     for o in &objs {
-        if o["map"]["name"] != "be-tcp" {
+        if o["map"]["name"] != format!("be-tcp-{k}").as_str() {
             continue;
         }
         for e in o["map"]["elem"].as_array().into_iter().flatten() {
