@@ -13,7 +13,7 @@ mod error;
 mod files;
 mod health;
 mod kube;
-mod mem;
+pub mod mem;
 mod packed;
 mod pods;
 mod probe;

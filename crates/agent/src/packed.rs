@@ -97,12 +97,13 @@ impl From<Endpoints> for PackedEndpoints {
 }
 
 impl PackedEndpoints {
-    /// The model's form, for planning (pods unnamed).
-    pub fn unpack(&self, namespace: &str, name: &str) -> Endpoints {
+    /// The model's form, for planning (which reads neither the slice's
+    /// name nor its pods').
+    pub fn unpack(&self) -> Endpoints {
         let (nodes, ports) = (table(&NODES), table(&PORTS));
         Endpoints {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: String::new(),
+            name: String::new(),
             endpoints: self
                 .eps
                 .iter()
@@ -180,7 +181,7 @@ mod tests {
         for x in &mut want.endpoints {
             x.pod.clear();
         }
-        assert_eq!(packed.unpack("default", "web"), want);
+        assert_eq!(packed.unpack().endpoints, want.endpoints);
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Proxy {
         self.services
             .get(id)
             .map(|s| {
-                let eps = self.endpoints.get(id).map(|e| e.unpack("", ""));
+                let eps = self.endpoints.get(id).map(|e| e.unpack());
                 plan_service_from(&self.cfg, s, eps.as_ref(), prev)
             })
             .unwrap_or_default()

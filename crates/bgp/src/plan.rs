@@ -274,27 +274,23 @@ mod tests {
             route_reflectors: vec!["n1".into(), "n2".into()],
             ..Default::default()
         };
+        fn kinds(p: &BgpPlan) -> Vec<(&str, SessionKind)> {
+            p.sessions
+                .iter()
+                .map(|s| (s.name.as_str(), s.kind))
+                .collect()
+        }
         let client = plan(&cfg, 2, &nodes);
-        let kinds: Vec<_> = client
-            .sessions
-            .iter()
-            .map(|s| (s.name.as_str(), s.kind))
-            .collect();
         assert_eq!(
-            kinds,
+            kinds(&client),
             [
                 ("rr_n1", SessionKind::RouteReflector),
                 ("rr_n2", SessionKind::RouteReflector)
             ]
         );
         let reflector = plan(&cfg, 0, &nodes);
-        let kinds: Vec<_> = reflector
-            .sessions
-            .iter()
-            .map(|s| (s.name.as_str(), s.kind))
-            .collect();
         assert_eq!(
-            kinds,
+            kinds(&reflector),
             [
                 ("rr_n2", SessionKind::RouteReflector),
                 ("rrc_n3", SessionKind::RouteReflectorClient),

@@ -207,12 +207,15 @@ fn ipv4_big_tcp_sizes_read_back_on_both_ends_of_a_veth() {
         assert!(!Netlink::set_ipv4_max_sizes_in(&pod_path, "eth0", 196_608)
             .await
             .unwrap());
-        let p = Netlink::open_in(&pod_path)
-            .unwrap()
-            .link("eth0")
-            .await
-            .unwrap()
-            .unwrap();
+        let pod_end = || async {
+            Netlink::open_in(&pod_path)
+                .unwrap()
+                .link("eth0")
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let p = pod_end().await;
         assert_eq!(
             (p.gso_ipv4_max_size, p.gro_ipv4_max_size),
             (Some(196_608), Some(196_608))
@@ -221,13 +224,7 @@ fn ipv4_big_tcp_sizes_read_back_on_both_ends_of_a_veth() {
         assert!(Netlink::set_ipv4_max_sizes_in(&pod_path, "eth0", 65_536)
             .await
             .unwrap());
-        let p = Netlink::open_in(&pod_path)
-            .unwrap()
-            .link("eth0")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(p.gso_ipv4_max_size, Some(65_536));
+        assert_eq!(pod_end().await.gso_ipv4_max_size, Some(65_536));
         let h = nl.link("h0").await.unwrap().unwrap();
         assert_eq!(h.gso_ipv4_max_size, Some(196_608));
         // A link that is not there is an error naming it.

@@ -766,19 +766,6 @@ fn lab(cmd: LabCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
     use tweed_model::{
         Endpoint, Endpoints, Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
@@ -845,7 +832,7 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
         (0..n).map(|i| (format!("bench/s{i}"), svc(i))).collect(),
         (0..n).map(|i| (format!("bench/s{i}"), eps(i, e))),
     );
-    tracing::debug!(hwm_mib = peak_rss_mib(), "model loaded");
+    tracing::debug!(hwm_mib = tweed_agent::mem::peak_rss_mib(), "model loaded");
     let full = proxy.full_sync()?;
     // The periodic (and restarted agent's) full sync: over the table the
     // first one made, refilling it in place.
@@ -883,7 +870,7 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
             "addServiceMs": add_svc.0, "addServiceMaxMs": add_svc.1,
             "addEndpointMs": add_ep.0, "addEndpointMaxMs": add_ep.1,
             "delServiceMs": del_svc.0, "delServiceMaxMs": del_svc.1,
-            "peakRssMiB": peak_rss_mib(),
+            "peakRssMiB": tweed_agent::mem::peak_rss_mib(),
             "first": format!("{}:80", svc_ip(0)), "last": format!("{}:80", svc_ip(n - 1)),
         })
     );
