@@ -200,6 +200,7 @@ mod tests {
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for(name),
             unreachable: Vec::new(),
+            bgp: None,
         }
     }
 
@@ -240,6 +241,7 @@ mod tests {
             tweed_plan::PeerFacts {
                 connected: true,
                 probe: Some(true),
+                learnt: None,
             },
         )]
         .into();

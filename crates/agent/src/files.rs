@@ -90,4 +90,7 @@ pub struct AgentStatus {
     /// while every peer is direct and the underlay allows it).
     #[serde(default)]
     pub pod_gso_max_size: u32,
+    /// The BGP speaker and its sessions (absent: the cluster runs no BGP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }

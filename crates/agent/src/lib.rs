@@ -7,6 +7,7 @@
 //! or loses the datastore, pods keep talking on what is already installed.
 #![forbid(unsafe_code)]
 
+pub mod bgp;
 mod dataplane;
 mod datastore;
 mod error;

@@ -46,6 +46,8 @@ pub struct AgentOpts {
     pub proxy_full_sync: Duration,
     /// Where to serve /healthz, /readyz and /metrics (`None`: nowhere).
     pub health_listen: Option<std::net::SocketAddr>,
+    /// This node's BGP overrides, published in its record.
+    pub bgp_node: Option<tweed_model::NodeBgp>,
 }
 
 /// Which datastore, and how to reach it.
@@ -190,6 +192,10 @@ struct Agent {
     pod_gso_known: BTreeMap<String, u32>,
     /// Pods whose size could not be set, last time (logged when it changes).
     pod_gso_failed: Vec<String>,
+    /// The BGP speaker (BIRD), when the cluster config has `bgp:`.
+    speaker: crate::bgp::Speaker,
+    /// The subnet we hold a blackhole route for (announced by BGP).
+    blackhole: Option<Ipv4Net>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -223,7 +229,9 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         lease_renewed_unix: None,
         probing: false,
         pod_gso_max_size: DEFAULT_GSO_MAX_SIZE,
+        bgp: None,
     };
+    let opts_run_dir = opts.run_dir.clone();
     let mut agent = Agent {
         opts,
         nl,
@@ -246,6 +254,8 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         host_gso: DEFAULT_GSO_MAX_SIZE,
         pod_gso_known: BTreeMap::new(),
         pod_gso_failed: Vec::new(),
+        speaker: crate::bgp::Speaker::new(&opts_run_dir),
+        blackhole: None,
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -332,6 +342,7 @@ impl Agent {
             backend: cfg.backend,
             vtep_mac: vtep_mac_for(&self.opts.node_name),
             unreachable: Vec::new(),
+            bgp: self.opts.bgp_node.clone(),
         };
         let (status, run_dir) = (&mut self.status, &self.opts.run_dir);
         let me = ds
@@ -476,7 +487,8 @@ impl Agent {
         map: &BTreeMap<Ipv4Net, NodeRecord>,
     ) -> Result<(), AgentError> {
         let nodes: Vec<NodeRecord> = map.values().cloned().collect();
-        let facts = self.peer_facts(cfg, local, &nodes).await;
+        let learnt = self.converge_bgp(cfg, local, &nodes).await;
+        let facts = self.peer_facts(cfg, local, &nodes, &learnt).await;
         self.reprobe_at = self
             .probe_misses
             .borrow()
@@ -710,6 +722,84 @@ impl Agent {
         Ok(())
     }
 
+    /// BGP: run the speaker on this node's plan (or stop it), hold the
+    /// blackhole for the announced subnet, and read what was learnt: each
+    /// peer's next hop through the fabric, by peer name.
+    async fn converge_bgp(
+        &mut self,
+        cfg: &ClusterConfig,
+        local: &LocalNode,
+        nodes: &[NodeRecord],
+    ) -> BTreeMap<String, Ipv4Addr> {
+        let Some(bgp) = &cfg.bgp else {
+            if self.speaker.pid().is_some() {
+                let _ = self.speaker.converge(None);
+            }
+            if let Some(net) = self.blackhole.take() {
+                if let Err(e) = self.nl.del_blackhole(net).await {
+                    tracing::warn!(error = %e, "cannot remove the subnet's blackhole route");
+                }
+            }
+            self.status.bgp = None;
+            return BTreeMap::new();
+        };
+        let as_bgp = |n: &NodeRecord| {
+            let o = n.bgp.clone().unwrap_or_default();
+            tweed_bgp::BgpNode {
+                name: n.name.clone(),
+                address: if n.name == local.record.name {
+                    local.bind_ip
+                } else {
+                    n.public_ip
+                },
+                subnet: n.subnet,
+                asn: o.asn,
+                labels: o.labels,
+                peers: o.peers,
+            }
+        };
+        let mut me = as_bgp(&local.record);
+        if let Some(o) = &self.opts.bgp_node {
+            // Our own flags win over a record not yet republished.
+            me.asn = o.asn.or(me.asn);
+            me.peers.clone_from(&o.peers);
+            me.labels.clone_from(&o.labels);
+        }
+        let all: Vec<tweed_bgp::BgpNode> = nodes
+            .iter()
+            .filter(|n| n.name != me.name)
+            .map(as_bgp)
+            .collect();
+        let plan = tweed_bgp::plan_bgp(bgp, cfg.cluster_cidr, cfg.node_subnet_len, &me, &all);
+        let conf = tweed_bgp::bird::render(&me.name, &plan);
+        let _ = self.speaker.converge(Some(&conf));
+        if self.blackhole != Some(me.subnet) {
+            match self.nl.add_blackhole(me.subnet).await {
+                Ok(()) => self.blackhole = Some(me.subnet),
+                Err(e) => tracing::warn!(error = %e, "cannot add the subnet's blackhole route"),
+            }
+        }
+        let learnt: Vec<(Ipv4Net, Ipv4Addr)> = match self.nl.all_routes().await {
+            Ok(rs) => rs
+                .into_iter()
+                .filter(|r| r.table == crate::bgp::LEARNT_TABLE && r.kind == "unicast")
+                .filter_map(|r| Some((r.prefix, r.gateway?)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the routes BGP learnt");
+                Vec::new()
+            }
+        };
+        self.status.bgp = Some(self.speaker.status(&plan, &learnt));
+        nodes
+            .iter()
+            .filter_map(|n| {
+                let via = learnt.iter().find(|(net, _)| *net == n.subnet)?.1;
+                Some((n.name.clone(), via))
+            })
+            .collect()
+    }
+
     /// Which peers share a segment with our underlay device, and (backend
     /// auto) which of those pass pod-addressed traffic: probed at every
     /// resync, so the choice follows the network as it changes.
@@ -718,6 +808,7 @@ impl Agent {
         cfg: &ClusterConfig,
         local: &LocalNode,
         nodes: &[NodeRecord],
+        learnt: &BTreeMap<String, Ipv4Addr>,
     ) -> BTreeMap<String, tweed_plan::PeerFacts> {
         let nets: Vec<Ipv4Net> = match self.nl.link(&local.underlay_dev).await {
             Ok(Some(l)) => self
@@ -741,6 +832,7 @@ impl Agent {
                             .iter()
                             .any(|net| net.contains(&n.public_ip) && n.public_ip != local.bind_ip),
                         probe: None,
+                        learnt: learnt.get(&n.name).copied(),
                     },
                 )
             })
@@ -753,10 +845,19 @@ impl Agent {
                 }
                 self.probe_rule.set(true);
             }
+            // Peers on our segment straight to their address; peers the
+            // fabric routes (BGP) through the learnt next hop.
             let targets: Vec<(String, std::net::Ipv4Addr, std::net::Ipv4Addr)> = nodes
                 .iter()
-                .filter(|n| facts.get(&n.name).is_some_and(|f| f.connected))
-                .map(|n| (n.name.clone(), n.vtep_ip(), n.public_ip))
+                .filter_map(|n| {
+                    let f = facts.get(&n.name)?;
+                    let via = if f.connected {
+                        Some(n.public_ip)
+                    } else {
+                        f.learnt
+                    }?;
+                    Some((n.name.clone(), n.vtep_ip(), via))
+                })
                 .collect();
             let dev = local.underlay_dev.clone();
             let answers =
@@ -766,10 +867,9 @@ impl Agent {
             let mut misses = self.probe_misses.borrow_mut();
             misses.retain(|n, _| facts.contains_key(n));
             for (name, ok) in answers {
-                let direct_now = self
-                    .modes
-                    .iter()
-                    .any(|(n, m)| *n == name && *m == tweed_plan::Mode::Direct);
+                let direct_now = self.modes.iter().any(|(n, m)| {
+                    *n == name && matches!(m, tweed_plan::Mode::Direct | tweed_plan::Mode::Bgp)
+                });
                 let m = misses.entry(name.clone()).or_default();
                 let verdict = crate::probe::judge(direct_now, ok, m);
                 if !ok {

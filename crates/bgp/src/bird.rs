@@ -35,6 +35,23 @@ pub fn render(node: &str, p: &BgpPlan) -> String {
     let _ = writeln!(w);
     let _ = writeln!(w, "protocol device {{\n  scan time 10;\n}}");
     let _ = writeln!(w);
+    // iBGP next hops are resolved recursively, through this table: without
+    // the underlay's routes in it, a mesh peer's subnet is "unreachable".
+    let _ = writeln!(
+        w,
+        "# The underlay's routes (read, never written), to resolve next hops.
+ipv4 table tweed_igp;
+
+protocol direct tweed_direct {{
+  ipv4 {{ table tweed_igp; }};
+}}
+
+protocol kernel tweed_main {{
+  ipv4 {{ table tweed_igp; import all; export none; }};
+  learn;
+}}"
+    );
+    let _ = writeln!(w);
     let _ = writeln!(w, "protocol static tweed_subnet {{\n  ipv4;");
     for net in &p.announce {
         let _ = writeln!(w, "  route {net} blackhole;");
@@ -93,11 +110,16 @@ filter tweed_reflect {{
         "template bgp tweed_peer {{
   local {} as {};
   hold time {};
+  # Fabric routers often only listen (FRR's listen ranges never dial):
+  # retry soon after a refused or failed attempt, not after 2-5 minutes.
+  connect retry time 5;
+  error wait time 5, 30;
   graceful restart on;
   ipv4 {{
     import filter tweed_import;
     export filter tweed_export;
     next hop self;
+    igp table tweed_igp;
   }};
 }}",
         p.router_id, p.local_asn, p.hold_time
@@ -116,18 +138,26 @@ filter tweed_reflect {{
             // Validated: no quotes, backslashes or control characters.
             let _ = writeln!(w, "  password \"{pw}\";");
         }
+        if matches!(x.kind, SessionKind::Global | SessionKind::NodeSpecific)
+            && x.peer_asn != p.local_asn
+        {
+            // Nodes of one AS behind different ToRs: the fabric hands a
+            // node routes whose path holds its own AS (Calico's AS per
+            // rack). Its own subnet is refused by the import filter.
+            let _ = writeln!(w, "  allow local as;");
+        }
         match x.kind {
             SessionKind::RouteReflectorClient => {
                 let _ = writeln!(w, "  rr client;");
                 let _ = writeln!(
                     w,
-                    "  ipv4 {{\n    import filter tweed_import;\n    export filter tweed_reflect;\n    next hop keep;\n  }};"
+                    "  ipv4 {{\n    import filter tweed_import;\n    export filter tweed_reflect;\n    next hop keep;\n    igp table tweed_igp;\n  }};"
                 );
             }
             SessionKind::RouteReflector if reflects => {
                 let _ = writeln!(
                     w,
-                    "  ipv4 {{\n    import filter tweed_import;\n    export filter tweed_reflect;\n    next hop keep;\n  }};"
+                    "  ipv4 {{\n    import filter tweed_import;\n    export filter tweed_reflect;\n    next hop keep;\n    igp table tweed_igp;\n  }};"
                 );
             }
             _ => {}

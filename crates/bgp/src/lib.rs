@@ -10,7 +10,8 @@
 //! second one (FRR) needs only its own renderer and status parser.
 
 pub mod bird;
-pub mod config;
+/// The configuration lives in `tweed-model`: the cluster config carries it.
+pub use tweed_model::bgp as config;
 pub mod plan;
 pub mod status;
 

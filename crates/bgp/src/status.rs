@@ -7,7 +7,7 @@
 //! each line with a 4-digit code: all are taken. `Since` is one or two
 //! words (tweed's configuration asks for ISO dates: `2026-12-02 08:40:11`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -101,7 +101,7 @@ fn looks_like_time(w: &str) -> bool {
 }
 
 /// Why a BGP session is not up, from BIRD's info column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Diagnosis {
     Established,

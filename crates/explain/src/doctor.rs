@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 
 use tweed_netlink::RouteLookup;
-use tweed_plan::{Mode, NodeIntent, PeerIntent, Route, PROBE_TABLE};
+use tweed_plan::{Mode, NodeIntent, PeerIntent, Route, LEARNT_TABLE, PROBE_TABLE};
 
 use crate::facts::{sample_addr, Facts, StatusView};
 use crate::Finding;
@@ -41,6 +41,59 @@ pub fn waiting(node: &str, st: &StatusView) -> Option<Finding> {
         evidence: vec![format!("agent: {why}")],
         fix: "start kube-controller-manager with --allocate-node-cidrs --cluster-cidr (kubeadm: --pod-network-cidr), or set spec.podCIDR on the Node; the agent proceeds the moment it is set".into(),
     })
+}
+
+/// BGP: the speaker not running, and each session that is not Established,
+/// with the reason BIRD gives (where Calico says "BIRD is not ready").
+fn bgp_findings(node: &str, b: &crate::facts::BgpView) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if b.state != "running" {
+        out.push(Finding {
+            fault: "bgp-speaker-down".into(),
+            node: node.into(),
+            peer: None,
+            summary: format!("the cluster runs BGP but this node's speaker is not running ({}): the fabric does not learn this node's pod subnet, and peers routed by BGP fall back to VXLAN", b.state),
+            evidence: vec![format!("agent: BGP speaker (BIRD): {}", b.state)],
+            fix: "install Debian's bird2 on the node (the agent starts it; see RUN_DIR/bird/bird.log for why it stopped)".into(),
+        });
+        return out;
+    }
+    for p in b.peers.iter().filter(|p| p.diagnosis != "established") {
+        let who = match &p.peer_node {
+            Some(n) => format!("{} ({}, {n})", p.address, p.kind),
+            None => format!("{} ({})", p.address, p.kind),
+        };
+        let fix = match p.diagnosis.as_str() {
+            "wrong-asn" => format!("the peer at {} answers with another AS than {}: set the AS it really has (bgp.peers[].asn, --bgp-peer ADDRESS:ASN, or the node's --bgp-asn), or fix the peer's neighbor statement for {}", p.address, p.asn, b.router_id),
+            "peer-unreachable" => format!("check that {} is the peer's address, that it runs BGP, and that TCP 179 from {} reaches it (a firewall, a route)", p.address, b.router_id),
+            "hold-timer-expired" => format!("the peer stopped sending keepalives: check that {} is up and the path to it is not dropping packets", p.address),
+            "authentication" => "set the same TCP MD5 password on both sides (bgp.peers[].password)".into(),
+            "disabled" => "the session is administratively down: enable it on this node's speaker".into(),
+            _ => format!("if it stays like this, nothing completes a BGP session at {}: check the address, the peer's neighbor statement for {} (AS {}), and a firewall in between", p.address, b.router_id, b.local_asn),
+        };
+        out.push(Finding {
+            fault: "bgp-session-down".into(),
+            node: node.into(),
+            peer: Some(p.peer_node.clone().unwrap_or_else(|| p.address.clone())),
+            summary: format!(
+                "BGP session to {who}, peer AS {}, is not Established: {}",
+                p.asn, p.explain
+            ),
+            evidence: vec![format!(
+                "BIRD: {} {} since {}{}",
+                p.state,
+                p.info,
+                p.since,
+                if p.info.is_empty() {
+                    " (no error yet)"
+                } else {
+                    ""
+                }
+            )],
+            fix,
+        });
+    }
+    out
 }
 
 /// Every finding on this node.
@@ -78,6 +131,7 @@ pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
                 r.prefix.prefix_len() >= p.subnet.prefix_len()
                     && p.subnet.contains(&r.prefix.network())
                     && r.table != PROBE_TABLE
+                    && r.table != LEARNT_TABLE
                     && !(r.prefix == p.subnet && r.table == MAIN_TABLE)
                     && !(r.kind == "broadcast" && r.table == LOCAL_TABLE)
             })
@@ -497,6 +551,9 @@ pub fn check(intent: &NodeIntent, f: &Facts) -> Vec<Finding> {
     }
 
     // The datastore.
+    if let Some(b) = f.status.as_ref().and_then(|s| s.bgp.as_ref()) {
+        out.extend(bgp_findings(&node, b));
+    }
     if let Some(st) = &f.status {
         let why = st.last_error.clone().unwrap_or_default();
         // The lease the node lives by. etcd: the agent's, on its node
@@ -795,6 +852,7 @@ mod tests {
             backend: Backend::Vxlan,
             vtep_mac: MacAddr([0x0e, 0, 0, 0, 0, subnet.as_bytes()[7]]),
             unreachable: vec![],
+            bgp: None,
         }
     }
 
@@ -913,6 +971,47 @@ mod tests {
 
     fn faults(f: &Facts) -> Vec<String> {
         check(&intent(), f).into_iter().map(|x| x.fault).collect()
+    }
+
+    #[test]
+    fn a_bgp_session_that_is_not_up_is_named_with_its_reason() {
+        use crate::facts::{BgpPeerView, BgpView};
+        let mut f = healthy();
+        let peer = |addr: &str, diagnosis: &str, info: &str| BgpPeerView {
+            address: addr.into(),
+            asn: 65001,
+            kind: "node specific".into(),
+            state: "start".into(),
+            info: info.into(),
+            diagnosis: diagnosis.into(),
+            explain: "the peer's AS is not the one configured for it (BGP error: bad peer AS)"
+                .into(),
+            ..Default::default()
+        };
+        f.status.as_mut().unwrap().bgp = Some(BgpView {
+            state: "running".into(),
+            local_asn: 64512,
+            router_id: "198.51.100.10".into(),
+            peers: vec![
+                BgpPeerView {
+                    state: "up".into(),
+                    ..peer("198.51.100.2", "established", "Established")
+                },
+                peer("198.51.100.1", "wrong-asn", "Idle Received: Bad peer AS"),
+            ],
+        });
+        let found = check(&intent(), &f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].fault, "bgp-session-down");
+        assert_eq!(found[0].peer.as_deref(), Some("198.51.100.1"));
+        assert!(found[0].summary.contains("bad peer AS"), "{found:#?}");
+        assert!(found[0].evidence[0].contains("Bad peer AS"), "{found:#?}");
+        assert!(
+            found[0].fix.contains("--bgp-peer ADDRESS:ASN"),
+            "{found:#?}"
+        );
+        f.status.as_mut().unwrap().bgp.as_mut().unwrap().state = "not running".into();
+        assert_eq!(faults(&f), ["bgp-speaker-down"]);
     }
 
     #[test]

@@ -35,6 +35,43 @@ pub struct StatusView {
     pub lease_ttl: Option<i64>,
     #[serde(default)]
     pub lease_renewed_unix: Option<u64>,
+    /// The BGP speaker and its sessions, when the cluster runs BGP.
+    #[serde(default)]
+    pub bgp: Option<BgpView>,
+}
+
+/// The agent's `bgp` in status.json: the speaker and each session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpView {
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub local_asn: u32,
+    #[serde(default)]
+    pub router_id: String,
+    #[serde(default)]
+    pub peers: Vec<BgpPeerView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpPeerView {
+    pub address: String,
+    pub asn: u32,
+    pub kind: String,
+    #[serde(default)]
+    pub peer_node: Option<String>,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub info: String,
+    /// established, wrong-asn, peer-unreachable, hold-timer-expired, ...
+    pub diagnosis: String,
+    #[serde(default)]
+    pub explain: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

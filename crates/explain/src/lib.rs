@@ -203,4 +203,6 @@ pub const FAULTS: &[(&str, &str)] = &[
     ("datastore-unreachable", "the agent cannot reach its datastore"),
     ("lease-expiring", "the agent has not renewed its node record's lease (etcd): peers drop the node when it lapses"),
     ("podcidr-unassigned", "the Node has no spec.podCIDR yet (Kubernetes mode)"),
+    ("bgp-session-down", "a BGP session is not Established, with BIRD's reason (wrong AS, unreachable, hold timer, password)"),
+    ("bgp-speaker-down", "the cluster runs BGP but the node's speaker (BIRD) is not running"),
 ];

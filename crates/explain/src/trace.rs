@@ -1027,7 +1027,10 @@ async fn route_branch(
         "direct"
     };
     let p = intent.peers.iter().find(|p| p.public_ip == gw).or(peer);
-    if encap == "direct" && p.is_some_and(|p| p.mode != Some(Mode::Direct)) && peer.is_some() {
+    if encap == "direct"
+        && p.is_some_and(|p| !matches!(p.mode, Some(Mode::Direct | Mode::Bgp)))
+        && peer.is_some()
+    {
         steps
             .last_mut()
             .expect("pushed")

@@ -44,6 +44,8 @@ const ANN_PUBLIC_IP: &str = "tweed.io/public-ip";
 const ANN_BACKEND: &str = "tweed.io/backend";
 const ANN_VTEP_MAC: &str = "tweed.io/vtep-mac";
 const ANN_UNREACHABLE: &str = "tweed.io/unreachable";
+/// The node's BGP overrides (`NodeBgp` as JSON; `null`: none).
+const ANN_BGP: &str = "tweed.io/bgp";
 
 /// kube-proxy's server-side filter for Services and EndpointSlices.
 pub const PROXY_LABEL_SELECTOR: &str =
@@ -138,6 +140,22 @@ pub fn node_record(node: &Node) -> Result<Option<NodeRecord>, FieldError> {
             )
         })?,
     };
+    let mut bgp: Option<tweed_model::NodeBgp> = match get(ANN_BGP) {
+        None => None,
+        Some(b) => serde_json::from_str(b).map_err(|e| {
+            ferr(
+                field(ANN_BGP),
+                format!("not a JSON object {{asn, peers, labels}}: {e}"),
+            )
+        })?,
+    };
+    // BGP peers' node selectors match the Node's own labels, as Calico's do.
+    if let Some(labels) = node.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
+        let b = bgp.get_or_insert_with(Default::default);
+        for (k, v) in labels {
+            b.labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     Ok(Some(NodeRecord {
         name,
         subnet,
@@ -145,6 +163,7 @@ pub fn node_record(node: &Node) -> Result<Option<NodeRecord>, FieldError> {
         backend,
         vtep_mac,
         unreachable,
+        bgp,
     }))
 }
 
@@ -162,6 +181,10 @@ pub fn record_annotations(rec: &NodeRecord) -> BTreeMap<String, String> {
         (
             ANN_UNREACHABLE,
             serde_json::to_string(&rec.unreachable).expect("strings serialise"),
+        ),
+        (
+            ANN_BGP,
+            serde_json::to_string(&rec.bgp).expect("NodeBgp serialises"),
         ),
     ]
     .into_iter()

@@ -21,6 +21,8 @@ pub enum ConfigError {
     Backend(String),
     #[error("config does not decode: {0}")]
     Decode(String),
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Bgp(Vec<crate::FieldError>),
 }
 
 /// How pod traffic crosses between nodes.
@@ -88,6 +90,10 @@ pub struct ClusterConfig {
     pub vni: u32,
     pub port: u16,
     pub mtu: Mtu,
+    /// BGP: the agent runs a speaker (BIRD) that announces the node's pod
+    /// subnet and learns its peers' (absent: no BGP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::BgpConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -100,6 +106,7 @@ impl Default for ClusterConfig {
             vni: 1,
             port: 8472,
             mtu: Mtu::Auto,
+            bgp: None,
         }
     }
 }
@@ -133,6 +140,9 @@ impl ClusterConfig {
             if !(576..=9000).contains(&m) {
                 return Err(ConfigError::Mtu(m));
             }
+        }
+        if let Some(b) = &self.bgp {
+            b.validate().map_err(ConfigError::Bgp)?;
         }
         Ok(())
     }
@@ -220,6 +230,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
+        let bad = ClusterConfig::from_json(br#"{"bgp": {"asn": 0, "holdTime": 1}}"#).unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "bgp.asn: 0 is reserved (0, 23456 and 4294967295 cannot be used); bgp.holdTime: 1 s: must be 0 (no keepalives) or at least 3"
+        );
+        let typo = ClusterConfig::from_json(br#"{"bgp": {"meshh": false}}"#).unwrap_err();
+        assert!(typo.to_string().contains("unknown field `meshh`"), "{typo}");
+        let ok = ClusterConfig::from_json(br#"{"bgp": {"mesh": false}}"#).unwrap();
+        assert_eq!(ok.bgp.map(|b| b.mesh_on()), Some(false));
         assert!(ClusterConfig::from_json(br#"{"backend":"carrier-pigeon"}"#).is_err());
         let hg = ClusterConfig::from_json(br#"{"backend":"host-gw"}"#).unwrap();
         assert_eq!(

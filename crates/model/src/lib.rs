@@ -5,14 +5,17 @@
 //! network.
 #![forbid(unsafe_code)]
 
+pub mod bgp;
 mod config;
 mod node;
 mod service;
 mod subnet;
 
+pub use bgp::{parse_peer as parse_bgp_peer, BgpConfig, BgpPeer};
 pub use config::{Backend, ClusterConfig, ConfigError, Mtu, IPIP_OVERHEAD, VXLAN_OVERHEAD};
 pub use node::{
-    vtep_mac_for, HostPorts, MacAddr, NodeRecord, NodeState, PodAttachment, DEFAULT_GSO_MAX_SIZE,
+    vtep_mac_for, HostPorts, MacAddr, NodeBgp, NodeRecord, NodeState, PodAttachment,
+    DEFAULT_GSO_MAX_SIZE,
 };
 pub use service::{
     allocate_cluster_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints, FieldError,

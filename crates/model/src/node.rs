@@ -87,6 +87,25 @@ pub struct NodeRecord {
     /// Peers this node cannot route to, each as "NAME: why".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<String>,
+    /// This node's own BGP settings (its AS, its rack's ToR), when the
+    /// cluster runs BGP; absent: the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<NodeBgp>,
+}
+
+/// A node's BGP overrides, published in its record by its agent
+/// (`--bgp-asn`, `--bgp-peer`, `--bgp-label`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeBgp {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asn: Option<u32>,
+    /// Peers of this node only (e.g. eBGP to its rack's ToR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<crate::BgpPeer>,
+    /// What the cluster's peers' node selectors match.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl NodeRecord {
@@ -191,6 +210,7 @@ mod tests {
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for("n1"),
             unreachable: Vec::new(),
+            bgp: None,
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"publicIp\":\"198.51.100.10\""), "{j}");

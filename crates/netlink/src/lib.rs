@@ -609,6 +609,43 @@ impl Netlink {
             )))
     }
 
+    fn blackhole_msg(dst: Ipv4Net) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .kind(RouteType::BlackHole)
+            .protocol(RouteProtocol::Other(TWEED_RTPROTO))
+            .build()
+    }
+
+    /// `ip route replace blackhole DST proto 144`: the node's own pod subnet
+    /// when it announces it by BGP, so traffic to an unused address in it
+    /// stops here instead of looping back to the fabric (pods' /32 routes
+    /// are more specific).
+    pub async fn add_blackhole(&self, dst: Ipv4Net) -> Result<()> {
+        self.handle
+            .route()
+            .add(Self::blackhole_msg(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("ip route replace blackhole {dst}")))
+    }
+
+    /// `ip route del blackhole DST proto 144`; already gone is fine.
+    pub async fn del_blackhole(&self, dst: Ipv4Net) -> Result<()> {
+        match self
+            .handle
+            .route()
+            .del(Self::blackhole_msg(dst))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno_of(&e), ESRCH | ENOENT) => Ok(()),
+            Err(e) => Err(req(format!("ip route del blackhole {dst}"))(e)),
+        }
+    }
+
     /// `ip route replace default via GW dev DEV onlink` (inside a pod).
     pub async fn add_default_route(&self, gw: Ipv4Addr, index: u32) -> Result<()> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()

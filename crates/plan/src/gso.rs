@@ -35,7 +35,7 @@ pub fn pod_gso_max_size(underlay_gso: Option<u32>, modes: impl IntoIterator<Item
     };
     let all_direct = modes
         .into_iter()
-        .all(|m| matches!(m, Mode::Direct | Mode::Unreachable));
+        .all(|m| matches!(m, Mode::Direct | Mode::Bgp | Mode::Unreachable));
     if all_direct {
         size
     } else {

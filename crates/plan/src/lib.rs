@@ -98,6 +98,10 @@ pub const IPIP_DEV: &str = "tunl0";
 /// probe was masqueraded on its way out.
 pub const PROBE_MARK: u32 = 0x3744;
 pub const PROBE_TABLE: u32 = 7744;
+/// The routing table the node's BGP speaker writes learnt routes to: no
+/// rule looks it up, so it changes no packet's path until the agent
+/// copies a route from it into the main table (mode `bgp`).
+pub const LEARNT_TABLE: u32 = 7745;
 /// The mark agents before 2026-12 used; its rule is removed on start.
 pub const OLD_PROBE_MARK: u32 = 0x7744;
 const _: () = assert!(PROBE_MARK & (services::MASQ_MARK | 0x8000) == 0);
@@ -110,6 +114,11 @@ pub struct PeerFacts {
     /// Did a pod-addressed probe sent straight to the peer get an answer?
     /// `None`: not probed (yet).
     pub probe: Option<bool>,
+    /// A route to the peer's subnet learnt by BGP (the node's speaker
+    /// writes them to their own table): its next hop on the underlay.
+    /// With backend auto, a peer on another segment is routed natively
+    /// through it once `probe` (sent through that next hop) is answered.
+    pub learnt: Option<Ipv4Addr>,
 }
 
 /// How traffic to a peer's pods leaves this node.
@@ -117,6 +126,8 @@ pub struct PeerFacts {
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Direct,
+    /// Unencapsulated through the fabric, by a route learnt with BGP.
+    Bgp,
     Vxlan,
     Ipip,
     Unreachable,
@@ -126,6 +137,7 @@ impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Mode::Direct => "direct",
+            Mode::Bgp => "bgp",
             Mode::Vxlan => "vxlan",
             Mode::Ipip => "ipip",
             Mode::Unreachable => "unreachable",
@@ -236,6 +248,8 @@ pub fn plan_node(
                 ),
             ),
             Backend::Auto => match (f.connected, f.probe) {
+                (false, Some(true)) if f.learnt.is_some() => (Mode::Bgp, format!("not on our segment; the fabric routes its subnet (learnt by BGP via {}) and pod-addressed traffic gets through", f.learnt.unwrap_or(Ipv4Addr::UNSPECIFIED))),
+                (false, Some(false)) if f.learnt.is_some() => (Mode::Vxlan, format!("not on our segment; a BGP route via {} exists, but pod-addressed traffic does not get through it (probe unanswered)", f.learnt.unwrap_or(Ipv4Addr::UNSPECIFIED))),
                 (false, _) => (Mode::Vxlan, format!("{} is not on a segment {} is on", peer.public_ip, me.underlay_dev)),
                 (true, Some(true)) => (Mode::Direct, "same segment, and pod-addressed traffic gets through".to_string()),
                 (true, Some(false)) => (Mode::Vxlan, "same segment, but pod-addressed traffic does not get through (probe unanswered)".to_string()),
@@ -247,6 +261,15 @@ pub fn plan_node(
                 plan.routes.insert(Route {
                     dst: peer.subnet,
                     via: peer.public_ip,
+                    dev: me.underlay_dev.clone(),
+                    onlink: false,
+                    src: Some(me.bind_ip),
+                });
+            }
+            Mode::Bgp => {
+                plan.routes.insert(Route {
+                    dst: peer.subnet,
+                    via: f.learnt.unwrap_or(peer.public_ip),
                     dev: me.underlay_dev.clone(),
                     onlink: false,
                     src: Some(me.bind_ip),
@@ -336,6 +359,7 @@ mod tests {
             backend: Backend::Vxlan,
             vtep_mac: vtep_mac_for(name),
             unreachable: Vec::new(),
+            bgp: None,
         }
     }
 
@@ -441,6 +465,7 @@ mod tests {
                 PeerFacts {
                     connected: true,
                     probe: Some(true),
+                    learnt: None,
                 },
             ),
             (
@@ -448,6 +473,7 @@ mod tests {
                 PeerFacts {
                     connected: true,
                     probe: Some(false),
+                    learnt: None,
                 },
             ),
             (
@@ -455,6 +481,7 @@ mod tests {
                 PeerFacts {
                     connected: false,
                     probe: None,
+                    learnt: None,
                 },
             ),
             (
@@ -462,6 +489,7 @@ mod tests {
                 PeerFacts {
                     connected: true,
                     probe: None,
+                    learnt: None,
                 },
             ),
         ]
@@ -511,6 +539,7 @@ mod tests {
             PeerFacts {
                 connected: true,
                 probe: None,
+                learnt: None,
             },
         )]
         .into();

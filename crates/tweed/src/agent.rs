@@ -74,9 +74,50 @@ pub struct AgentArgs {
     /// Serve /healthz, /readyz and /metrics here ("" for nowhere).
     #[arg(long, default_value = "0.0.0.0:9476")]
     health_listen: String,
+    /// This node's own AS, when the cluster runs BGP (default: the
+    /// cluster's `bgp.asn`), e.g. one AS per rack.
+    #[arg(long, env = "TWEED_BGP_ASN")]
+    bgp_asn: Option<u32>,
+    /// A BGP peer of this node only, ADDRESS:ASN[:PASSWORD] (e.g. its
+    /// rack's ToR); repeat or separate with commas.
+    #[arg(long, env = "TWEED_BGP_PEERS", value_delimiter = ',')]
+    bgp_peer: Vec<String>,
+    /// A label the cluster's BGP peers' node selectors match, KEY=VALUE
+    /// (in Kubernetes mode the Node's own labels count too).
+    #[arg(long, env = "TWEED_BGP_LABELS", value_delimiter = ',')]
+    bgp_label: Vec<String>,
+}
+
+/// The node's BGP overrides from its flags (`None`: none given).
+fn bgp_node(a: &AgentArgs) -> Result<Option<tweed_model::NodeBgp>> {
+    if a.bgp_asn.is_none() && a.bgp_peer.is_empty() && a.bgp_label.is_empty() {
+        return Ok(None);
+    }
+    if let Some(n) = a.bgp_asn.filter(|n| !tweed_model::bgp::valid_asn(*n)) {
+        bail!("--bgp-asn {n}: reserved (0, 23456 and 4294967295 cannot be used)");
+    }
+    let peers = a
+        .bgp_peer
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| tweed_model::parse_bgp_peer(p).map_err(|e| anyhow::anyhow!("--bgp-peer {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut labels = std::collections::BTreeMap::new();
+    for l in a.bgp_label.iter().filter(|l| !l.is_empty()) {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--bgp-label {l:?}: not KEY=VALUE");
+        };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(Some(tweed_model::NodeBgp {
+        asn: a.bgp_asn,
+        peers,
+        labels,
+    }))
 }
 
 pub fn run(a: AgentArgs) -> Result<()> {
+    let bgp_node = bgp_node(&a)?;
     let node_name = match a.node_name {
         Some(n) if !n.is_empty() => n,
         _ => std::fs::read_to_string("/proc/sys/kernel/hostname")?
@@ -111,6 +152,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         }
     };
     let opts = tweed_agent::AgentOpts {
+        bgp_node,
         node_name,
         datastore,
         underlay: match a.iface {

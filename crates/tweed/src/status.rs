@@ -129,6 +129,50 @@ fn table(st: &AgentStatus, from: &Path) -> String {
     if st.peers.is_empty() {
         s.push_str("(no peers)\n");
     }
+    if let Some(b) = &st.bgp {
+        s.push_str(&bgp_table(b));
+    }
     s.push_str(&format!("\nfrom {}\n", from.display()));
+    s
+}
+
+/// BGP sessions as `calicoctl node status` shows them, with the reason
+/// when one is not up.
+fn bgp_table(b: &tweed_agent::bgp::BgpStatus) -> String {
+    let mut s = format!(
+        "\nBGP: {} {} (AS {}, router id {}, hold time {} s), announces {}\n",
+        b.speaker,
+        b.state,
+        b.local_asn,
+        b.router_id,
+        b.hold_time,
+        if b.announce.is_empty() {
+            "nothing".to_string()
+        } else {
+            b.announce.join(", ")
+        }
+    );
+    s.push_str(&format!(
+        "{:<16} {:<24} {:<8} {:<6} {:<20} {}\n",
+        "PEER ADDRESS", "PEER TYPE", "AS", "STATE", "SINCE", "INFO"
+    ));
+    for p in &b.peers {
+        let kind = match &p.peer_node {
+            Some(n) => format!("{} {n}", p.kind),
+            None => p.kind.clone(),
+        };
+        let info = if p.diagnosis == tweed_bgp::Diagnosis::Established {
+            p.info.clone()
+        } else {
+            format!("{} ({})", p.info, p.explain)
+        };
+        s.push_str(&format!(
+            "{:<16} {:<24} {:<8} {:<6} {:<20} {}\n",
+            p.address, kind, p.asn, p.state, p.since, info
+        ));
+    }
+    if b.peers.is_empty() {
+        s.push_str("(no BGP peers)\n");
+    }
     s
 }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use crate::FieldError;
 use serde::{Deserialize, Serialize};
-use tweed_model::FieldError;
 
 /// Calico's default AS number (a private one, RFC 6996).
 pub const DEFAULT_ASN: u32 = 64512;
@@ -161,9 +161,66 @@ impl BgpConfig {
     }
 }
 
+/// A node-specific peer as a flag gives it: `ADDRESS:ASN` or
+/// `ADDRESS:ASN:PASSWORD` (`--bgp-peer 198.51.100.1:65001`).
+pub fn parse_peer(s: &str) -> Result<BgpPeer, String> {
+    let mut it = s.splitn(3, ':');
+    let (Some(a), Some(n)) = (it.next(), it.next()) else {
+        return Err(format!("{s:?} is not ADDRESS:ASN[:PASSWORD]"));
+    };
+    let address: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+    let asn: u32 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not an AS number"))?;
+    let peer = BgpPeer {
+        address,
+        asn,
+        password: it.next().map(str::to_string),
+        node_selector: BTreeMap::new(),
+    };
+    // The same checks as the cluster config's peers.
+    let one = BgpConfig {
+        peers: vec![peer.clone()],
+        ..Default::default()
+    };
+    if let Err(errs) = one.validate() {
+        let msgs: Vec<String> = errs
+            .iter()
+            .map(|e| format!("{}: {}", e.field.replace("bgp.peers[0].", ""), e.msg))
+            .collect();
+        return Err(format!("{s:?}: {}", msgs.join("; ")));
+    }
+    Ok(peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_flag_is_read_and_checked() {
+        let p = parse_peer("198.51.100.1:65001").unwrap();
+        assert_eq!(
+            (p.address.to_string(), p.asn, p.password),
+            ("198.51.100.1".into(), 65001, None)
+        );
+        let p = parse_peer("198.51.100.1:65001:s3:cret").unwrap();
+        assert_eq!(p.password.as_deref(), Some("s3:cret"));
+        assert!(parse_peer("198.51.100.1")
+            .unwrap_err()
+            .contains("ADDRESS:ASN"));
+        assert!(parse_peer("tor1:65001")
+            .unwrap_err()
+            .contains("not an IPv4 address"));
+        assert!(parse_peer("198.51.100.1:0")
+            .unwrap_err()
+            .contains("asn: 0 is reserved"));
+        assert!(parse_peer("127.0.0.1:65001")
+            .unwrap_err()
+            .contains("address"));
+    }
 
     fn peer(addr: &str, asn: u32) -> BgpPeer {
         BgpPeer {
