@@ -28,6 +28,10 @@ pkgs=(
   # BGP: the speaker the agent will run (its generated configuration is
   # checked with `bird -p`); never started as a service here
   bird2
+  # BGP: the lab's ToR and core routers (routers with `bgp:`), so every
+  # BGP test is interop between BIRD on the nodes and FRR on the routers;
+  # the lab runs zebra and bgpd inside router namespaces, never as a service
+  frr
 )
 
 missing=()
@@ -37,9 +41,23 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
-  # etcd-server's package would start a system etcd on a machine with an init
-  # system; tweed's lab runs its own etcds inside namespaces and needs none.
+  # etcd-server's and frr's packages would start a system etcd and FRR on a
+  # machine with an init system; tweed's lab runs its own inside namespaces
+  # and needs none. RUNLEVEL=1 covers sysvinit; a policy-rc.d that denies
+  # every start (kept only for the install) covers invoke-rc.d under systemd.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tweed install-deps.sh: no service starts during its install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$made_policy" ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

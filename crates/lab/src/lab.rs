@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -106,6 +106,15 @@ fn default_ns() -> String {
     "default".into()
 }
 
+/// A router running FRR (one with `bgp:`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouterState {
+    pub name: String,
+    pub ns: String,
+    pub zebra_pid: Option<u32>,
+    pub bgpd_pid: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostState {
     pub name: String,
@@ -136,6 +145,9 @@ pub struct LabState {
     pub pods: BTreeMap<String, PodState>,
     #[serde(default)]
     pub hosts: Vec<HostState>,
+    /// Routers running BGP (FRR).
+    #[serde(default)]
+    pub routers: Vec<RouterState>,
     #[serde(default)]
     pub workloads: BTreeMap<String, Workload>,
     /// Services as stored (with their allocated addresses).
@@ -432,6 +444,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: BTreeMap::new(),
             hosts: Vec::new(),
+            routers: Vec::new(),
             workloads: BTreeMap::new(),
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
@@ -560,6 +573,29 @@ impl Lab {
                 }
             }
         }
+        // BGP routers: FRR, once every router has its legs (so each
+        // finds its neighbours' addresses on the wire).
+        for (r, spec) in topo.routers.iter().enumerate() {
+            if spec.bgp.is_none() {
+                continue;
+            }
+            self.frr_prepare(topo, r)?;
+            st.routers.push(RouterState {
+                name: spec.name.clone(),
+                ns: self.router_ns(&spec.name),
+                zebra_pid: None,
+                bgpd_pid: None,
+            });
+            let k = st.routers.len() - 1;
+            // zebra first: bgpd hands it the routes it selects.
+            st.routers[k].zebra_pid = Some(self.frr_spawn(&spec.name, "zebra")?);
+            self.save(&st)?;
+            self.frr_wait(&spec.name, "zebra")?;
+            st.routers[k].bgpd_pid = Some(self.frr_spawn(&spec.name, "bgpd")?);
+            self.save(&st)?;
+            self.frr_wait(&spec.name, "bgpd")?;
+        }
+        self.wait_router_sessions(topo, 30)?;
 
         // Control plane: etcd.
         attach(&st.cp_ns, "eth0", &segments[0].name, st.cp_ip)?;
@@ -1274,6 +1310,12 @@ impl Lab {
                 .filter_map(|p| p.echo_pid)
                 .chain(st.nodes.iter().filter_map(|n| n.agent_pid))
                 .chain(st.kube.iter().flat_map(|k| k.pids()))
+                .chain(
+                    st.routers
+                        .iter()
+                        .flat_map(|r| [r.bgpd_pid, r.zebra_pid])
+                        .flatten(),
+                )
                 .chain(st.etcd_pid);
             for pid in pids {
                 errs.extend(stop_pid(pid, &marker));
@@ -1410,7 +1452,15 @@ impl Lab {
                     .iter()
                     .map(|g| (g.clone(), json!(st.topology.router_ip(r, g))))
                     .collect();
-                json!({"name": spec.name, "segments": legs})
+                let bgp = spec.bgp.as_ref().map(|b| {
+                    let peers = self.router_bgp_peers(&spec.name).ok();
+                    json!({
+                        "asn": b.asn,
+                        "peers": peers.as_ref().map(|p| p.len()),
+                        "established": peers.as_ref().map(|p| p.iter().filter(|p| p.established()).count()),
+                    })
+                });
+                json!({"name": spec.name, "segments": legs, "bgp": bgp})
             })
             .collect();
         let services: Vec<_> = st
@@ -1505,14 +1555,26 @@ impl Lab {
             }
         }
         if !st.topology.routers.is_empty() {
-            let _ = writeln!(s, "\n{:<20} SEGMENTS", "ROUTER");
+            let _ = writeln!(s, "\n{:<20} {:<26} SEGMENTS", "ROUTER", "BGP");
             for (r, spec) in st.topology.routers.iter().enumerate() {
                 let legs: Vec<String> = spec
                     .segments
                     .iter()
                     .map(|g| format!("{g} {}", st.topology.router_ip(r, g)))
                     .collect();
-                let _ = writeln!(s, "{:<20} {}", spec.name, legs.join(", "));
+                let bgp = match &spec.bgp {
+                    None => "-".to_string(),
+                    Some(b) => match self.router_bgp_peers(&spec.name) {
+                        Ok(p) => format!(
+                            "AS {} {}/{} established",
+                            b.asn,
+                            p.iter().filter(|p| p.established()).count(),
+                            p.len()
+                        ),
+                        Err(_) => format!("AS {} DOWN", b.asn),
+                    },
+                };
+                let _ = writeln!(s, "{:<20} {:<26} {}", spec.name, bgp, legs.join(", "));
             }
         }
         if !st.services.is_empty() {
@@ -1545,5 +1607,143 @@ impl Lab {
             }
         }
         Ok(s)
+    }
+}
+
+/// The BGP routers (FRR): see [`crate::frr`].
+impl Lab {
+    pub fn router_ns(&self, router: &str) -> String {
+        self.ns(&format!("r-{router}"))
+    }
+
+    /// Router `router`'s FRR files: configurations, logs, and `run/`
+    /// (pid files and sockets).
+    pub fn router_dir(&self, router: &str) -> PathBuf {
+        self.dir.join("routers").join(router)
+    }
+
+    /// Write router `r`'s configurations and give its daemons a runtime
+    /// directory they own (they drop to the `frr` user).
+    fn frr_prepare(&self, topo: &Topology, r: usize) -> Result<()> {
+        let spec = &topo.routers[r];
+        let missing = |what: &str| {
+            LabError::Invalid(format!(
+                "router {} has bgp: it runs FRR, and {what} is missing: run scripts/install-deps.sh (Debian's frr)",
+                spec.name
+            ))
+        };
+        for d in ["zebra", "bgpd"] {
+            if !Path::new(crate::frr::SBIN).join(d).exists() {
+                return Err(missing(&format!("{}/{d}", crate::frr::SBIN)));
+            }
+        }
+        let user = nix::unistd::User::from_name("frr")
+            .ok()
+            .flatten()
+            .ok_or_else(|| missing("the frr user"))?;
+        let dir = self.router_dir(&spec.name);
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).map_err(io_err(&run))?;
+        nix::unistd::chown(&run, Some(user.uid), Some(user.gid)).map_err(|e| LabError::Io {
+            path: run.clone(),
+            source: e.into(),
+        })?;
+        let bgpd = crate::frr::render(spec, topo).expect("a router with bgp");
+        for (name, body) in [
+            ("frr.conf", bgpd),
+            ("zebra.conf", crate::frr::render_zebra(spec)),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, body).map_err(io_err(&p))?;
+        }
+        Ok(())
+    }
+
+    /// Start `daemon` (zebra or bgpd) in the router's namespace.
+    /// Equivalent: `ip netns exec NS /usr/lib/frr/DAEMON -f ... &`.
+    fn frr_spawn(&self, router: &str, daemon: &str) -> Result<u32> {
+        let dir = self.router_dir(router);
+        self.spawn_in(
+            &self.router_ns(router),
+            &Path::new(crate::frr::SBIN).join(daemon),
+            &crate::frr::daemon_args(daemon, &dir),
+            &dir.join(format!("{daemon}.log")),
+            &[],
+        )
+    }
+
+    /// Wait until `daemon` answers on its vty socket.
+    fn frr_wait(&self, router: &str, daemon: &str) -> Result<()> {
+        let log = self.router_dir(router).join(format!("{daemon}.log"));
+        wait_for(
+            &format!("{daemon} on router {router} to answer vtysh"),
+            15,
+            &format!("; see {}", log.display()),
+            || self.vtysh(router, daemon, "show version").is_ok(),
+        )
+    }
+
+    /// Run one vtysh command against one of a router's daemons.
+    /// Equivalent: `ip netns exec NS vtysh --vty_socket DIR/run -d DAEMON -c CMD`.
+    pub fn vtysh(&self, router: &str, daemon: &str, cmd: &str) -> Result<String> {
+        let sockets = self.router_dir(router).join("run");
+        run(Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router_ns(router),
+                "vtysh",
+                "--vty_socket",
+            ])
+            .arg(&sockets)
+            .args(["-d", daemon, "-c", cmd]))
+    }
+
+    /// Router `router`'s BGP sessions (`show bgp summary json`).
+    pub fn router_bgp_peers(&self, router: &str) -> Result<Vec<crate::frr::RouterPeer>> {
+        let out = self.vtysh(router, "bgpd", "show bgp summary json")?;
+        crate::frr::parse_summary(&out)
+            .map_err(|e| LabError::Invalid(format!("router {router}: bgp summary: {e}")))
+    }
+
+    /// The BGP routes router `router` selected, with their next hops
+    /// (`show ip route bgp json`: what zebra installed in its namespace).
+    pub fn router_routes(&self, router: &str) -> Result<Vec<(ipnet::Ipv4Net, Vec<Ipv4Addr>)>> {
+        let out = self.vtysh(router, "zebra", "show ip route bgp json")?;
+        crate::frr::parse_routes(&out)
+            .map_err(|e| LabError::Invalid(format!("router {router}: bgp routes: {e}")))
+    }
+
+    /// Wait until every router-to-router BGP session is Established.
+    fn wait_router_sessions(&self, topo: &Topology, secs: u64) -> Result<()> {
+        for (r, spec) in topo.routers.iter().enumerate() {
+            if spec.bgp.is_none() {
+                continue;
+            }
+            let want = crate::frr::neighbours(topo, r);
+            let log = self.router_dir(&spec.name).join("bgpd.log");
+            wait_for(
+                &format!(
+                    "router {}'s BGP sessions with {} to be Established",
+                    spec.name,
+                    want.iter()
+                        .map(|(n, a)| format!("{n} ({a})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                secs,
+                &format!("; see {}", log.display()),
+                || {
+                    self.router_bgp_peers(&spec.name).is_ok_and(|peers| {
+                        want.iter().all(|(_, a)| {
+                            peers
+                                .iter()
+                                .any(|p| p.address == IpAddr::V4(*a) && p.established())
+                        })
+                    })
+                },
+            )?;
+        }
+        Ok(())
     }
 }

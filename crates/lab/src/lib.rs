@@ -10,6 +10,7 @@
 pub mod bigtcp;
 pub mod echo;
 pub mod faults;
+pub mod frr;
 pub mod kube;
 mod kube_state;
 pub mod kubelet;

@@ -99,6 +99,24 @@ pub struct SegmentSpec {
 pub struct RouterSpec {
     pub name: String,
     pub segments: Vec<String>,
+    /// Run a BGP speaker (FRR) on it: a ToR or core router that the
+    /// nodes on its segments, and the other BGP routers sharing a segment
+    /// with it, peer with.
+    #[serde(default)]
+    pub bgp: Option<RouterBgp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterBgp {
+    /// Its autonomous system number.
+    pub asn: u32,
+}
+
+/// Is `asn` one a BGP speaker may use as its own? 0 is reserved (RFC
+/// 7607), 23456 is AS_TRANS (RFC 6793) and 4294967295 is reserved (RFC 7300).
+pub fn valid_asn(asn: u32) -> bool {
+    !matches!(asn, 0 | 23456 | u32::MAX)
 }
 
 /// The "public" range NAT'd nodes get their addresses from (documentation range).
@@ -323,6 +341,11 @@ impl Topology {
                     r.segments
                 ));
             }
+            if let Some(asn) = r.bgp.as_ref().map(|b| b.asn).filter(|a| !valid_asn(*a)) {
+                return bad(format!(
+                    "routers[{i}].bgp.asn {asn} is reserved (0, 23456 and 4294967295 are not usable)"
+                ));
+            }
         }
         let public: Ipv4Net = PUBLIC_RANGE.parse().expect("literal");
         for (i, n) in self.nodes.iter().enumerate() {
@@ -487,6 +510,17 @@ pods:
     }
 
     #[test]
+    fn the_two_racks_example_parses_with_bgp_routers() {
+        let t = Topology::parse(include_str!("../../../examples/two-racks.yaml")).unwrap();
+        let asns: Vec<Option<u32>> = t
+            .routers
+            .iter()
+            .map(|r| r.bgp.as_ref().map(|b| b.asn))
+            .collect();
+        assert_eq!(asns, [Some(65000), Some(65001), Some(65002)]);
+    }
+
+    #[test]
     fn impossible_topologies_name_the_problem() {
         let cases = [
             ("nodes: []", "at least one node"),
@@ -519,6 +553,22 @@ pods:
             ),
             (
                 "segments: [{name: a, cidr: 198.51.100.0/26, bigTcp: 1}]\nnodes: [{name: a}]",
+                "does not decode",
+            ),
+            (
+                "routers: [{name: r, segments: [ul], bgp: {asn: 0}}]\nnodes: [{name: a}]",
+                "routers[0].bgp.asn 0 is reserved",
+            ),
+            (
+                "routers: [{name: r, segments: [ul], bgp: {asn: 23456}}]\nnodes: [{name: a}]",
+                "routers[0].bgp.asn 23456",
+            ),
+            (
+                "routers: [{name: r, segments: [ul]}, {name: s, segments: [ul], bgp: {asn: 4294967295}}]\nnodes: [{name: a}]",
+                "routers[1].bgp.asn 4294967295",
+            ),
+            (
+                "routers: [{name: r, segments: [ul], bgp: {asn: 65001, as: 1}}]\nnodes: [{name: a}]",
                 "does not decode",
             ),
         ];
