@@ -196,6 +196,12 @@ struct Agent {
     speaker: crate::bgp::Speaker,
     /// The subnet we hold a blackhole route for (announced by BGP).
     blackhole: Option<Ipv4Net>,
+    /// The BGP configuration and peer subnets last converged, and when
+    /// they changed: for a while after, the agent looks again every few
+    /// seconds for sessions and learnt routes still on their way.
+    bgp_key: String,
+    bgp_changed_at: std::time::Instant,
+    bgp_settling: bool,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -256,6 +262,9 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         pod_gso_failed: Vec::new(),
         speaker: crate::bgp::Speaker::new(&opts_run_dir),
         blackhole: None,
+        bgp_key: String::new(),
+        bgp_changed_at: std::time::Instant::now(),
+        bgp_settling: false,
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -489,13 +498,16 @@ impl Agent {
         let nodes: Vec<NodeRecord> = map.values().cloned().collect();
         let learnt = self.converge_bgp(cfg, local, &nodes).await;
         let facts = self.peer_facts(cfg, local, &nodes, &learnt).await;
-        self.reprobe_at = self
+        let probing = self
             .probe_misses
             .borrow()
             .values()
-            .any(|m| crate::probe::reprobe_soon(*m))
-            .then(|| tokio::time::Instant::now() + REPROBE_AFTER);
-        self.status.probing = self.reprobe_at.is_some();
+            .any(|m| crate::probe::reprobe_soon(*m));
+        self.reprobe_at =
+            (probing || self.bgp_settling).then(|| tokio::time::Instant::now() + REPROBE_AFTER);
+        // Only probes decide `probing` (the lab waits for it to clear): a
+        // BGP session that never comes up must not hold the lab.
+        self.status.probing = probing;
         let plan = plan_node(cfg, local, &nodes, &facts);
         let modes: Vec<(String, tweed_plan::Mode)> = plan
             .peers
@@ -741,6 +753,7 @@ impl Agent {
                 }
             }
             self.status.bgp = None;
+            self.bgp_settling = false;
             return BTreeMap::new();
         };
         let as_bgp = |n: &NodeRecord| {
@@ -790,14 +803,34 @@ impl Agent {
                 Vec::new()
             }
         };
-        self.status.bgp = Some(self.speaker.status(&plan, &learnt));
-        nodes
+        let status = self.speaker.status(&plan, &learnt);
+        let by_peer: BTreeMap<String, Ipv4Addr> = nodes
             .iter()
             .filter_map(|n| {
                 let via = learnt.iter().find(|(net, _)| *net == n.subnet)?.1;
                 Some((n.name.clone(), via))
             })
-            .collect()
+            .collect();
+        // Sessions come up and routes arrive seconds after a change, with
+        // nothing to wake the agent: look again soon, for two minutes.
+        let key = format!(
+            "{conf}{:?}",
+            nodes.iter().map(|n| n.subnet).collect::<Vec<_>>()
+        );
+        if key != self.bgp_key {
+            self.bgp_key = key;
+            self.bgp_changed_at = std::time::Instant::now();
+        }
+        let incomplete = status
+            .peers
+            .iter()
+            .any(|p| p.diagnosis != tweed_bgp::Diagnosis::Established)
+            || nodes
+                .iter()
+                .any(|n| n.name != me.name && !by_peer.contains_key(&n.name));
+        self.bgp_settling = incomplete && self.bgp_changed_at.elapsed() < Duration::from_secs(120);
+        self.status.bgp = Some(status);
+        by_peer
     }
 
     /// Which peers share a segment with our underlay device, and (backend

@@ -912,6 +912,38 @@ impl Lab {
             args.push("--public-ip".into());
             args.push(public.to_string());
         }
+        if st.topology.cluster.bgp.is_some() {
+            args.extend(self.bgp_args(&st.topology, node));
+        }
+        args
+    }
+
+    /// A node's BGP flags: its own AS if the topology gives one, and its
+    /// peers (by default every BGP router on its first segment: its ToR).
+    fn bgp_args(&self, topo: &Topology, node: &str) -> Vec<String> {
+        let Some(i) = topo.nodes.iter().position(|n| n.name == node) else {
+            return Vec::new();
+        };
+        let spec = topo.nodes[i].bgp.clone().unwrap_or_default();
+        let mut args = Vec::new();
+        if let Some(asn) = spec.asn {
+            args.push(format!("--bgp-asn={asn}"));
+        }
+        let peers = spec.peers.unwrap_or_else(|| {
+            let seg = topo.node_segments(i).into_iter().next().unwrap_or_default();
+            topo.routers
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.segments.contains(&seg))
+                .filter_map(|(r, spec)| {
+                    let asn = spec.bgp.as_ref()?.asn;
+                    Some(format!("{}:{asn}", topo.router_ip(r, &seg)))
+                })
+                .collect()
+        });
+        for p in peers {
+            args.push(format!("--bgp-peer={p}"));
+        }
         args
     }
 

@@ -113,11 +113,23 @@ pub struct RouterBgp {
     pub asn: u32,
 }
 
-/// Is `asn` one a BGP speaker may use as its own? 0 is reserved (RFC
-/// 7607), 23456 is AS_TRANS (RFC 6793) and 4294967295 is reserved (RFC 7300).
-pub fn valid_asn(asn: u32) -> bool {
-    !matches!(asn, 0 | 23456 | u32::MAX)
+/// A node's BGP in the lab, when the cluster config has `bgp:`. By default
+/// the node peers with every BGP router on its first segment (its rack's
+/// ToR), in the cluster's AS.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeBgpSpec {
+    /// Its own AS (`--bgp-asn`).
+    #[serde(default)]
+    pub asn: Option<u32>,
+    /// Its peers as `ADDRESS:ASN[:PASSWORD]` (`--bgp-peer`), instead of
+    /// its segment's routers (e.g. one with a wrong AS, to see doctor
+    /// name it).
+    #[serde(default)]
+    pub peers: Option<Vec<String>>,
 }
+
+pub use tweed_model::bgp::valid_asn;
 
 /// The "public" range NAT'd nodes get their addresses from (documentation range).
 pub const PUBLIC_RANGE: &str = "203.0.113.0/24";
@@ -157,6 +169,9 @@ pub struct NodeSpec {
     /// `cidr=198.51.100.64/26`. Default: its first NIC.
     #[serde(default)]
     pub underlay: Option<String>,
+    /// Its BGP settings (see [`NodeBgpSpec`]).
+    #[serde(default)]
+    pub bgp: Option<NodeBgpSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -355,6 +370,16 @@ impl Topology {
             if let Some(u) = &n.underlay {
                 u.parse::<tweed_plan::UnderlaySelector>()
                     .map_err(|e| TopologyError::Invalid(format!("nodes[{i}].underlay: {e}")))?;
+            }
+            if let Some(b) = &n.bgp {
+                if let Some(asn) = b.asn.filter(|a| !valid_asn(*a)) {
+                    return bad(format!("nodes[{i}].bgp.asn {asn} is reserved (0, 23456 and 4294967295 are not usable)"));
+                }
+                for (j, p) in b.peers.iter().flatten().enumerate() {
+                    tweed_model::parse_bgp_peer(p).map_err(|e| {
+                        TopologyError::Invalid(format!("nodes[{i}].bgp.peers[{j}]: {e}"))
+                    })?;
+                }
             }
             if n.segments.len() > 4 {
                 return bad(format!("nodes[{i}].segments: at most 4 NICs"));

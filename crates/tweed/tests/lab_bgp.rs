@@ -136,3 +136,158 @@ fn a_mesh_on_one_segment_learns_every_subnet_and_survives_an_agent_restart() {
         "n2 lost n1's subnet:\n{t}"
     );
 }
+
+fn have_frr(test: &str) -> bool {
+    let found = std::path::Path::new("/usr/lib/frr/bgpd").exists();
+    if !found {
+        skip(
+            test,
+            "no FRR (/usr/lib/frr/bgpd, Debian's frr): run scripts/install-deps.sh",
+        );
+    }
+    found
+}
+
+/// tor-b's address on rack-b in examples/two-racks.yaml (the lab numbers
+/// routers from the top of a segment, by their place in `routers`).
+const TOR_B: &str = "198.51.100.124";
+
+/// Packets tor-a forwarded: (VXLAN, to or from `pod`).
+fn tor_a_counts(lab: &LabGuard, ns: &str, pod: &str) -> (u64, u64) {
+    let out = lab.exec_ok(ns, &["nft", "list", "table", "inet", "twcount"]);
+    let count = |what: &str| -> u64 {
+        out.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "packets")?;
+                w.get(i + 1)?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    (count("udp dport 8472"), count(pod))
+}
+
+#[test]
+fn two_racks_route_pods_natively_through_frr_tors() {
+    let test = "lab_bgp::two_racks";
+    if !have_bird(test) || !have_frr(test) {
+        return;
+    }
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/two-racks.yaml"
+    ))
+    .unwrap();
+    // b2 is told its ToR has another AS than it has: its session must fail,
+    // be named, and leave b2 on VXLAN while the others go native.
+    let topo = example.replace(
+        "{name: b2, segments: [rack-b]}",
+        &format!("{{name: b2, segments: [rack-b], bgp: {{peers: [\"{TOR_B}:65099\"]}}}}"),
+    );
+    assert_ne!(topo, example, "the example's b2 line changed");
+    let lab = LabGuard::up("bgpracks", &topo);
+    let tlab = tweed_lab::Lab::new("bgpracks").unwrap();
+
+    eventually("a1, a2 and b1 Established with their ToR", 60, || {
+        ["a1", "a2", "b1"].iter().all(|n| {
+            let s = sessions(&lab, n);
+            s.len() == 1 && s[0].1 == "established"
+        })
+    });
+    eventually("b2's session named as a wrong AS", 60, || {
+        sessions(&lab, "b2") == [(TOR_B.to_string(), "wrong-asn".to_string())]
+    });
+    let mode = |node: &str, peer: &str| -> String {
+        status(&lab, node)["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == peer))
+            .and_then(|p| p["mode"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    eventually(
+        "a1 and b1 to route each other through the fabric",
+        60,
+        || mode("a1", "b1") == "bgp" && mode("b1", "a1") == "bgp",
+    );
+    assert_eq!(mode("a1", "a2"), "direct", "same rack stays direct");
+    assert_eq!(mode("a1", "b2"), "vxlan", "b2 announces nothing");
+
+    // The wire between a1 and the fabric: no VXLAN for pb1, VXLAN for pb2.
+    let tor_a = tlab.router_ns("tor-a");
+    let (pa1, pb1) = (lab.pod_ip("pa1"), lab.pod_ip("pb1"));
+    lab.exec_ok(
+        &tor_a,
+        &["nft", &format!("add table inet twcount; add chain inet twcount passing {{ type filter hook forward priority 0; }}; add rule inet twcount passing udp dport 8472 counter; add rule inet twcount passing ip saddr {pb1} counter; add rule inet twcount passing ip daddr {pb1} counter")],
+    );
+    assert_eq!(lab.transfer(&lab.pod_ns("pa1"), "pb1", 10 << 20), 10 << 20);
+    let (vxlan, native) = tor_a_counts(&lab, &tor_a, &pb1);
+    assert_eq!(
+        vxlan, 0,
+        "VXLAN packets crossed tor-a while pa1 and pb1 talked"
+    );
+    // Counted as the kernel forwards them: GRO'd, up to 64 KiB each.
+    assert!(native > 100, "only {native} packets of pb1's crossed tor-a");
+    assert_eq!(lab.transfer(&lab.pod_ns("pa1"), "pb2", 4 << 20), 4 << 20);
+    let (vxlan, _) = tor_a_counts(&lab, &tor_a, &pb1);
+    assert!(
+        vxlan > 20,
+        "pb2 is behind VXLAN, yet tor-a counted {vxlan} VXLAN packets"
+    );
+
+    // Each end sees the true client: a pod across racks, the outside host.
+    let seen = lab.get(&lab.pod_ns("pa1"), &pb1).expect("pa1 -> pb1");
+    assert_eq!(seen["client"], pa1.as_str());
+    let st = lab.state();
+    let ext = &st["hosts"][0];
+    let (ext_ns, ext_ip) = (ext["ns"].as_str().unwrap(), ext["ip"].as_str().unwrap());
+    let seen = lab
+        .get(ext_ns, &pb1)
+        .expect("the outside host reaches pb1's own address");
+    assert_eq!(
+        seen["client"], ext_ip,
+        "pb1 saw another address than the host's"
+    );
+
+    // The broken session, named by status and doctor.
+    let text = lab.exec_ok(&lab.node_ns("b2"), &[TWEED, "status"]);
+    assert!(
+        text.contains(TOR_B) && text.contains("the peer's AS is not the one configured"),
+        "{text}"
+    );
+    let doc = lab.exec(&lab.node_ns("b2"), &[TWEED, "doctor", "-o", "json"]);
+    let doc = String::from_utf8_lossy(&doc.stdout);
+    assert!(
+        doc.contains("bgp-session-down") && doc.contains(TOR_B),
+        "{doc}"
+    );
+    assert!(doc.contains("answers with another AS than 65099"), "{doc}");
+
+    // An agent restart on b1 while the outside host holds a connection to pb1.
+    let before = bird_pid(&lab, "b1").expect("BIRD runs on b1");
+    let hold = start_hold(&lab, ext_ns, &format!("{pb1}:8080"), 8, 3);
+    ok(&["lab", "agent", "restart", "b1", "--name", "bgpracks"]);
+    finish_hold(hold, "b1's agent restart", 20);
+    assert_eq!(bird_pid(&lab, "b1"), Some(before), "BIRD was restarted");
+
+    // b1 dies (its NIC goes down): tor-b withdraws its subnet within the
+    // hold time (9 s, and a little for the fabric to pass it on).
+    let b1_subnet: ipnet::Ipv4Net = lab.node_subnet("b1").parse().unwrap();
+    let has_b1 = |router: &str| {
+        tlab.router_routes(router)
+            .unwrap()
+            .iter()
+            .any(|(n, _)| *n == b1_subnet)
+    };
+    assert!(has_b1("tor-b") && has_b1("core"));
+    lab.exec_ok(&lab.node_ns("b1"), &["ip", "link", "set", "eth0", "down"]);
+    let t0 = std::time::Instant::now();
+    eventually("tor-b and core to withdraw b1's subnet", 15, || {
+        !has_b1("tor-b") && !has_b1("core")
+    });
+    eprintln!("b1's subnet withdrawn after {:?}", t0.elapsed());
+    // The rest of the fabric is untouched.
+    assert!(lab.get(&lab.pod_ns("pa1"), &lab.pod_ip("pa2")).is_some());
+    assert!(lab.get(ext_ns, &lab.pod_ip("pa2")).is_some());
+}
