@@ -304,7 +304,12 @@ impl Speaker {
             local_asn: plan.local_asn,
             router_id: plan.router_id.to_string(),
             hold_time: plan.hold_time,
-            announce: plan.announce.iter().map(|n| n.to_string()).collect(),
+            announce: plan
+                .announce
+                .iter()
+                .chain(&plan.services)
+                .map(|n| n.to_string())
+                .collect(),
             peers,
             learnt: learnt
                 .iter()

@@ -97,6 +97,16 @@ impl From<Endpoints> for PackedEndpoints {
 }
 
 impl PackedEndpoints {
+    /// Is one of these endpoints ready on `node`? (Who may announce a
+    /// policy-Local Service's address by BGP.)
+    pub fn ready_on(&self, node: &str) -> bool {
+        let nodes = table(&NODES);
+        let Some(n) = nodes.by_value.get(&node.to_string()).copied() else {
+            return false;
+        };
+        self.eps.iter().any(|e| e.node == n && e.flags & READY != 0)
+    }
+
     /// The model's form, for planning (which reads neither the slice's
     /// name nor its pods').
     pub fn unpack(&self) -> Endpoints {

@@ -118,6 +118,30 @@ impl Proxy {
         self.dirty.insert(id);
     }
 
+    /// The Service addresses this node announces by BGP: external IPs
+    /// and load balancer IPs, for policy Local only while an endpoint is
+    /// ready here (the fabric's ECMP must never pick a node that would
+    /// drop the traffic), for policy Cluster always.
+    pub fn announced_ips(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        let mut out = std::collections::BTreeSet::new();
+        for (id, s) in &self.services {
+            if s.external_ips.is_empty() && s.load_balancer_ips.is_empty() {
+                continue;
+            }
+            let here = match s.external_traffic_policy {
+                tweed_model::TrafficPolicy::Cluster => true,
+                tweed_model::TrafficPolicy::Local => self
+                    .endpoints
+                    .get(id)
+                    .is_some_and(|e| e.ready_on(&self.cfg.node)),
+            };
+            if here {
+                out.extend(s.external_ips.iter().chain(&s.load_balancer_ips));
+            }
+        }
+        out
+    }
+
     fn plan(&self, id: &str) -> Contribution {
         self.plan_from(id, self.committed.get(id))
     }

@@ -202,6 +202,8 @@ struct Agent {
     bgp_key: String,
     bgp_changed_at: std::time::Instant,
     bgp_settling: bool,
+    /// Service addresses this node announces (see `Proxy::announced_ips`).
+    service_ips: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -265,6 +267,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bgp_key: String::new(),
         bgp_changed_at: std::time::Instant::now(),
         bgp_settling: false,
+        service_ips: Default::default(),
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -400,6 +403,7 @@ impl Agent {
             "after the first full sync"
         );
         self.proxy_synced = true;
+        self.announce_services(&cfg, &local, &map, &proxy).await;
         tracing::info!(
             services = rep.services,
             millis = format!("{:.1}", rep.millis),
@@ -430,12 +434,14 @@ impl Agent {
                             proxy.set_service(id, s);
                         }
                         self.report(proxy.flush()?);
+                        self.announce_services(&cfg, &local, &map, &proxy).await;
                     }
                     Update::Endpoints(changes) => {
                         for (id, e) in changes {
                             proxy.set_endpoints(id, e);
                         }
                         self.report(proxy.flush()?);
+                        self.announce_services(&cfg, &local, &map, &proxy).await;
                     }
                     Update::Trouble(why) => {
                         self.store_trouble = Some(why.clone());
@@ -734,6 +740,33 @@ impl Agent {
         Ok(())
     }
 
+    /// BGP: when the Service addresses this node should announce changed,
+    /// tell the speaker (a Service's first ready local endpoint is what
+    /// makes a policy-Local address appear).
+    async fn announce_services(
+        &mut self,
+        cfg: &ClusterConfig,
+        local: &LocalNode,
+        map: &BTreeMap<Ipv4Net, NodeRecord>,
+        proxy: &Proxy,
+    ) {
+        if cfg.bgp.is_none() {
+            return;
+        }
+        let ips = proxy.announced_ips();
+        if ips == self.service_ips {
+            return;
+        }
+        tracing::info!(
+            count = ips.len(),
+            "Service addresses announced by BGP changed"
+        );
+        self.service_ips = ips;
+        let nodes: Vec<NodeRecord> = map.values().cloned().collect();
+        self.converge_bgp(cfg, local, &nodes).await;
+        self.write_status_file();
+    }
+
     /// BGP: run the speaker on this node's plan (or stop it), hold the
     /// blackhole for the announced subnet, and read what was learnt: each
     /// peer's next hop through the fabric, by peer name.
@@ -783,7 +816,13 @@ impl Agent {
             .filter(|n| n.name != me.name)
             .map(as_bgp)
             .collect();
-        let plan = tweed_bgp::plan_bgp(bgp, cfg.cluster_cidr, cfg.node_subnet_len, &me, &all);
+        let mut plan = tweed_bgp::plan_bgp(bgp, cfg.cluster_cidr, cfg.node_subnet_len, &me, &all);
+        plan.services = self
+            .service_ips
+            .iter()
+            .map(|ip| Ipv4Net::from(*ip))
+            .chain(bgp.advertise_cluster_ips.then(|| cfg.service_cidr.trunc()))
+            .collect();
         let conf = tweed_bgp::bird::render(&me.name, &plan);
         let _ = self.speaker.converge(Some(&conf));
         if self.blackhole != Some(me.subnet) {

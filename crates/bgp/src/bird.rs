@@ -58,6 +58,14 @@ protocol kernel tweed_main {{
     }
     let _ = writeln!(w, "}}");
     let _ = writeln!(w);
+    if !p.services.is_empty() {
+        let _ = writeln!(w, "protocol static tweed_services {{\n  ipv4;");
+        for net in &p.services {
+            let _ = writeln!(w, "  route {net} blackhole;");
+        }
+        let _ = writeln!(w, "}}");
+        let _ = writeln!(w);
+    }
     let _ = writeln!(
         w,
         "protocol kernel tweed_kernel {{
@@ -83,7 +91,7 @@ filter tweed_import {{
 }}
 
 filter tweed_export {{
-  if proto = \"tweed_subnet\" then accept;
+  if proto = \"tweed_subnet\" || proto = \"tweed_services\" then accept;
   reject;
 }}",
         own = own.join(", ")
@@ -231,7 +239,13 @@ mod tests {
             hold_time: 9,
             ..Default::default()
         };
-        golden("tor-node1.conf", &render_for(&cfg, &n, 0));
+        let mut p = plan_bgp(&cfg, "10.244.0.0/16".parse().unwrap(), 24, &n[0], &n);
+        // A Service's external IP and the Service CIDR (advertiseClusterIPs).
+        p.services = vec![
+            "203.0.113.50/32".parse().unwrap(),
+            "10.96.0.0/12".parse().unwrap(),
+        ];
+        golden("tor-node1.conf", &render(&n[0].name, &p));
     }
 
     #[test]

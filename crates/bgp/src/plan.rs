@@ -84,6 +84,10 @@ pub struct BgpPlan {
     pub hold_time: u16,
     /// Announced, each with a local blackhole route.
     pub announce: Vec<Ipv4Net>,
+    /// Service addresses announced too (external and load balancer IPs,
+    /// the Service CIDR): no kernel blackhole, the node's Service rules
+    /// take the traffic. Set by the agent, which knows the Services.
+    pub services: Vec<Ipv4Net>,
     /// What may be learnt: the cluster's node subnets (other nodes' only).
     pub accept_within: Ipv4Net,
     pub accept_len: u8,
@@ -181,6 +185,7 @@ pub fn plan_bgp(
         local_asn: asn_of(me),
         hold_time: cfg.hold_time,
         announce: vec![me.subnet],
+        services: Vec::new(),
         accept_within: cluster_cidr.trunc(),
         accept_len: node_subnet_len,
         sessions,

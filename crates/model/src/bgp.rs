@@ -35,6 +35,11 @@ pub struct BgpConfig {
     /// Seconds without a keepalive before a peer's routes are withdrawn.
     #[serde(default = "default_hold")]
     pub hold_time: u16,
+    /// Every node also announces the whole Service CIDR, so the fabric
+    /// reaches ClusterIPs (Calico's `serviceClusterIPs`). External and
+    /// load balancer IPs are always announced.
+    #[serde(default, rename = "advertiseClusterIPs")]
+    pub advertise_cluster_ips: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +71,7 @@ impl Default for BgpConfig {
             mesh: None,
             route_reflectors: Vec::new(),
             hold_time: DEFAULT_HOLD_SECS,
+            advertise_cluster_ips: false,
         }
     }
 }
@@ -258,6 +264,7 @@ mod tests {
             peers: vec![peer("198.51.100.1", 0), bad_pw, peer("198.51.100.1", 65002)],
             mesh: Some(true),
             route_reflectors: vec!["n1".into()],
+            advertise_cluster_ips: false,
         };
         let fields: Vec<String> = c
             .validate()

@@ -250,6 +250,77 @@ fn two_racks_route_pods_natively_through_frr_tors() {
         "pb1 saw another address than the host's"
     );
 
+    // A Service's external IP, policy Local, its one endpoint on b1: only
+    // b1 announces it, and the outside host reaches it keeping its address.
+    lab.apply_ok("apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec:\n  nodeName: b1\n  containers:\n  - name: web\n    ports: [{containerPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  externalIPs: [203.0.113.50]\n  externalTrafficPolicy: Local\n  ports: [{port: 80, targetPort: 8080}]\n");
+    let node_ip = |n: &str| -> std::net::Ipv4Addr {
+        st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let vip: ipnet::Ipv4Net = "203.0.113.50/32".parse().unwrap();
+    let t0 = std::time::Instant::now();
+    eventually("core to route 203.0.113.50 through the fabric", 30, || {
+        tlab.router_routes("core")
+            .unwrap()
+            .iter()
+            .any(|(n, _)| *n == vip)
+    });
+    eprintln!(
+        "Service IP at the core {:?} after its endpoint",
+        t0.elapsed()
+    );
+    let at_tor_b: Vec<_> = tlab
+        .router_routes("tor-b")
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| *n == vip)
+        .collect();
+    assert_eq!(
+        at_tor_b,
+        [(vip, vec![node_ip("b1")])],
+        "only b1 may announce it"
+    );
+    assert!(
+        !tlab
+            .router_routes("tor-a")
+            .unwrap()
+            .iter()
+            .any(|(n, h)| *n == vip && h.contains(&node_ip("a1"))),
+        "a node without an endpoint announces the Service"
+    );
+    let o = lab.exec(
+        ext_ns,
+        &[
+            TWEED,
+            "probe",
+            "http",
+            "203.0.113.50:80",
+            "--timeout",
+            "2",
+            "--retry-for",
+            "10",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "ext -> 203.0.113.50:80: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        seen["client"], ext_ip,
+        "policy Local keeps the client's address"
+    );
+    assert_eq!(seen["pod"], "web");
+
     // The broken session, named by status and doctor.
     let text = lab.exec_ok(&lab.node_ns("b2"), &[TWEED, "status"]);
     assert!(

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# BGP (issue 11): pods routed natively across racks against VXLAN over the
+# same fabric and against the plain underlay, and how fast the fabric
+# follows a node. Two labs of examples/two-racks.yaml up side by side (two
+# racks, an FRR ToR each, a core router, an outside host `ext`): one as it
+# is (backend auto: pods across racks routed natively, mode bgp), one with
+# `backend: vxlan` and the same `bgp:` (same sessions and routes in the
+# fabric; pods across racks encapsulated node to node).
+#  1. pa1 (a1, rack-a) → pb1 (b1, rack-b): iperf3 one TCP stream and ping
+#     (median of each round's echoes), rounds interleaved: native, VXLAN,
+#     node a1 → node b1 on the underlay (same path: a1 → tor-a → core →
+#     tor-b → b1).
+#  2. Convergence, in the native lab:
+#     a) a2's eth0 down → tor-a's `show ip route bgp json` no longer holds
+#        a2's pod subnet; eth0 up → the subnet is back at tor-a.
+#     b) `tweed lab pod add` on a1 or b1 → the outside host's first
+#        successful GET of the new pod's address through the fabric.
+#        Done before (a): the lab's nodes get their default route once, at
+#        `lab up`, and a NIC going down takes it with it.
+# Every wait has a deadline; times are wall clock around polling loops
+# (the poll period is printed with them).
+# Usage (as root): bench/bgp.sh [ROUNDS] [SECONDS] [REPS]
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+rounds=${1:-5}; secs=${2:-3}; reps=${3:-5}
+cargo build --release --locked -q
+tweed=$PWD/target/release/tweed
+labs=(bbnat bbvx)
+pids=()
+work=$(mktemp -d)
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for l in "${labs[@]}"; do timeout 60 "$tweed" lab down --name "$l" >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.2f", b - a}'; }
+# LAB NODE PEER: NODE's mode towards PEER (peers[].mode in its status.json)
+mode() { jq -r --arg p "$3" '.peers[]? | select(.name == $p) | .mode' \
+  "/run/tweed/lab/$1/nodes/$2/run/status.json" 2>/dev/null || true; }
+wait_mode() { # LAB WANT SECS: a1 and b1 route each other in mode WANT
+  local end=$((SECONDS + $3))
+  while [ $SECONDS -lt "$end" ]; do
+    [ "$(mode "$1" a1 b1)" = "$2" ] && [ "$(mode "$1" b1 a1)" = "$2" ] && return
+    sleep 0.2
+  done
+  echo "lab $1: a1 <-> b1 did not reach mode $2 in $3 s (a1: $(mode "$1" a1 b1), b1: $(mode "$1" b1 a1))" >&2; exit 1
+}
+st() { echo "/run/tweed/lab/$1/state.json"; }
+
+# --- Labs ---------------------------------------------------------------------
+cp examples/two-racks.yaml "$work/native.yaml"
+# Same file, VXLAN forced; `bgp:` kept so the fabric carries the same routes.
+sed '/^cluster:$/a\  backend: vxlan' examples/two-racks.yaml > "$work/vxlan.yaml"
+grep -q '^  backend: vxlan$' "$work/vxlan.yaml" || { echo "no cluster: block in examples/two-racks.yaml" >&2; exit 1; }
+declare -A topo=([bbnat]=$work/native.yaml [bbvx]=$work/vxlan.yaml) want=([bbnat]=bgp [bbvx]=vxlan)
+for l in "${labs[@]}"; do
+  timeout 60 "$tweed" lab down --name "$l" >/dev/null 2>&1 || true
+  timeout 120 "$tweed" lab up -f "${topo[$l]}" --name "$l" --no-matrix >/dev/null
+done
+for l in "${labs[@]}"; do wait_mode "$l" "${want[$l]}" 90; done
+pb1=$(jq -r .pods.pb1.ip "$(st bbnat)")
+b1=$(jq -r '.nodes[] | select(.name == "b1") | .ip' "$(st bbnat)")
+for l in "${labs[@]}"; do
+  ip netns exec "tw-${l}_p-pb1" iperf3 -s -p 5201 >/dev/null 2>&1 & pids+=($!)
+  ip netns exec "tw-${l}_p-pa1" "$tweed" probe tcp-wait "$(jq -r .pods.pb1.ip "$(st "$l")"):5201" --timeout 10
+done
+ip netns exec tw-bbnat_n-b1 iperf3 -s -p 5202 >/dev/null 2>&1 & pids+=($!)
+ip netns exec tw-bbnat_n-a1 "$tweed" probe tcp-wait "$b1:5202" --timeout 10
+
+# --- 1. Throughput and RTT, rounds interleaved ----------------------------------
+tcp() { # NS ADDR PORT: Gbit/s received
+  timeout $((secs + 30)) ip netns exec "$1" iperf3 -c "$2" -p "$3" -t "$secs" -J |
+    jq '.end.sum_received.bits_per_second / 1e9 * 100 | round / 100'; }
+pings() { # NS ADDR: each echo's RTT in ms, one a line (20 echoes)
+  { timeout 20 ip netns exec "$1" ping -n -c 20 -i 0.05 -w 15 "$2" || true; } | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p'; }
+med() { sort -g | awk -v f="${1:-%.3f}" '{a[NR]=$1} END {if (NR) printf f, (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; else printf "nan"}'; }
+declare -A T R
+for p in native vxlan underlay; do : >"$work/rtt-$p"; done
+for r in $(seq "$rounds"); do
+  for p in native vxlan underlay; do
+    case $p in
+      native)   ns=tw-bbnat_p-pa1; dst=$pb1; port=5201; l=bbnat ;;
+      vxlan)    ns=tw-bbvx_p-pa1;  dst=$(jq -r .pods.pb1.ip "$(st bbvx)"); port=5201; l=bbvx ;;
+      underlay) ns=tw-bbnat_n-a1;  dst=$b1;  port=5202; l=bbnat ;;
+    esac
+    # the path must still be what the row says (auto could have moved it)
+    [ $p = underlay ] || [ "$(mode $l a1 b1)" = "${want[$l]}" ] || { echo "round $r: $p path is $(mode $l a1 b1)" >&2; exit 1; }
+    T[$p]+="$(tcp $ns "$dst" $port) "
+    pings $ns "$dst" >"$work/rtt-$p-$r"
+    cat "$work/rtt-$p-$r" >>"$work/rtt-$p"
+    R[$p]+="$(med <"$work/rtt-$p-$r") "
+  done
+done
+# the native path crossed the fabric unencapsulated, as routes say
+natroute=$(ip netns exec tw-bbnat_n-a1 ip -o route get "$pb1" | sed 's/ *uid.*//')
+vxroute=$(ip netns exec tw-bbvx_n-a1 ip -o route get "$(jq -r .pods.pb1.ip "$(st bbvx)")" | sed 's/ *uid.*//')
+
+# --- 2b. New pod → outside host's first GET (native lab) ------------------------
+addtimes=; gettimes=
+for i in $(seq "$reps"); do
+  node=$([ $((i % 2)) = 1 ] && echo b1 || echo a1)
+  t0=$(now)
+  out=$(timeout 60 "$tweed" lab pod add "bbnew$i" --node $node --name bbnat)
+  tadd=$(since "$t0")
+  ip=$(awk '{print $NF}' <<<"$out")
+  # retried every 200 ms (1 s connect timeout) for up to 30 s
+  ip netns exec tw-bbnat_h-ext "$tweed" probe http "$ip:8080" --timeout 1 --retry-for 30 >/dev/null
+  addtimes+="$tadd "; gettimes+="$(since "$t0") "
+  echo "pod bbnew$i on $node ($ip): pod add $tadd s, first GET from ext at $(since "$t0") s" >>"$work/raw"
+done
+for i in $(seq "$reps"); do timeout 60 "$tweed" lab pod del "bbnew$i" --name bbnat >/dev/null; done
+
+# --- 2a. Node NIC down → withdrawn at its ToR; up → back ------------------------
+sub=$(timeout 30 "$tweed" lab status --name bbnat -o json | jq -r '.nodes[] | select(.name == "a2") | .subnet')
+sock=/run/tweed/lab/bbnat/routers/tor-a/run
+polls=0
+has() { # tor-a holds a2's subnet (as lab.rs router_routes reads it)
+  polls=$((polls + 1))
+  timeout 5 ip netns exec tw-bbnat_r-tor-a vtysh --vty_socket $sock -d zebra -c 'show ip route bgp json' |
+    jq -e --arg s "$sub" 'has($s)' >/dev/null
+}
+has || { echo "tor-a does not hold a2's subnet $sub" >&2; exit 1; }
+downtimes=; uptimes=; pollstart=$(now); polls=0
+for i in $(seq "$reps"); do
+  t0=$(now); ip netns exec tw-bbnat_n-a2 ip link set eth0 down
+  end=$((SECONDS + 60)); while has; do [ $SECONDS -lt $end ] || { echo "tor-a kept $sub 60 s after a2 went down" >&2; exit 1; }; sleep 0.05; done
+  td=$(since "$t0")
+  t0=$(now); ip netns exec tw-bbnat_n-a2 ip link set eth0 up
+  end=$((SECONDS + 120)); until has; do [ $SECONDS -lt $end ] || { echo "$sub not back at tor-a 120 s after a2 came back" >&2; exit 1; }; sleep 0.05; done
+  tu=$(since "$t0")
+  downtimes+="$td "; uptimes+="$tu "
+  echo "a2 eth0 down → $sub gone from tor-a after $td s; up → back after $tu s" >>"$work/raw"
+done
+pollms=$(awk -v a="$pollstart" -v b="$(now)" -v n=$polls 'BEGIN {printf "%.0f", (b - a) / n * 1000}')
+
+# --- Report -------------------------------------------------------------------
+m() { printf '%s\n' $1 | med %.2f; }
+echo "## BGP: native routing across racks ($(date -u +%F), $(nproc) vCPU, kernel $(uname -r), examples/two-racks.yaml, iperf3 one TCP stream ${secs} s and 20 pings x ${rounds} rounds interleaved)"
+echo
+echo "| path (pa1 on a1 → pb1 on b1, through tor-a, core, tor-b) | TCP Gbit/s per round | TCP median | RTT ms per round (median of 20) | RTT median ms (all echoes) |"
+echo "|---|---|---|---|---|"
+for p in native vxlan underlay; do
+  label=$p; [ $p = native ] && label="pod → pod, native (BGP, mode bgp)"; [ $p = vxlan ] && label="pod → pod, VXLAN (backend vxlan, same fabric)"; [ $p = underlay ] && label="node a1 → node b1, underlay"
+  echo "| $label | ${T[$p]}| $(m "${T[$p]}") | ${R[$p]}| $(med <"$work/rtt-$p") |"
+done
+echo
+awk -v n="$(m "${T[native]}")" -v v="$(m "${T[vxlan]}")" -v u="$(m "${T[underlay]}")" 'BEGIN {
+  printf "- TCP: native / underlay = **%.2f**, VXLAN / underlay = **%.2f**, native / VXLAN = **%.2f**\n", n / u, v / u, n / v }'
+awk -v n="$(med <"$work/rtt-native")" -v v="$(med <"$work/rtt-vxlan")" -v u="$(med <"$work/rtt-underlay")" 'BEGIN {
+  printf "- RTT: native / underlay = **%.2f**, VXLAN / underlay = **%.2f**, native / VXLAN = **%.2f**\n", n / u, v / u, n / v }'
+echo "- a1's route to pb1: native \`$natroute\`; VXLAN lab \`$vxroute\`"
+echo
+echo "| convergence (native lab) | per repetition s | median s |"
+echo "|---|---|---|"
+echo "| a2's eth0 down → tor-a no longer holds a2's subnet ($sub) | $downtimes| $(m "$downtimes") |"
+echo "| a2's eth0 up → the subnet back at tor-a | $uptimes| $(m "$uptimes") |"
+echo "| \`tweed lab pod add\` (a1/b1 alternately) → ext's first successful GET of the pod | $gettimes| $(m "$gettimes") |"
+echo "| … of which \`tweed lab pod add\` itself (CNI ADD, echo server ready) | $addtimes| $(m "$addtimes") |"
+echo
+echo "- tor-a polled with vtysh \`show ip route bgp json\` every ~${pollms} ms (one call and a 50 ms pause)"
+echo
+echo "Raw:"
+echo
+echo '```'
+for p in native vxlan underlay; do
+  for r in $(seq "$rounds"); do echo "$p round $r TCP $(printf '%s\n' ${T[$p]} | sed -n "${r}p") Gbit/s, RTT ms: $(tr '\n' ' ' <"$work/rtt-$p-$r")"; done
+done
+cat "$work/raw"
+echo '```'
