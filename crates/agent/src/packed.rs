@@ -101,10 +101,12 @@ impl PackedEndpoints {
     /// policy-Local Service's address by BGP.)
     pub fn ready_on(&self, node: &str) -> bool {
         let nodes = table(&NODES);
-        let Some(n) = nodes.by_value.get(&node.to_string()).copied() else {
+        let Some(n) = nodes.values.iter().position(|v| v.as_str() == node) else {
             return false;
         };
-        self.eps.iter().any(|e| e.node == n && e.flags & READY != 0)
+        self.eps
+            .iter()
+            .any(|e| e.node as usize == n && e.flags & READY != 0)
     }
 
     /// The model's form, for planning (which reads neither the slice's
