@@ -12,6 +12,7 @@ mod dataplane;
 mod datastore;
 mod error;
 mod files;
+mod hc;
 mod health;
 mod kube;
 pub mod mem;

@@ -97,16 +97,17 @@ impl From<Endpoints> for PackedEndpoints {
 }
 
 impl PackedEndpoints {
-    /// Is one of these endpoints ready on `node`? (Who may announce a
-    /// policy-Local Service's address by BGP.)
-    pub fn ready_on(&self, node: &str) -> bool {
+    /// How many of these endpoints are ready on `node` (who may announce
+    /// a policy-Local Service's address by BGP; its health check).
+    pub fn ready_on(&self, node: &str) -> usize {
         let nodes = table(&NODES);
         let Some(n) = nodes.values.iter().position(|v| v.as_str() == node) else {
-            return false;
+            return 0;
         };
         self.eps
             .iter()
-            .any(|e| e.node as usize == n && e.flags & READY != 0)
+            .filter(|e| e.node as usize == n && e.flags & READY != 0)
+            .count()
     }
 
     /// The model's form, for planning (which reads neither the slice's

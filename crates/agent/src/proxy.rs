@@ -72,6 +72,16 @@ pub struct Proxy {
     /// `None` until a full sync has succeeded.
     shape: Option<Shape>,
     dirty: BTreeSet<String>,
+    /// Services with external or load balancer IPs or a health check
+    /// port: the few that BGP announcements and health checks look at.
+    addressed: BTreeSet<String>,
+}
+
+/// Does BGP or a health check need to look at this Service?
+fn addressed(s: &Service) -> bool {
+    !s.external_ips.is_empty()
+        || !s.load_balancer_ips.is_empty()
+        || s.health_check_node_port.is_some()
 }
 
 impl Proxy {
@@ -84,6 +94,7 @@ impl Proxy {
             committed: BTreeMap::new(),
             shape: None,
             dirty: BTreeSet::new(),
+            addressed: BTreeSet::new(),
         }
     }
 
@@ -99,10 +110,21 @@ impl Proxy {
             .map(|(k, s)| (k, for_planning(s)))
             .collect();
         self.endpoints = endpoints.into_iter().map(|(k, e)| (k, e.into())).collect();
+        self.addressed = self
+            .services
+            .iter()
+            .filter(|(_, s)| addressed(s))
+            .map(|(k, _)| k.clone())
+            .collect();
         self.shape = None;
     }
 
     pub fn set_service(&mut self, id: String, svc: Option<Service>) {
+        if svc.as_ref().is_some_and(addressed) {
+            self.addressed.insert(id.clone());
+        } else {
+            self.addressed.remove(&id);
+        }
         match svc {
             Some(s) => self.services.insert(id.clone(), for_planning(s)),
             None => self.services.remove(&id),
@@ -124,22 +146,38 @@ impl Proxy {
     /// drop the traffic), for policy Cluster always.
     pub fn announced_ips(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
         let mut out = std::collections::BTreeSet::new();
-        for (id, s) in &self.services {
-            if s.external_ips.is_empty() && s.load_balancer_ips.is_empty() {
-                continue;
-            }
+        for (id, s) in self
+            .addressed
+            .iter()
+            .filter_map(|id| Some((id, self.services.get(id)?)))
+        {
             let here = match s.external_traffic_policy {
                 tweed_model::TrafficPolicy::Cluster => true,
-                tweed_model::TrafficPolicy::Local => self
-                    .endpoints
-                    .get(id)
-                    .is_some_and(|e| e.ready_on(&self.cfg.node)),
+                tweed_model::TrafficPolicy::Local => self.ready_here(id) > 0,
             };
             if here {
                 out.extend(s.external_ips.iter().chain(&s.load_balancer_ips));
             }
         }
         out
+    }
+
+    fn ready_here(&self, id: &str) -> usize {
+        self.endpoints
+            .get(id)
+            .map_or(0, |e| e.ready_on(&self.cfg.node))
+    }
+
+    /// Each health check node port: the Service (`ns/name`) and how many
+    /// ready endpoints it has on this node.
+    pub fn health_checks(&self) -> BTreeMap<u16, (String, usize)> {
+        self.addressed
+            .iter()
+            .filter_map(|id| {
+                let port = self.services.get(id)?.health_check_node_port?;
+                Some((port, (id.clone(), self.ready_here(id))))
+            })
+            .collect()
     }
 
     fn plan(&self, id: &str) -> Contribution {

@@ -204,6 +204,8 @@ struct Agent {
     bgp_settling: bool,
     /// Service addresses this node announces (see `Proxy::announced_ips`).
     service_ips: std::collections::BTreeSet<Ipv4Addr>,
+    /// Health check node ports served (LoadBalancer, policy Local).
+    hc: crate::hc::HealthChecks,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -268,6 +270,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bgp_changed_at: std::time::Instant::now(),
         bgp_settling: false,
         service_ips: Default::default(),
+        hc: Default::default(),
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -403,7 +406,7 @@ impl Agent {
             "after the first full sync"
         );
         self.proxy_synced = true;
-        self.announce_services(&cfg, &local, &map, &proxy).await;
+        self.after_services(&cfg, &local, &map, &proxy).await;
         tracing::info!(
             services = rep.services,
             millis = format!("{:.1}", rep.millis),
@@ -434,14 +437,14 @@ impl Agent {
                             proxy.set_service(id, s);
                         }
                         self.report(proxy.flush()?);
-                        self.announce_services(&cfg, &local, &map, &proxy).await;
+                        self.after_services(&cfg, &local, &map, &proxy).await;
                     }
                     Update::Endpoints(changes) => {
                         for (id, e) in changes {
                             proxy.set_endpoints(id, e);
                         }
                         self.report(proxy.flush()?);
-                        self.announce_services(&cfg, &local, &map, &proxy).await;
+                        self.after_services(&cfg, &local, &map, &proxy).await;
                     }
                     Update::Trouble(why) => {
                         self.store_trouble = Some(why.clone());
@@ -740,16 +743,18 @@ impl Agent {
         Ok(())
     }
 
-    /// BGP: when the Service addresses this node should announce changed,
-    /// tell the speaker (a Service's first ready local endpoint is what
-    /// makes a policy-Local address appear).
-    async fn announce_services(
+    /// After Services or endpoints changed: serve the health check node
+    /// ports, and (BGP) when the Service addresses this node should
+    /// announce changed, tell the speaker (a Service's first ready local
+    /// endpoint is what makes a policy-Local address appear).
+    async fn after_services(
         &mut self,
         cfg: &ClusterConfig,
         local: &LocalNode,
         map: &BTreeMap<Ipv4Net, NodeRecord>,
         proxy: &Proxy,
     ) {
+        self.hc.converge(proxy.health_checks()).await;
         if cfg.bgp.is_none() {
             return;
         }

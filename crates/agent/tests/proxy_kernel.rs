@@ -92,6 +92,8 @@ fn service(i: u8, kind: u8) -> Service {
             vec![]
         },
         load_balancer_ips: vec![],
+        load_balancer_source_ranges: Vec::new(),
+        health_check_node_port: None,
         affinity_timeout: (kind % 5 == 2).then_some(60),
         external_traffic_policy: if kind % 5 == 3 {
             TrafficPolicy::Local

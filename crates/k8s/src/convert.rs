@@ -278,6 +278,28 @@ pub fn service(s: &KService, service_cidr: Ipv4Net) -> Result<Option<Service>, F
         .flatten()
         .filter_map(|i| i.ip.as_ref().and_then(v4))
         .collect();
+    let mut load_balancer_source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match r.trim().parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => load_balancer_source_ranges.push(n.trunc()),
+            Ok(IpNet::V6(_)) => {}
+            Err(e) => {
+                return Err(ferr(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{r:?} is not a CIDR: {e}"),
+                ))
+            }
+        }
+    }
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(n) => Some(port_number(n, "spec.healthCheckNodePort")?),
+    };
     let affinity_timeout = match spec.session_affinity.as_deref() {
         Some("ClientIP") => Some(
             spec.session_affinity_config
@@ -310,6 +332,8 @@ pub fn service(s: &KService, service_cidr: Ipv4Net) -> Result<Option<Service>, F
         ports,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges,
+        health_check_node_port,
         affinity_timeout,
         external_traffic_policy: policy(
             spec.external_traffic_policy.as_ref(),

@@ -1502,6 +1502,8 @@ impl Lab {
                 json!({
                     "id": id, "type": format!("{:?}", svc.service_type),
                     "clusterIp": svc.cluster_ip, "externalIps": svc.external_ips,
+                    "loadBalancerIps": svc.load_balancer_ips,
+                    "healthCheckNodePort": svc.health_check_node_port,
                     "ports": svc.ports_text(), "endpoints": self.endpoint_pods(&st, id),
                 })
             })
@@ -1617,7 +1619,21 @@ impl Lab {
             );
             for (id, svc) in &st.services {
                 let eps = self.endpoint_pods(&st, id);
-                let ext: Vec<String> = svc.external_ips.iter().map(|i| i.to_string()).collect();
+                // As kubectl shows it: load balancer addresses first,
+                // `<pending>` for a LoadBalancer that has none yet.
+                let ext: Vec<String> = svc
+                    .load_balancer_ips
+                    .iter()
+                    .chain(&svc.external_ips)
+                    .map(|i| i.to_string())
+                    .collect();
+                let ext = if ext.is_empty()
+                    && svc.service_type == tweed_model::ServiceType::LoadBalancer
+                {
+                    vec!["<pending>".to_string()]
+                } else {
+                    ext
+                };
                 let _ = writeln!(
                     s,
                     "{:<28} {:<10} {:<14} {:<16} {:<26} {}",

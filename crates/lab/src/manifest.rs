@@ -212,6 +212,24 @@ fn service(v: &Value) -> Result<Service, FieldError> {
                 .map_err(|_| fe(&f, format!("{s:?} is not an IPv4 address")))?,
         );
     }
+    let mut load_balancer_source_ranges = Vec::new();
+    for (i, e) in list(v, "spec.loadBalancerSourceRanges")?.iter().enumerate() {
+        let f = format!("spec.loadBalancerSourceRanges[{i}]");
+        let s = e.as_str().ok_or_else(|| fe(&f, "must be a string"))?;
+        load_balancer_source_ranges.push(
+            s.parse::<ipnet::Ipv4Net>()
+                .map_err(|_| fe(&f, format!("{s:?} is not an IPv4 CIDR")))?
+                .trunc(),
+        );
+    }
+    let health_check_node_port = match v.pointer("/spec/healthCheckNodePort") {
+        None | Some(Value::Null) => None,
+        Some(n) => Some(
+            n.as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| fe("spec.healthCheckNodePort", "must be a port number"))?,
+        ),
+    };
     Ok(Service {
         namespace,
         name,
@@ -220,6 +238,8 @@ fn service(v: &Value) -> Result<Service, FieldError> {
         ports,
         external_ips,
         load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges,
+        health_check_node_port,
         affinity_timeout,
         external_traffic_policy: policy(v, "spec.externalTrafficPolicy")?,
         internal_traffic_policy: policy(v, "spec.internalTrafficPolicy")?,

@@ -19,6 +19,8 @@ pub enum ConfigError {
     Mtu(u32),
     #[error("unknown backend {0:?} (known: auto, vxlan, host-gw, ipip)")]
     Backend(String),
+    #[error("{0}")]
+    Pool(String),
     #[error("config does not decode: {0}")]
     Decode(String),
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
@@ -94,6 +96,11 @@ pub struct ClusterConfig {
     /// subnet and learns its peers' (absent: no BGP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<crate::BgpConfig>,
+    /// Where LoadBalancer Services get their addresses (announced by BGP
+    /// from the nodes that serve them). Empty: they stay pending, as on
+    /// bare metal without a load balancer controller.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_pools: Vec<Ipv4Net>,
 }
 
 impl Default for ClusterConfig {
@@ -107,6 +114,7 @@ impl Default for ClusterConfig {
             port: 8472,
             mtu: Mtu::Auto,
             bgp: None,
+            load_balancer_pools: Vec::new(),
         }
     }
 }
@@ -143,6 +151,23 @@ impl ClusterConfig {
         }
         if let Some(b) = &self.bgp {
             b.validate().map_err(ConfigError::Bgp)?;
+        }
+        for (i, p) in self.load_balancer_pools.iter().enumerate() {
+            let p = p.trunc();
+            let overlaps = |n: Ipv4Net| n.contains(&p.network()) || p.contains(&n.network());
+            if overlaps(c) || overlaps(s) {
+                return Err(ConfigError::Pool(format!(
+                    "loadBalancerPools[{i}] {p} overlaps clusterCIDR {c} or serviceCIDR {s}"
+                )));
+            }
+            if let Some(j) = self.load_balancer_pools[..i]
+                .iter()
+                .position(|q| overlaps(q.trunc()))
+            {
+                return Err(ConfigError::Pool(format!(
+                    "loadBalancerPools[{i}] {p} overlaps loadBalancerPools[{j}]"
+                )));
+            }
         }
         Ok(())
     }

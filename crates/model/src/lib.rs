@@ -18,7 +18,8 @@ pub use node::{
     DEFAULT_GSO_MAX_SIZE,
 };
 pub use service::{
-    allocate_cluster_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints, FieldError,
-    Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy, NODE_PORT_RANGE,
+    allocate_cluster_ip, allocate_lb_ip, allocate_node_port, valid_dns_label, Endpoint, Endpoints,
+    FieldError, Protocol, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    NODE_PORT_RANGE,
 };
 pub use subnet::{first_free_subnet, subnet_count, subnet_from_key, subnet_key, SubnetError};

@@ -106,6 +106,16 @@ pub struct Service {
     /// balancer's address short-cuts to the endpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges`: who may reach the load balancer
+    /// IPs (empty: everyone). External IPs are not restricted, as with
+    /// kube-proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<Ipv4Net>,
+    /// `spec.healthCheckNodePort` (type LoadBalancer, policy Local): every
+    /// node answers on it whether it has a ready endpoint (200) or not
+    /// (503), so a load balancer sends traffic only where it is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
     /// `Some(timeout seconds)` for sessionAffinity ClientIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout: Option<u32>,
@@ -151,6 +161,7 @@ impl Service {
         }
         self.external_ips.shrink_to_fit();
         self.load_balancer_ips.shrink_to_fit();
+        self.load_balancer_source_ranges.shrink_to_fit();
     }
 }
 
@@ -309,6 +320,36 @@ impl Service {
                 ));
             }
         }
+        if let Some(hc) = self.health_check_node_port {
+            if self.service_type != ServiceType::LoadBalancer
+                || self.external_traffic_policy != TrafficPolicy::Local
+            {
+                return Err(ferr(
+                    "spec.healthCheckNodePort",
+                    "may only be set for type LoadBalancer with externalTrafficPolicy Local",
+                ));
+            }
+            if !NODE_PORT_RANGE.contains(&hc) {
+                return Err(ferr(
+                    "spec.healthCheckNodePort",
+                    format!("{hc} is outside the node port range 30000-32767"),
+                ));
+            }
+            if self.ports.iter().any(|p| p.node_port == Some(hc)) {
+                return Err(ferr(
+                    "spec.healthCheckNodePort",
+                    format!("{hc} is also a port's nodePort"),
+                ));
+            }
+        }
+        if !self.load_balancer_source_ranges.is_empty()
+            && self.service_type != ServiceType::LoadBalancer
+        {
+            return Err(ferr(
+                "spec.loadBalancerSourceRanges",
+                "only applies to type LoadBalancer",
+            ));
+        }
         if self.external_traffic_policy == TrafficPolicy::Local
             && self.service_type == ServiceType::ClusterIP
             && self.external_ips.is_empty()
@@ -355,6 +396,21 @@ pub fn allocate_cluster_ip(cidr: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<
         .find(|ip| !taken.contains(ip))
 }
 
+/// The first free address of the load balancer pools (each pool's
+/// network and broadcast addresses are skipped unless it is a /31 or /32).
+pub fn allocate_lb_ip(pools: &[Ipv4Net], taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    pools.iter().find_map(|p| {
+        let p = p.trunc();
+        let (lo, hi) = (u32::from(p.network()), u32::from(p.broadcast()));
+        let (lo, hi) = if p.prefix_len() >= 31 {
+            (lo, hi)
+        } else {
+            (lo + 1, hi - 1)
+        };
+        (lo..=hi).map(Ipv4Addr::from).find(|ip| !taken.contains(ip))
+    })
+}
+
 /// The first free node port.
 pub fn allocate_node_port(taken: &BTreeSet<u16>) -> Option<u16> {
     NODE_PORT_RANGE.into_iter().find(|p| !taken.contains(p))
@@ -379,6 +435,8 @@ mod tests {
             }],
             external_ips: vec![],
             load_balancer_ips: vec![],
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
             affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,

@@ -52,6 +52,8 @@ pub enum Data {
     Value(Vec<Field>),
     /// A verdict map element `goto CHAIN`.
     Goto(String),
+    /// A verdict map element `jump CHAIN` (it returns to the rule after).
+    Jump(String),
 }
 
 /// One change to the elements of a set or map.
@@ -192,6 +194,7 @@ const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 /// enum nft_verdicts: NFT_CONTINUE -1, NFT_BREAK -2, NFT_JUMP -3, NFT_GOTO -4.
 const NFT_GOTO: i32 = -4;
+const NFT_JUMP: i32 = -3;
 
 /// An attribute's length is a u16, so one `NFTA_SET_ELEM_LIST_ELEMENTS`
 /// nest (header included) holds at most this many bytes; more elements go
@@ -305,11 +308,16 @@ fn put_elem(out: &mut Vec<u8>, key: &[Field], data: &Data) {
             put_attr(out, NFTA_DATA_VALUE, &v);
             end_nest(out, d);
         }
-        Data::Goto(chain) => {
+        Data::Goto(chain) | Data::Jump(chain) => {
+            let code = if matches!(data, Data::Goto(_)) {
+                NFT_GOTO
+            } else {
+                NFT_JUMP
+            };
             let d = begin_nest(out, NFTA_SET_ELEM_DATA);
             let verdict = begin_nest(out, NFTA_DATA_VERDICT);
             // The verdict code is a big-endian s32 (NLA_U32 read with ntohl).
-            put_attr(out, NFTA_VERDICT_CODE, &NFT_GOTO.to_be_bytes());
+            put_attr(out, NFTA_VERDICT_CODE, &code.to_be_bytes());
             put_str(out, NFTA_VERDICT_CHAIN, chain);
             end_nest(out, verdict);
             end_nest(out, d);
@@ -596,6 +604,7 @@ fn blame(enc: &Encoded, ops: &dyn OpList, m: usize, offset: usize) -> Option<Str
                         Data::None => format!("element {{ {} }}", Concat(key)),
                         Data::Value(v) => format!("element {{ {} : {} }}", Concat(key), Concat(v)),
                         Data::Goto(c) => format!("element {{ {} : goto {c} }}", Concat(key)),
+                        Data::Jump(c) => format!("element {{ {} : jump {c} }}", Concat(key)),
                     }),
                     Op::Delete { key, .. } => Some(format!("element {{ {} }}", Concat(key))),
                     Op::Flush { .. } => None,

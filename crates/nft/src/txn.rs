@@ -91,6 +91,10 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
             vec![Proto(p.number()), Port(port)],
             Data::Value(vec![Ipv4(ip), Port(cport)]),
         ),
+        Elem::Firewall((ip, p, port), _) => (
+            vec![Ipv4(ip), Proto(p.number()), Port(port)],
+            Data::Jump(e.jump_chain()?),
+        ),
         Elem::AffinityBackend(..) => return None,
     };
     Some(if add {

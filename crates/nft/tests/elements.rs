@@ -191,6 +191,7 @@ fn elem_text(key: &[Field], data: &Data) -> String {
         Data::None => text(key),
         Data::Value(v) => format!("{} : {}", text(key), text(v)),
         Data::Goto(c) => format!("{} : goto {c}", text(key)),
+        Data::Jump(c) => format!("{} : jump {c}", text(key)),
     }
 }
 

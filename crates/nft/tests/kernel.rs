@@ -51,6 +51,8 @@ fn svc(name: &str, ip: &str, np: Option<u16>, affinity: Option<u32>) -> Service 
         }],
         external_ips: vec![],
         load_balancer_ips: vec![],
+        load_balancer_source_ranges: Vec::new(),
+        health_check_node_port: None,
         affinity_timeout: affinity,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,

@@ -98,6 +98,10 @@ pub enum Elem {
     /// drops rather than refuses).
     DropLb(SvcKey),
     DropNp(PortKey),
+    /// `fw`: a load balancer IP with source ranges → `jump fw-…`, whose
+    /// rule drops every other source (the second field hashes the ranges
+    /// into the chain's name, so a chain never changes in place).
+    Firewall(SvcKey, u64),
     /// `hostports`: (proto . port) → pod.
     HostPort(PortKey, Backend),
 }
@@ -120,6 +124,15 @@ impl Elem {
         }
     }
 
+    /// The chain a verdict map element jumps to (and returns from):
+    /// a load balancer's source ranges.
+    pub fn jump_chain(&self) -> Option<String> {
+        match self {
+            Elem::Firewall(k, h) => Some(firewall_chain(k, *h)),
+            _ => None,
+        }
+    }
+
     /// The set or map it lives in (`None`: no element of its own).
     fn group(&self) -> Option<Group> {
         Some(match self {
@@ -138,6 +151,7 @@ impl Elem {
             Elem::DropLb(_) => Group::DropLb,
             Elem::DropNp(_) => Group::DropNp,
             Elem::HostPort(..) => Group::HostPorts,
+            Elem::Firewall(..) => Group::Fw,
         })
     }
 
@@ -182,6 +196,14 @@ impl Elem {
             Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => {
                 write!(s, "{} . {port}", p.nft())
             }
+            Elem::Firewall(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
+                .and_then(|_| {
+                    if with_value {
+                        write!(s, " : jump {}", firewall_chain(k, *h))
+                    } else {
+                        Ok(())
+                    }
+                }),
             Elem::HostPort((p, port), (ip, cport)) => {
                 write!(s, "{} . {port}", p.nft()).and_then(|_| {
                     if with_value {
@@ -232,6 +254,7 @@ enum Group {
     DropLb,
     DropNp,
     HostPorts,
+    Fw,
 }
 
 impl Group {
@@ -251,6 +274,7 @@ impl Group {
             Group::DropLb => "drop-lb".into(),
             Group::DropNp => "drop-np".into(),
             Group::HostPorts => "hostports".into(),
+            Group::Fw => "fw".into(),
         }
     }
 }
@@ -422,6 +446,24 @@ pub fn plan_service_from(
             svc.affinity_timeout,
             none,
         );
+        if !svc.load_balancer_source_ranges.is_empty() {
+            let ranges: Vec<String> = svc
+                .load_balancer_source_ranges
+                .iter()
+                .map(|r| r.trunc().to_string())
+                .collect();
+            let h = u64::from_str_radix(&short_hash(&ranges.join(",")), 16).unwrap_or(0);
+            for lbip in &svc.load_balancer_ips {
+                let k = (*lbip, p.protocol, p.port);
+                // kube-proxy's firewall check: before DNAT, so the
+                // address is still the load balancer's.
+                c.chains.insert(
+                    firewall_chain(&k, h),
+                    vec![format!("ip saddr != {{ {} }} drop", ranges.join(", "))],
+                );
+                c.elems.push(Elem::Firewall(k, h));
+            }
+        }
         for eip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
             let k = (*eip, p.protocol, p.port);
             if ext_masq {
@@ -462,6 +504,14 @@ pub fn plan_service_from(
         }
     }
     c.finish()
+}
+
+/// The chain holding a load balancer key's source ranges.
+fn firewall_chain(k: &SvcKey, ranges_hash: u64) -> String {
+    format!(
+        "fw-{}",
+        &short_hash(&format!("{}.{}.{}.{ranges_hash:x}", k.0, k.1.nft(), k.2))[..12]
+    )
 }
 
 /// The chain a ClientIP-affinity service key goes to. The timeout is part of
@@ -890,11 +940,17 @@ fn render_table<'a>(
         }
     }
     s.push_str("  }\n");
-    // The verdict map (affinity services only) after the chains it points to.
+    // The verdict maps (affinity, source ranges) after the chains they point to.
     decl(
         &mut s,
         "map",
         Group::Lb,
+        "type ipv4_addr . inet_proto . inet_service : verdict;",
+    );
+    decl(
+        &mut s,
+        "map",
+        Group::Fw,
         "type ipv4_addr . inet_proto . inet_service : verdict;",
     );
     // Hairpin: after DNAT a pod talking to itself has source == destination.
@@ -937,6 +993,7 @@ fn render_table<'a>(
     ct state new ip daddr {sc} jump reject-chain
   }}
   chain services {{
+    ip daddr . meta l4proto . th dport vmap @fw
     ip daddr {sc} ip saddr != {cc} jump mark-for-masquerade
     ip daddr . meta l4proto . th dport @masq-lb jump mark-for-masquerade
     fib daddr type local meta l4proto . th dport @masq-np jump mark-for-masquerade
@@ -1161,6 +1218,8 @@ mod tests {
             }],
             external_ips: vec![],
             load_balancer_ips: vec![],
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
             affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -1233,6 +1292,47 @@ mod tests {
             d.contains("add element ip tweed lb-all { 10.96.0.10 . tcp . 80 }"),
             "{d}"
         );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_jump_to_a_chain_that_drops_the_rest() {
+        let mut s = svc(ServiceType::LoadBalancer);
+        s.load_balancer_ips = vec!["203.0.113.60".parse().unwrap()];
+        s.external_ips = vec!["203.0.113.61".parse().unwrap()];
+        s.load_balancer_source_ranges = vec![
+            "198.51.100.192/26".parse().unwrap(),
+            "203.0.113.0/28".parse().unwrap(),
+        ];
+        let c = plan_service(&cfg(), &s, Some(&eps(&[("10.244.1.2", "n1")])));
+        let fw: Vec<&Elem> = c
+            .elems
+            .iter()
+            .filter(|e| matches!(e, Elem::Firewall(..)))
+            .collect();
+        // The load balancer's address only: external IPs are not restricted.
+        assert_eq!(fw.len(), 1, "{fw:?}");
+        let Elem::Firewall(k, _) = fw[0] else {
+            unreachable!()
+        };
+        assert_eq!(k.0.to_string(), "203.0.113.60");
+        let chain = fw[0].jump_chain().unwrap();
+        assert_eq!(
+            c.chains[&chain],
+            ["ip saddr != { 198.51.100.192/26, 203.0.113.0/28 } drop"]
+        );
+        let d = render_delta(&Contribution::default(), &c, &Shape::preset())
+            .unwrap()
+            .0;
+        assert!(
+            d.contains(&format!(
+                "add element ip tweed fw {{ 203.0.113.60 . tcp . 80 : jump {chain} }}"
+            )),
+            "{d}"
+        );
+        // Other ranges, another chain: a chain never changes in place.
+        s.load_balancer_source_ranges.pop();
+        let c2 = plan_service(&cfg(), &s, Some(&eps(&[("10.244.1.2", "n1")])));
+        assert!(!c2.chains.contains_key(&chain));
     }
 
     #[test]

@@ -18,8 +18,8 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 use tweed_model::{
-    allocate_cluster_ip, allocate_node_port, first_free_subnet, subnet_from_key, subnet_key,
-    ClusterConfig, Endpoints, FieldError, NodeRecord, Service,
+    allocate_cluster_ip, allocate_lb_ip, allocate_node_port, first_free_subnet, subnet_from_key,
+    subnet_key, ClusterConfig, Endpoints, FieldError, NodeRecord, Service,
 };
 
 pub use etcd_client::{Error as EtcdError, LeaseKeepAliveStream, LeaseKeeper};
@@ -290,6 +290,10 @@ impl Store {
         format!("{}/alloc/clusterip/{ip}", self.prefix)
     }
 
+    fn alloc_lb_key(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("{}/alloc/lbip/{ip}", self.prefix)
+    }
+
     fn alloc_port_key(&self, port: u16) -> String {
         format!("{}/alloc/nodeport/{port}", self.prefix)
     }
@@ -411,7 +415,14 @@ impl Store {
             let (ports, _) = self
                 .list_prefix(&format!("{}/alloc/nodeport/", self.prefix))
                 .await?;
+            let (lbs, _) = self
+                .list_prefix(&format!("{}/alloc/lbip/", self.prefix))
+                .await?;
             let owner = |v: &Vec<u8>| String::from_utf8_lossy(v).to_string();
+            let lbs: BTreeMap<std::net::Ipv4Addr, String> = lbs
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, owner(&v))))
+                .collect();
             let ips: BTreeMap<std::net::Ipv4Addr, String> = ips
                 .into_iter()
                 .filter_map(|(k, v)| Some((k.parse().ok()?, owner(&v))))
@@ -483,6 +494,75 @@ impl Store {
                 taken.insert(port);
                 p.node_port = Some(port);
             }
+            // A LoadBalancer's address: the one it had, else the first free
+            // one of the pools (none: it stays pending). Other types keep
+            // what they were given (a status written by someone else).
+            let mut new_lbs: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
+            if svc.service_type == tweed_model::ServiceType::LoadBalancer
+                && !cfg.load_balancer_pools.is_empty()
+            {
+                let had: Vec<std::net::Ipv4Addr> = lbs
+                    .iter()
+                    .filter(|(_, o)| **o == id)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                let ip = match had.first() {
+                    Some(ip) => *ip,
+                    None => {
+                        allocate_lb_ip(&cfg.load_balancer_pools, &lbs.keys().copied().collect())
+                            .ok_or_else(|| {
+                                invalid(FieldError {
+                                    field: "status.loadBalancer.ingress".into(),
+                                    msg: format!(
+                                        "every address of loadBalancerPools {:?} is taken",
+                                        cfg.load_balancer_pools
+                                    ),
+                                })
+                            })?
+                    }
+                };
+                new.load_balancer_ips = vec![ip];
+                new_lbs.insert(ip);
+            }
+            // Its health check port (LoadBalancer, policy Local), as the
+            // API server allocates it.
+            if svc.service_type == tweed_model::ServiceType::LoadBalancer
+                && svc.external_traffic_policy == tweed_model::TrafficPolicy::Local
+            {
+                let hc = match (
+                    svc.health_check_node_port,
+                    old.as_ref().and_then(|o| o.health_check_node_port),
+                ) {
+                    (Some(want), _) => {
+                        if ports.get(&want).is_some_and(|o| *o != id)
+                            || taken.contains(&want) && !ports.contains_key(&want)
+                        {
+                            return Err(invalid(FieldError {
+                                field: "spec.healthCheckNodePort".into(),
+                                msg: format!(
+                                    "{want} is already allocated to {}",
+                                    ports
+                                        .get(&want)
+                                        .cloned()
+                                        .unwrap_or_else(|| "a port of this service".into())
+                                ),
+                            }));
+                        }
+                        want
+                    }
+                    (None, Some(h)) if !new.ports.iter().any(|p| p.node_port == Some(h)) => h,
+                    _ => allocate_node_port(&taken).ok_or_else(|| {
+                        invalid(FieldError {
+                            field: "spec.healthCheckNodePort".into(),
+                            msg: "no node port is free".into(),
+                        })
+                    })?,
+                };
+                taken.insert(hc);
+                new.health_check_node_port = Some(hc);
+            } else {
+                new.health_check_node_port = None;
+            }
             let mut cmps = vec![if old_rev == 0 {
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0)
             } else {
@@ -505,7 +585,25 @@ impl Store {
                 self.alloc_ip_key(ip),
                 ips.get(&ip) == Some(&id),
             );
-            let new_ports: BTreeSet<u16> = new.ports.iter().filter_map(|p| p.node_port).collect();
+            let new_ports: BTreeSet<u16> = new
+                .ports
+                .iter()
+                .filter_map(|p| p.node_port)
+                .chain(new.health_check_node_port)
+                .collect();
+            for ip in &new_lbs {
+                claim(
+                    &mut cmps,
+                    &mut ops,
+                    self.alloc_lb_key(*ip),
+                    lbs.get(ip) == Some(&id),
+                );
+            }
+            for (old_ip, o) in &lbs {
+                if *o == id && !new_lbs.contains(old_ip) {
+                    ops.push(TxnOp::delete(self.alloc_lb_key(*old_ip), None));
+                }
+            }
             for p in &new_ports {
                 claim(
                     &mut cmps,
@@ -543,30 +641,17 @@ impl Store {
 
     /// Delete a service, its endpoints and its allocations. Absent is fine.
     pub async fn delete_service(&mut self, id: &str) -> Result<bool> {
-        let (ips, _) = self
-            .list_prefix(&format!("{}/alloc/clusterip/", self.prefix))
-            .await?;
-        let (ports, _) = self
-            .list_prefix(&format!("{}/alloc/nodeport/", self.prefix))
-            .await?;
         let mut ops = vec![
             TxnOp::delete(format!("{}{id}", self.services_prefix()), None),
             TxnOp::delete(format!("{}{id}", self.endpoints_prefix()), None),
         ];
-        for (k, v) in ips {
-            if v == id.as_bytes() {
-                ops.push(TxnOp::delete(
-                    format!("{}/alloc/clusterip/{k}", self.prefix),
-                    None,
-                ));
-            }
-        }
-        for (k, v) in ports {
-            if v == id.as_bytes() {
-                ops.push(TxnOp::delete(
-                    format!("{}/alloc/nodeport/{k}", self.prefix),
-                    None,
-                ));
+        for kind in ["clusterip", "nodeport", "lbip"] {
+            let prefix = format!("{}/alloc/{kind}/", self.prefix);
+            let (held, _) = self.list_prefix(&prefix).await?;
+            for (k, v) in held {
+                if v == id.as_bytes() {
+                    ops.push(TxnOp::delete(format!("{prefix}{k}"), None));
+                }
             }
         }
         let r = self

@@ -790,6 +790,8 @@ fn bench_proxy(n: usize, e: usize, listen: SocketAddr) -> Result<()> {
         }],
         external_ips: vec![],
         load_balancer_ips: vec![],
+        load_balancer_source_ranges: Vec::new(),
+        health_check_node_port: None,
         affinity_timeout: None,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,

@@ -321,6 +321,94 @@ fn two_racks_route_pods_natively_through_frr_tors() {
     );
     assert_eq!(seen["pod"], "web");
 
+    // A LoadBalancer Service, policy Local, on the same pod: an address
+    // from the pool, announced by b1 alone, open to the outside host's
+    // segment only, and a health check node port on every node.
+    lab.apply_ok("apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [198.51.100.192/26]\n  ports: [{port: 80, targetPort: 8080}]\n");
+    let st = lab.state();
+    let svc = &st["services"]["default/lb"];
+    assert_eq!(
+        svc["loadBalancerIps"],
+        serde_json::json!(["203.0.113.65"]),
+        "{svc}"
+    );
+    let hc = svc["healthCheckNodePort"]
+        .as_u64()
+        .expect("a health check node port");
+    let lbip: ipnet::Ipv4Net = "203.0.113.65/32".parse().unwrap();
+    eventually(
+        "tor-b to route the load balancer IP to b1 alone",
+        30,
+        || {
+            tlab.router_routes("tor-b")
+                .unwrap()
+                .contains(&(lbip, vec![node_ip("b1")]))
+        },
+    );
+    let o = lab.exec(
+        ext_ns,
+        &[
+            TWEED,
+            "probe",
+            "http",
+            "203.0.113.65:80",
+            "--timeout",
+            "2",
+            "--retry-for",
+            "10",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "ext -> 203.0.113.65:80: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        seen["client"], ext_ip,
+        "policy Local keeps the client's address"
+    );
+    // A pod is outside the source ranges: dropped. pb1 shares b1 with the
+    // endpoint, and the external IP of the same pod (no ranges) answers it.
+    let pb1_ns = lab.pod_ns("pb1");
+    let o = lab.exec(
+        &pb1_ns,
+        &[TWEED, "probe", "http", "203.0.113.65:80", "--timeout", "2"],
+    );
+    assert!(
+        !o.status.success(),
+        "pb1 got through loadBalancerSourceRanges"
+    );
+    let o = lab.exec(
+        &pb1_ns,
+        &[TWEED, "probe", "http", "203.0.113.50:80", "--timeout", "2"],
+    );
+    assert!(
+        o.status.success(),
+        "pb1 -> the external IP: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The health check: 200 where the endpoint is, 503 elsewhere.
+    let code = |node: &str| {
+        lab.exec_ok(
+            ext_ns,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                &format!("http://{}:{hc}/healthz", node_ip(node)),
+            ],
+        )
+    };
+    eventually("b1's health check to say 200 and a1's 503", 15, || {
+        code("b1") == "200" && code("a1") == "503"
+    });
+
     // The broken session, named by status and doctor.
     let text = lab.exec_ok(&lab.node_ns("b2"), &[TWEED, "status"]);
     assert!(
