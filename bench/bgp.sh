@@ -17,6 +17,8 @@
 #        successful GET of the new pod's address through the fabric.
 #        Done before (a): the lab's nodes get their default route once, at
 #        `lab up`, and a NIC going down takes it with it.
+#     c) a LoadBalancer Service's first ready endpoint (its pod applied on
+#        b1) → the outside host's first answer through its pool address.
 # Every wait has a deadline; times are wall clock around polling loops
 # (the poll period is printed with them).
 # Usage (as root): bench/bgp.sh [ROUNDS] [SECONDS] [REPS]
@@ -115,6 +117,45 @@ for i in $(seq "$reps"); do
 done
 for i in $(seq "$reps"); do timeout 60 "$tweed" lab pod del "bbnew$i" --name bbnat >/dev/null; done
 
+# --- 2c. A Service's first ready endpoint → outside host's first success -------
+# A LoadBalancer Service (policy Local) with no pod yet gets its address
+# from the pool; then its pod is created on b1: the clock runs from the
+# `lab apply` of the pod through CNI, endpoints, the agent announcing the
+# address by BGP, the fabric learning it, to ext's first answer from it.
+svctimes=
+for i in $(seq "$reps"); do
+  cat >"$work/svc$i.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: bbsvc$i}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: bbsvc$i}
+  ports: [{port: 80, targetPort: 8080}]
+YAML
+  cat >"$work/pod$i.yaml" <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: bbsvc$i-pod, labels: {app: bbsvc$i}}
+spec:
+  nodeName: b1
+  containers:
+  - name: web
+    ports: [{containerPort: 8080}]
+YAML
+  timeout 60 "$tweed" lab apply -f "$work/svc$i.yaml" --name bbnat >/dev/null
+  lbip=$(timeout 30 "$tweed" lab status --name bbnat -o json | jq -r --arg id "default/bbsvc$i" '.services[] | select(.id == $id) | .loadBalancerIps[0] // empty')
+  [ -n "$lbip" ] || { echo "bbsvc$i got no load balancer address" >&2; exit 1; }
+  t0=$(now)
+  timeout 60 "$tweed" lab apply -f "$work/pod$i.yaml" --name bbnat >/dev/null
+  ip netns exec tw-bbnat_h-ext "$tweed" probe http "$lbip:80" --timeout 1 --retry-for 30 >/dev/null
+  svctimes+="$(since "$t0") "
+  echo "bbsvc$i ($lbip): pod applied → first answer at ext after $(since "$t0") s" >>"$work/raw"
+  timeout 60 "$tweed" lab delete -f "$work/pod$i.yaml" --name bbnat >/dev/null
+  timeout 60 "$tweed" lab delete -f "$work/svc$i.yaml" --name bbnat >/dev/null
+done
+
 # --- 2a. Node NIC down → withdrawn at its ToR; up → back ------------------------
 sub=$(timeout 30 "$tweed" lab status --name bbnat -o json | jq -r '.nodes[] | select(.name == "a2") | .subnet')
 sock=/run/tweed/lab/bbnat/routers/tor-a/run
@@ -161,6 +202,7 @@ echo "| a2's eth0 down → tor-a no longer holds a2's subnet ($sub) | $downtimes
 echo "| a2's eth0 up → the subnet back at tor-a | $uptimes| $(m "$uptimes") |"
 echo "| \`tweed lab pod add\` (a1/b1 alternately) → ext's first successful GET of the pod | $gettimes| $(m "$gettimes") |"
 echo "| … of which \`tweed lab pod add\` itself (CNI ADD, echo server ready) | $addtimes| $(m "$addtimes") |"
+echo "| LoadBalancer Service (policy Local): its pod applied on b1 → ext's first answer through the load balancer address | $svctimes| $(m "$svctimes") |"
 echo
 echo "- tor-a polled with vtysh \`show ip route bgp json\` every ~${pollms} ms (one call and a 50 ms pause)"
 echo

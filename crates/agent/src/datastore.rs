@@ -84,6 +84,19 @@ pub trait Datastore {
     async fn snapshot(&mut self, cfg: &ClusterConfig) -> Result<Snapshot, AgentError>;
     /// The next change. Cancel-safe: the agent races it against its timers.
     async fn next(&mut self, cfg: &ClusterConfig) -> Result<Update, AgentError>;
+    /// Does the agent hand out LoadBalancer addresses here? (etcd: no,
+    /// they are claimed when the Service is written.)
+    fn assigns_load_balancer_ips(&self) -> bool {
+        false
+    }
+    /// Write a LoadBalancer Service's address (`ns/name`).
+    async fn set_load_balancer_ips(
+        &mut self,
+        _id: &str,
+        _ips: &[std::net::Ipv4Addr],
+    ) -> Result<(), AgentError> {
+        Ok(())
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {

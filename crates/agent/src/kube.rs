@@ -220,6 +220,19 @@ impl Datastore for Kubernetes {
         self.describe.clone()
     }
 
+    fn assigns_load_balancer_ips(&self) -> bool {
+        true
+    }
+
+    async fn set_load_balancer_ips(
+        &mut self,
+        id: &str,
+        ips: &[std::net::Ipv4Addr],
+    ) -> Result<(), AgentError> {
+        let (ns, name) = id.split_once('/').unwrap_or(("default", id));
+        Ok(kc::set_lb_ingress(&self.client, ns, name, ips).await?)
+    }
+
     /// In a cluster the config is the ConfigMap the DaemonSet mounts (the
     /// agent's `--cluster-config`): there is nothing to agree on through
     /// the API, as there is no subnet allocation of tweed's own.

@@ -82,6 +82,7 @@ fn addressed(s: &Service) -> bool {
     !s.external_ips.is_empty()
         || !s.load_balancer_ips.is_empty()
         || s.health_check_node_port.is_some()
+        || s.service_type == tweed_model::ServiceType::LoadBalancer
 }
 
 impl Proxy {
@@ -178,6 +179,26 @@ impl Proxy {
                 Some((port, (id.clone(), self.ready_here(id))))
             })
             .collect()
+    }
+
+    /// LoadBalancer Services with no address yet (by id), and every
+    /// load balancer address in use.
+    pub fn load_balancers(&self) -> (Vec<String>, std::collections::BTreeSet<std::net::Ipv4Addr>) {
+        let mut pending = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        for (id, s) in self
+            .addressed
+            .iter()
+            .filter_map(|id| Some((id, self.services.get(id)?)))
+        {
+            used.extend(s.load_balancer_ips.iter().copied());
+            if s.service_type == tweed_model::ServiceType::LoadBalancer
+                && s.load_balancer_ips.is_empty()
+            {
+                pending.push(id.clone());
+            }
+        }
+        (pending, used)
     }
 
     fn plan(&self, id: &str) -> Contribution {

@@ -206,6 +206,9 @@ struct Agent {
     service_ips: std::collections::BTreeSet<Ipv4Addr>,
     /// Health check node ports served (LoadBalancer, policy Local).
     hc: crate::hc::HealthChecks,
+    /// LoadBalancer addresses this agent wrote and has not yet seen come
+    /// back through the watch (so it does not write them twice).
+    lb_written: BTreeMap<String, Ipv4Addr>,
 }
 
 /// Run the agent until SIGTERM or SIGINT.
@@ -271,6 +274,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bgp_settling: false,
         service_ips: Default::default(),
         hc: Default::default(),
+        lb_written: BTreeMap::new(),
     };
     if let Some(addr) = agent.opts.health_listen {
         let stale = agent.opts.resync * 3 + Duration::from_secs(30);
@@ -407,6 +411,8 @@ impl Agent {
         );
         self.proxy_synced = true;
         self.after_services(&cfg, &local, &map, &proxy).await;
+        self.assign_load_balancers(&mut ds, &cfg, &map, &proxy)
+            .await;
         tracing::info!(
             services = rep.services,
             millis = format!("{:.1}", rep.millis),
@@ -438,6 +444,7 @@ impl Agent {
                         }
                         self.report(proxy.flush()?);
                         self.after_services(&cfg, &local, &map, &proxy).await;
+                        self.assign_load_balancers(&mut ds, &cfg, &map, &proxy).await;
                     }
                     Update::Endpoints(changes) => {
                         for (id, e) in changes {
@@ -445,6 +452,7 @@ impl Agent {
                         }
                         self.report(proxy.flush()?);
                         self.after_services(&cfg, &local, &map, &proxy).await;
+                        self.assign_load_balancers(&mut ds, &cfg, &map, &proxy).await;
                     }
                     Update::Trouble(why) => {
                         self.store_trouble = Some(why.clone());
@@ -741,6 +749,50 @@ impl Agent {
             ds.publish(mine).await?;
         }
         Ok(())
+    }
+
+    /// Kubernetes: give each LoadBalancer Service without an address the
+    /// first free one of `loadBalancerPools`, in its status. One agent does
+    /// it, the one whose node name sorts first among the nodes it knows
+    /// (every agent agrees while they see the same nodes; a moment of
+    /// disagreement as nodes come and go can make two write, and the
+    /// later write wins: the Service then has one address).
+    async fn assign_load_balancers<D: Datastore>(
+        &mut self,
+        ds: &mut D,
+        cfg: &ClusterConfig,
+        map: &BTreeMap<Ipv4Net, NodeRecord>,
+        proxy: &Proxy,
+    ) {
+        if !ds.assigns_load_balancer_ips() || cfg.load_balancer_pools.is_empty() {
+            return;
+        }
+        let me = &self.opts.node_name;
+        if map.values().any(|n| n.name < *me) {
+            return;
+        }
+        let (pending, mut used) = proxy.load_balancers();
+        self.lb_written.retain(|id, _| pending.contains(id));
+        used.extend(self.lb_written.values().copied());
+        for id in pending {
+            if self.lb_written.contains_key(&id) {
+                continue;
+            }
+            let Some(ip) = tweed_model::allocate_lb_ip(&cfg.load_balancer_pools, &used) else {
+                tracing::warn!(service = %id, pools = ?cfg.load_balancer_pools, "no free load balancer address");
+                continue;
+            };
+            match ds.set_load_balancer_ips(&id, &[ip]).await {
+                Ok(()) => {
+                    tracing::info!(service = %id, %ip, "load balancer address assigned");
+                    used.insert(ip);
+                    self.lb_written.insert(id, ip);
+                }
+                Err(e) => {
+                    tracing::warn!(service = %id, error = %e, "cannot write the load balancer address")
+                }
+            }
+        }
     }
 
     /// After Services or endpoints changed: serve the health check node

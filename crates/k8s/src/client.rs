@@ -235,6 +235,25 @@ pub async fn publish_record(client: &Client, rec: &NodeRecord) -> Result<(), Kub
     Ok(())
 }
 
+/// A LoadBalancer Service's address: `status.loadBalancer.ingress`.
+pub async fn set_lb_ingress(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    ips: &[std::net::Ipv4Addr],
+) -> Result<(), KubeError> {
+    let ingress: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| serde_json::json!({ "ip": ip.to_string() }))
+        .collect();
+    let patch = serde_json::json!({ "status": { "loadBalancer": { "ingress": ingress } } });
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), namespace)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(api_err(format!("patch services/status {namespace}/{name}")))?;
+    Ok(())
+}
+
 /// `NetworkUnavailable=False`: the node's pod network is up (cloud route
 /// controllers and some schedulers wait for it).
 pub async fn set_network_available(client: &Client, node: &str) -> Result<(), KubeError> {

@@ -436,3 +436,84 @@ fn a_malformed_service_in_the_api_is_named_and_loses_nothing() {
     ]);
     assert!(st.contains("\"connected\""), "{st}");
 }
+
+#[test]
+fn load_balancers_get_addresses_from_the_pools_in_their_status() {
+    let test = "load_balancers_get_addresses_from_the_pools_in_their_status";
+    if !have_kubernetes(test) {
+        return;
+    }
+    let lab = LabGuard::up(
+        "k8slb",
+        "kubernetes: true\ncluster: {loadBalancerPools: [203.0.113.64/30]}\nnodes: [{name: n1}, {name: n2}]\npods: [{name: a, node: n1}, {name: b, node: n2}]\n",
+    );
+    let lb = |name: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-pod, labels: {{app: {name}}}}}\nspec:\n  nodeName: n2\n  containers:\n  - name: web\n    ports: [{{containerPort: 8080}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n")
+    };
+    lab.apply_ok(&lb("web"));
+    let ingress = |name: &str| {
+        kubectl(
+            &lab,
+            &[
+                "get",
+                "svc",
+                name,
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress[*].ip}",
+            ],
+        )
+    };
+    eventually("web's status to hold the pool's first address", 30, || {
+        ingress("web") == "203.0.113.65"
+    });
+    lab.apply_ok(&lb("api"));
+    eventually("api's status to hold the next one", 30, || {
+        ingress("api") == "203.0.113.66"
+    });
+    // The /30 has two usable addresses: a third waits, pending.
+    lab.apply_ok(&lb("more"));
+    eventually("n1's agent (the first name) to find the pool full", 30, || {
+        std::fs::read_to_string(lab.dir.join("nodes/n1/agent.log"))
+            .is_ok_and(|l| l.contains("no free load balancer address service=default/more"))
+    });
+    assert_eq!(ingress("more"), "", "an address outside the pool");
+    // The address works like kube-proxy's LoadBalancer ingress: from a
+    // node, to the endpoint (policy Local: from the node that has it).
+    assert_eq!(
+        who(&lab, &lab.node_ns("n2"), "203.0.113.65:80").as_deref(),
+        Some("web-pod")
+    );
+    // The API server allocated the health check node port; every agent
+    // serves it: 200 on n2 (the endpoint), 503 on n1.
+    let hc = kubectl(
+        &lab,
+        &[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.healthCheckNodePort}",
+        ],
+    );
+    let code = |node: &str| {
+        lab.exec_ok(
+            &lab.node_ns(node),
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                &format!("http://127.0.0.1:{hc}/healthz"),
+            ],
+        )
+    };
+    eventually(
+        "the health checks to say 200 on n2 and 503 on n1",
+        20,
+        || code("n2") == "200" && code("n1") == "503",
+    );
+}
