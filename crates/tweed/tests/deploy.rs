@@ -58,10 +58,11 @@ fn cluster_role_is_exactly_what_the_agent_calls() {
             "/nodes/status patch",
             "/services list",
             "/services watch",
+            "/services/status patch",
             "discovery.k8s.io/endpointslices list",
             "discovery.k8s.io/endpointslices watch",
         ],
-        "no secrets, no pods, no writes beyond the node's own status"
+        "no secrets, no pods, no writes beyond the node's own status and LoadBalancer addresses"
     );
     let binding = kind(&d, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["name"], "tweed");

@@ -212,6 +212,8 @@ fn least_privilege_is_enough_and_a_missing_verb_is_named() {
     assert_eq!(can("list", "secrets"), "no");
     assert_eq!(can("patch", "nodes"), "no", "only nodes/status");
     assert_eq!(can("patch", "nodes/status"), "yes");
+    assert_eq!(can("patch", "services"), "no", "only services/status");
+    assert_eq!(can("patch", "services/status"), "yes");
     ok(&["lab", "matrix", "--name", "k8srbac"]);
     // `tweed status` inside a node finds that node's agent by itself.
     let table = lab.exec_ok(&lab.node_ns("n1"), &[TWEED, "status"]);
