@@ -282,11 +282,36 @@ impl Datastore for Kubernetes {
             .ok()
             .flatten()
             .map_or(want.vtep_mac, |r| r.vtep_mac);
-        let me = NodeRecord {
+        let mut me = NodeRecord {
             subnet,
             vtep_mac,
             ..want.clone()
         };
+        // An operator's per-node BGP settings on the Node; the agent's own
+        // flags win. A bad annotation is named and left out.
+        match tweed_k8s::convert::node_bgp_overrides(&node) {
+            Ok(Some(o)) => {
+                let b = me.bgp.get_or_insert_with(Default::default);
+                b.asn = b.asn.or(o.asn);
+                for p in o.peers {
+                    if !b.peers.iter().any(|q| q.address == p.address) {
+                        b.peers.push(p);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(node = %self.node, error = %e, "ignoring the Node's BGP annotation")
+            }
+        }
+        // BGP peers' node selectors match the Node's labels (as peers see
+        // them through `node_record`).
+        if let (Some(_), Some(labels)) = (&cfg.bgp, node.metadata.labels.as_ref()) {
+            let b = me.bgp.get_or_insert_with(Default::default);
+            for (k, v) in labels {
+                b.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
         kc::publish_record(&self.client, &me).await?;
         tracing::info!(%subnet, "subnet from spec.podCIDR; record published on the Node");
         Ok(me)

@@ -861,13 +861,9 @@ impl Agent {
                 peers: o.peers,
             }
         };
-        let mut me = as_bgp(&local.record);
-        if let Some(o) = &self.opts.bgp_node {
-            // Our own flags win over a record not yet republished.
-            me.asn = o.asn.or(me.asn);
-            me.peers.clone_from(&o.peers);
-            me.labels.clone_from(&o.labels);
-        }
+        // Our record as registered: the flags, and in Kubernetes the
+        // Node's own labels and BGP annotations.
+        let me = as_bgp(&local.record);
         let all: Vec<tweed_bgp::BgpNode> = nodes
             .iter()
             .filter(|n| n.name != me.name)

@@ -46,6 +46,9 @@ const ANN_VTEP_MAC: &str = "tweed.io/vtep-mac";
 const ANN_UNREACHABLE: &str = "tweed.io/unreachable";
 /// The node's BGP overrides (`NodeBgp` as JSON; `null`: none).
 const ANN_BGP: &str = "tweed.io/bgp";
+/// An operator's BGP settings for the node (see [`node_bgp_overrides`]).
+pub const ANN_BGP_ASN: &str = "tweed.io/bgp-asn";
+pub const ANN_BGP_PEERS: &str = "tweed.io/bgp-peers";
 
 /// kube-proxy's server-side filter for Services and EndpointSlices.
 pub const PROXY_LABEL_SELECTOR: &str =
@@ -164,6 +167,52 @@ pub fn node_record(node: &Node) -> Result<Option<NodeRecord>, FieldError> {
         vtep_mac,
         unreachable,
         bgp,
+    }))
+}
+
+/// An operator's BGP settings for one node, as annotations on its Node
+/// (Calico's `projectcalico.org/ASNumber`, in tweed's words):
+/// `tweed.io/bgp-asn: "65101"` and `tweed.io/bgp-peers:
+/// "198.51.100.1:65001[:PASSWORD],..."`. The agent merges them into its
+/// record; its own flags win.
+pub fn node_bgp_overrides(node: &Node) -> Result<Option<tweed_model::NodeBgp>, FieldError> {
+    let ann = node.metadata.annotations.as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).filter(|v| !v.trim().is_empty());
+    let (asn, peers) = (get(ANN_BGP_ASN), get(ANN_BGP_PEERS));
+    if asn.is_none() && peers.is_none() {
+        return Ok(None);
+    }
+    let field = |k: &str| format!("metadata.annotations[{k}]");
+    let asn = match asn {
+        None => None,
+        Some(a) => Some(
+            a.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| tweed_model::bgp::valid_asn(*n))
+                .ok_or_else(|| {
+                    ferr(
+                        field(ANN_BGP_ASN),
+                        format!("{a:?} is not a usable AS number"),
+                    )
+                })?,
+        ),
+    };
+    let peers = peers
+        .map(|p| {
+            p.split(',')
+                .filter(|x| !x.trim().is_empty())
+                .map(|x| {
+                    tweed_model::parse_bgp_peer(x.trim()).map_err(|e| ferr(field(ANN_BGP_PEERS), e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Some(tweed_model::NodeBgp {
+        asn,
+        peers,
+        labels: BTreeMap::new(),
     }))
 }
 

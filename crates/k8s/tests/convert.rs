@@ -288,3 +288,30 @@ fn a_ready_copy_replaces_a_not_ready_duplicate() {
     assert_eq!(eps.endpoints.len(), 1);
     assert!(eps.endpoints[0].ready);
 }
+
+#[test]
+fn an_operators_bgp_annotations_are_read_and_a_bad_one_named() {
+    use tweed_k8s::convert::{node_bgp_overrides, ANN_BGP_ASN, ANN_BGP_PEERS};
+    let mut n = Node::default();
+    assert_eq!(node_bgp_overrides(&n), Ok(None));
+    n.metadata.annotations = Some(
+        [
+            (ANN_BGP_ASN.to_string(), "65101".to_string()),
+            (
+                ANN_BGP_PEERS.to_string(),
+                "198.51.100.1:65001, 198.51.100.2:65001:pw".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    let b = node_bgp_overrides(&n).unwrap().unwrap();
+    assert_eq!(b.asn, Some(65101));
+    assert_eq!(b.peers.len(), 2);
+    assert_eq!(b.peers[1].password.as_deref(), Some("pw"));
+    n.metadata.annotations = Some([(ANN_BGP_ASN.to_string(), "0".to_string())].into());
+    let e = node_bgp_overrides(&n).unwrap_err();
+    assert_eq!(e.field, "metadata.annotations[tweed.io/bgp-asn]");
+    n.metadata.annotations = Some([(ANN_BGP_PEERS.to_string(), "tor:65001".to_string())].into());
+    let e = node_bgp_overrides(&n).unwrap_err();
+    assert_eq!(e.field, "metadata.annotations[tweed.io/bgp-peers]");
+}

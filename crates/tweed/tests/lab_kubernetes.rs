@@ -474,10 +474,14 @@ fn load_balancers_get_addresses_from_the_pools_in_their_status() {
     });
     // The /30 has two usable addresses: a third waits, pending.
     lab.apply_ok(&lb("more"));
-    eventually("n1's agent (the first name) to find the pool full", 30, || {
-        std::fs::read_to_string(lab.dir.join("nodes/n1/agent.log"))
-            .is_ok_and(|l| l.contains("no free load balancer address service=default/more"))
-    });
+    eventually(
+        "n1's agent (the first name) to find the pool full",
+        30,
+        || {
+            std::fs::read_to_string(lab.dir.join("nodes/n1/agent.log"))
+                .is_ok_and(|l| l.contains("no free load balancer address service=default/more"))
+        },
+    );
     assert_eq!(ingress("more"), "", "an address outside the pool");
     // The address works like kube-proxy's LoadBalancer ingress: from a
     // node, to the endpoint (policy Local: from the node that has it).
