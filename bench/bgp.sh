@@ -150,8 +150,8 @@ YAML
   t0=$(now)
   timeout 60 "$tweed" lab apply -f "$work/pod$i.yaml" --name bbnat >/dev/null
   ip netns exec tw-bbnat_h-ext "$tweed" probe http "$lbip:80" --timeout 1 --retry-for 30 >/dev/null
-  svctimes+="$(since "$t0") "
-  echo "bbsvc$i ($lbip): pod applied → first answer at ext after $(since "$t0") s" >>"$work/raw"
+  t=$(since "$t0"); svctimes+="$t "
+  echo "bbsvc$i ($lbip): pod applied → first answer at ext after $t s" >>"$work/raw"
   timeout 60 "$tweed" lab delete -f "$work/pod$i.yaml" --name bbnat >/dev/null
   timeout 60 "$tweed" lab delete -f "$work/svc$i.yaml" --name bbnat >/dev/null
 done
