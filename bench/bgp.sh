@@ -8,8 +8,9 @@
 # fabric; pods across racks encapsulated node to node).
 #  1. pa1 (a1, rack-a) → pb1 (b1, rack-b): iperf3 one TCP stream and ping
 #     (median of each round's echoes), rounds interleaved: native, VXLAN,
-#     node a1 → node b1 on the underlay (same path: a1 → tor-a → core →
-#     tor-b → b1).
+#     node a1 → node b1 on the underlay (same path: a1 → tor-a → tor-b →
+#     b1; the ToRs share the transit segment and peer directly, so the
+#     core is not on it).
 #  2. Convergence, in the native lab:
 #     a) a2's eth0 down → tor-a's `show ip route bgp json` no longer holds
 #        a2's pod subnet; eth0 up → the subnet is back at tor-a.
@@ -183,7 +184,7 @@ pollms=$(awk -v a="$pollstart" -v b="$(now)" -v n=$polls 'BEGIN {printf "%.0f", 
 m() { printf '%s\n' $1 | med %.2f; }
 echo "## BGP: native routing across racks ($(date -u +%F), $(nproc) vCPU, kernel $(uname -r), examples/two-racks.yaml, iperf3 one TCP stream ${secs} s and 20 pings x ${rounds} rounds interleaved)"
 echo
-echo "| path (pa1 on a1 → pb1 on b1, through tor-a, core, tor-b) | TCP Gbit/s per round | TCP median | RTT ms per round (median of 20) | RTT median ms (all echoes) |"
+echo "| path (pa1 on a1 → pb1 on b1, through tor-a and tor-b) | TCP Gbit/s per round | TCP median | RTT ms per round (median of 20) | RTT median ms (all echoes) |"
 echo "|---|---|---|---|---|"
 for p in native vxlan underlay; do
   label=$p; [ $p = native ] && label="pod → pod, native (BGP, mode bgp)"; [ $p = vxlan ] && label="pod → pod, VXLAN (backend vxlan, same fabric)"; [ $p = underlay ] && label="node a1 → node b1, underlay"

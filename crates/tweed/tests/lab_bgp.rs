@@ -236,6 +236,25 @@ fn two_racks_route_pods_natively_through_frr_tors() {
         "pb2 is behind VXLAN, yet tor-a counted {vxlan} VXLAN packets"
     );
 
+    // The fabric stops carrying pod addresses (tor-a drops them): a1
+    // falls back to VXLAN for b1 without breaking a connection in flight,
+    // and goes native again once the fabric is mended.
+    let fabric = &tor_a;
+    // Until a1 notices (its next probe, within a resync and two quick
+    // retries) packets are lost: TCP retransmits them, and a request may
+    // wait that long.
+    let hold = start_hold(&lab, &lab.pod_ns("pa1"), &format!("{pb1}:8080"), 25, 20);
+    lab.exec_ok(
+        fabric,
+        &["nft", "add table ip twdrop; add chain ip twdrop f { type filter hook forward priority 0; }; add rule ip twdrop f ip daddr 10.244.0.0/16 drop"],
+    );
+    eventually("a1 to move b1 to VXLAN", 30, || mode("a1", "b1") == "vxlan");
+    finish_hold(hold, "the fall back from BGP to VXLAN", 50);
+    lab.exec_ok(fabric, &["nft", "delete table ip twdrop"]);
+    eventually("a1 to route b1 natively again", 30, || {
+        mode("a1", "b1") == "bgp"
+    });
+
     // Each end sees the true client: a pod across racks, the outside host.
     let seen = lab.get(&lab.pod_ns("pa1"), &pb1).expect("pa1 -> pb1");
     assert_eq!(seen["client"], pa1.as_str());
