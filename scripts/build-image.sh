@@ -6,7 +6,7 @@
 # By default the image is tweed's: a minimal Debian 12 root made by
 # mmdebstrap from this machine's apt sources, with the runtime tools the
 # agent calls (nft for the ruleset's fixed shape, conntrack, ip, ping,
-# ethtool), and the `tweed` binary at /usr/local/bin/tweed, in a layer of
+# ethtool, and BIRD for BGP), and the `tweed` binary at /usr/local/bin/tweed, in a layer of
 # its own. The Debian layer is cached in /var/cache/tweed/image-base (keyed
 # by its package list), so a rebuild after a code change takes seconds.
 # The same image runs the agent (DaemonSet) and the echo pods of the lab:
@@ -94,7 +94,9 @@ layers=()
 if [ -n "$rootfs" ]; then
   layers+=("$(layer "$rootfs")")
 else
-  pkgs=iproute2,nftables,conntrack,iputils-ping,ethtool,ca-certificates
+  # bird2: the BGP speaker the agent starts when the cluster config has
+  # `bgp:` (a separate program, GPL-2; never linked).
+  pkgs=iproute2,nftables,conntrack,iputils-ping,ethtool,ca-certificates,bird2
   key=$(echo "bookworm minbase $pkgs v1" | sha256sum | cut -c1-16)
   cache=/var/cache/tweed/image-base/$key
   if [ ! -s "$cache/layer" ]; then
