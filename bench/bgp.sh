@@ -13,7 +13,8 @@
 #     core is not on it).
 #  2. Convergence, in the native lab:
 #     a) a2's eth0 down → tor-a's `show ip route bgp json` no longer holds
-#        a2's pod subnet; eth0 up → the subnet is back at tor-a.
+#        a2's pod subnet; eth0 up → the subnet is back at tor-a. In both
+#        labs: the native one runs BFD (as the example), the VXLAN one not.
 #     b) `tweed lab pod add` on a1 or b1 → the outside host's first
 #        successful GET of the new pod's address through the fabric.
 #        Done before (a): the lab's nodes get their default route once, at
@@ -58,8 +59,10 @@ st() { echo "/run/tweed/lab/$1/state.json"; }
 # --- Labs ---------------------------------------------------------------------
 cp examples/two-racks.yaml "$work/native.yaml"
 # Same file, VXLAN forced; `bgp:` kept so the fabric carries the same routes.
-sed '/^cluster:$/a\  backend: vxlan' examples/two-racks.yaml > "$work/vxlan.yaml"
+# BFD stripped from it (nodes and ToRs): its withdrawals take the hold time.
+sed -e '/^cluster:$/a\  backend: vxlan' -e 's/, bfd: {}//' examples/two-racks.yaml > "$work/vxlan.yaml"
 grep -q '^  backend: vxlan$' "$work/vxlan.yaml" || { echo "no cluster: block in examples/two-racks.yaml" >&2; exit 1; }
+! grep -q 'bfd' "$work/vxlan.yaml" || { echo "BFD left in the VXLAN lab's topology" >&2; exit 1; }
 declare -A topo=([bbnat]=$work/native.yaml [bbvx]=$work/vxlan.yaml) want=([bbnat]=bgp [bbvx]=vxlan)
 for l in "${labs[@]}"; do
   timeout 60 "$tweed" lab down --name "$l" >/dev/null 2>&1 || true
@@ -158,25 +161,32 @@ YAML
 done
 
 # --- 2a. Node NIC down → withdrawn at its ToR; up → back ------------------------
-sub=$(timeout 30 "$tweed" lab status --name bbnat -o json | jq -r '.nodes[] | select(.name == "a2") | .subnet')
-sock=/run/tweed/lab/bbnat/routers/tor-a/run
+# Both labs, repetitions interleaved: the native lab runs BFD (300 ms x 3,
+# as the example does), the VXLAN lab none (stripped below), so the same
+# fabric shows BFD's detection against the 9 s hold time's.
+declare -A sub downtimes uptimes
+for l in "${labs[@]}"; do
+  sub[$l]=$(timeout 30 "$tweed" lab status --name "$l" -o json | jq -r '.nodes[] | select(.name == "a2") | .subnet')
+done
 polls=0
-has() { # tor-a holds a2's subnet (as lab.rs router_routes reads it)
+has() { # LAB: tor-a holds a2's subnet (as lab.rs router_routes reads it)
   polls=$((polls + 1))
-  timeout 5 ip netns exec tw-bbnat_r-tor-a vtysh --vty_socket $sock -d zebra -c 'show ip route bgp json' |
-    jq -e --arg s "$sub" 'has($s)' >/dev/null
+  timeout 5 ip netns exec "tw-${1}_r-tor-a" vtysh --vty_socket "/run/tweed/lab/$1/routers/tor-a/run" -d zebra -c 'show ip route bgp json' |
+    jq -e --arg s "${sub[$1]}" 'has($s)' >/dev/null
 }
-has || { echo "tor-a does not hold a2's subnet $sub" >&2; exit 1; }
-downtimes=; uptimes=; pollstart=$(now); polls=0
+for l in "${labs[@]}"; do has "$l" || { echo "lab $l: tor-a does not hold a2's subnet ${sub[$l]}" >&2; exit 1; }; done
+pollstart=$(now); polls=0
 for i in $(seq "$reps"); do
-  t0=$(now); ip netns exec tw-bbnat_n-a2 ip link set eth0 down
-  end=$((SECONDS + 60)); while has; do [ $SECONDS -lt $end ] || { echo "tor-a kept $sub 60 s after a2 went down" >&2; exit 1; }; sleep 0.05; done
-  td=$(since "$t0")
-  t0=$(now); ip netns exec tw-bbnat_n-a2 ip link set eth0 up
-  end=$((SECONDS + 120)); until has; do [ $SECONDS -lt $end ] || { echo "$sub not back at tor-a 120 s after a2 came back" >&2; exit 1; }; sleep 0.05; done
-  tu=$(since "$t0")
-  downtimes+="$td "; uptimes+="$tu "
-  echo "a2 eth0 down → $sub gone from tor-a after $td s; up → back after $tu s" >>"$work/raw"
+  for l in "${labs[@]}"; do
+    t0=$(now); ip netns exec "tw-${l}_n-a2" ip link set eth0 down
+    end=$((SECONDS + 60)); while has "$l"; do [ $SECONDS -lt $end ] || { echo "lab $l: tor-a kept ${sub[$l]} 60 s after a2 went down" >&2; exit 1; }; sleep 0.05; done
+    td=$(since "$t0")
+    t0=$(now); ip netns exec "tw-${l}_n-a2" ip link set eth0 up
+    end=$((SECONDS + 120)); until has "$l"; do [ $SECONDS -lt $end ] || { echo "lab $l: ${sub[$l]} not back at tor-a 120 s after a2 came back" >&2; exit 1; }; sleep 0.05; done
+    tu=$(since "$t0")
+    downtimes[$l]+="$td "; uptimes[$l]+="$tu "
+    echo "lab $l: a2 eth0 down → ${sub[$l]} gone from tor-a after $td s; up → back after $tu s" >>"$work/raw"
+  done
 done
 pollms=$(awk -v a="$pollstart" -v b="$(now)" -v n=$polls 'BEGIN {printf "%.0f", (b - a) / n * 1000}')
 
@@ -197,10 +207,12 @@ awk -v n="$(med <"$work/rtt-native")" -v v="$(med <"$work/rtt-vxlan")" -v u="$(m
   printf "- RTT: native / underlay = **%.2f**, VXLAN / underlay = **%.2f**, native / VXLAN = **%.2f**\n", n / u, v / u, n / v }'
 echo "- a1's route to pb1: native \`$natroute\`; VXLAN lab \`$vxroute\`"
 echo
-echo "| convergence (native lab) | per repetition s | median s |"
+echo "| convergence (native lab unless said) | per repetition s | median s |"
 echo "|---|---|---|"
-echo "| a2's eth0 down → tor-a no longer holds a2's subnet ($sub) | $downtimes| $(m "$downtimes") |"
-echo "| a2's eth0 up → the subnet back at tor-a | $uptimes| $(m "$uptimes") |"
+echo "| a2's eth0 down → tor-a no longer holds a2's subnet, BFD 300 ms x 3 | ${downtimes[bbnat]}| $(m "${downtimes[bbnat]}") |"
+echo "| … the same without BFD (VXLAN lab; hold time 9 s) | ${downtimes[bbvx]}| $(m "${downtimes[bbvx]}") |"
+echo "| a2's eth0 up → the subnet back at tor-a, BFD | ${uptimes[bbnat]}| $(m "${uptimes[bbnat]}") |"
+echo "| … without BFD | ${uptimes[bbvx]}| $(m "${uptimes[bbvx]}") |"
 echo "| \`tweed lab pod add\` (a1/b1 alternately) → ext's first successful GET of the pod | $gettimes| $(m "$gettimes") |"
 echo "| … of which \`tweed lab pod add\` itself (CNI ADD, echo server ready) | $addtimes| $(m "$addtimes") |"
 echo "| LoadBalancer Service (policy Local): its pod applied on b1 → ext's first answer through the load balancer address | $svctimes| $(m "$svctimes") |"

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use tweed_bgp::bird::LEARNT_TABLE;
 // Doctor and trace know the table by tweed-plan's name for it.
 const _: () = assert!(LEARNT_TABLE == tweed_plan::LEARNT_TABLE);
-use tweed_bgp::{parse_protocols, BgpPlan, Diagnosis, ProtocolStatus};
+use tweed_bgp::{parse_bfd_sessions, parse_protocols, BgpPlan, Diagnosis, ProtocolStatus};
 
 /// One BGP session, as `tweed status` shows it (`calicoctl node status`'s
 /// columns, and the reason when it is not up).
@@ -50,6 +50,10 @@ pub struct BgpPeerStatus {
     pub diagnosis: Diagnosis,
     /// The diagnosis in words.
     pub explain: String,
+    /// The BFD session's state (up, down, init, admindown) when the
+    /// cluster runs BFD; `None` without BFD or before BIRD has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<String>,
 }
 
 /// The speaker as `tweed status` and `tweed doctor` see it.
@@ -62,6 +66,9 @@ pub struct BgpStatus {
     pub local_asn: u32,
     pub router_id: String,
     pub hold_time: u16,
+    /// BFD's timers, when the cluster runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<tweed_bgp::config::BfdConfig>,
     pub announce: Vec<String>,
     pub peers: Vec<BgpPeerStatus>,
     /// Peers' subnets in the learnt table, each with its next hop.
@@ -266,6 +273,13 @@ impl Speaker {
     pub fn status(&self, plan: &BgpPlan, learnt: &[(Ipv4Net, Ipv4Addr)]) -> BgpStatus {
         let running = self.pid().is_some();
         let protos = if running { self.protocols() } else { None };
+        let bfd = match (&plan.bfd, &protos) {
+            (Some(_), Some(_)) => self
+                .command("show bfd sessions")
+                .map(|t| parse_bfd_sessions(&t))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let state = match (&self.trouble, running, &protos) {
             (Some(t), _, _) => t.clone(),
             (None, true, Some(_)) => "running".into(),
@@ -295,6 +309,10 @@ impl Speaker {
                     } else {
                         "BIRD does not report this session".into()
                     },
+                    bfd: bfd
+                        .iter()
+                        .find(|b| b.address == std::net::IpAddr::V4(s.address))
+                        .map(|b| b.state.clone()),
                 }
             })
             .collect();
@@ -304,6 +322,7 @@ impl Speaker {
             local_asn: plan.local_asn,
             router_id: plan.router_id.to_string(),
             hold_time: plan.hold_time,
+            bfd: plan.bfd,
             announce: plan
                 .announce
                 .iter()

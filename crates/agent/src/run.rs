@@ -141,6 +141,24 @@ enum Exit {
     Signal,
 }
 
+/// The next change BIRD made to the learnt-routes table, or never (no
+/// watch). A change is usually a burst (a session's every route), so the
+/// rest of the burst is taken with it.
+async fn learnt_changed(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    if r.recv().await.is_none() {
+        *rx = None;
+        return std::future::pending().await;
+    }
+    let until = tokio::time::Instant::now() + LEARNT_SETTLE;
+    while let Ok(Some(())) = tokio::time::timeout_at(until, r.recv()).await {}
+}
+
+/// How long a burst of learnt-route changes may last before the agent acts.
+const LEARNT_SETTLE: Duration = Duration::from_millis(100);
+
 /// How soon a peer that just missed a probe is probed again.
 const REPROBE_AFTER: Duration = Duration::from_secs(2);
 
@@ -202,6 +220,9 @@ struct Agent {
     bgp_key: String,
     bgp_changed_at: std::time::Instant,
     bgp_settling: bool,
+    /// Table 7745 emptied since BGP went off (or since the agent started
+    /// without BGP).
+    learnt_flushed: bool,
     /// Service addresses this node announces (see `Proxy::announced_ips`).
     service_ips: std::collections::BTreeSet<Ipv4Addr>,
     /// Health check node ports served (LoadBalancer, policy Local).
@@ -272,6 +293,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bgp_key: String::new(),
         bgp_changed_at: std::time::Instant::now(),
         bgp_settling: false,
+        learnt_flushed: false,
         service_ips: Default::default(),
         hc: Default::default(),
         lb_written: BTreeMap::new(),
@@ -430,6 +452,16 @@ impl Agent {
         full_tick.tick().await;
         let mut resync = tokio::time::interval(self.opts.resync);
         resync.tick().await;
+        // BGP withdrawals and new routes act at once (a peer's native
+        // route goes the moment BFD or a session drops it), not at the
+        // next resync.
+        let mut learnt = match tweed_netlink::watch_table(crate::bgp::LEARNT_TABLE) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the learnt-routes table; BGP changes act at each resync");
+                None
+            }
+        };
         loop {
             tokio::select! {
                 u = ds.next(&cfg) => match u? {
@@ -480,6 +512,11 @@ impl Agent {
                         self.write_status_file();
                     }
                 },
+                _ = learnt_changed(&mut learnt) => {
+                    tracing::debug!("learnt routes changed");
+                    self.converge(&cfg, &local, &map).await?;
+                    self.report_unreachable(&mut ds, &mut mine).await?;
+                }
                 _ = reprobe(self.reprobe_at) => {
                     self.converge(&cfg, &local, &map).await?;
                     self.report_unreachable(&mut ds, &mut mine).await?;
@@ -842,10 +879,35 @@ impl Agent {
                     tracing::warn!(error = %e, "cannot remove the subnet's blackhole route");
                 }
             }
+            // BIRD leaves what it learnt in the kernel when it stops
+            // (`persist`, for its own restarts), and an agent restarted
+            // with BGP off has forgotten its blackhole: with BGP off both
+            // must go, once per agent start or BGP change.
+            if !self.learnt_flushed {
+                // A restarted agent does not know it held a blackhole.
+                if let Err(e) = self.nl.del_blackhole(local.record.subnet).await {
+                    tracing::warn!(error = %e, "cannot remove the subnet's blackhole route");
+                }
+                match self.nl.flush_table(crate::bgp::LEARNT_TABLE).await {
+                    Ok(n) => {
+                        // Again next time while BIRD is still exiting.
+                        self.learnt_flushed = self.speaker.pid().is_none();
+                        if n > 0 {
+                            tracing::info!(
+                                routes = n,
+                                table = crate::bgp::LEARNT_TABLE,
+                                "BGP is off; removed the learnt routes"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot flush the learnt-routes table"),
+                }
+            }
             self.status.bgp = None;
             self.bgp_settling = false;
             return BTreeMap::new();
         };
+        self.learnt_flushed = false;
         let as_bgp = |n: &NodeRecord| {
             let o = n.bgp.clone().unwrap_or_default();
             tweed_bgp::BgpNode {

@@ -11,6 +11,11 @@
 //! - Graceful restart, so an agent restart or upgrade does not withdraw
 //!   the node's routes; the kernel protocol keeps what it installed
 //!   (`persist`) for the same reason.
+//! - BFD, when configured: one `protocol bfd` for single-hop sessions
+//!   (eBGP to the rack's ToR) and multihop ones (iBGP, which BIRD treats
+//!   as multihop), and `bfd on` on every session. A BFD session that goes
+//!   from Up to Down takes the BGP session down at once; one that never
+//!   comes up (the peer runs no BFD) holds nothing back (RFC 5882).
 //! - Protocol times print as ISO dates (`timeformat protocol iso long`),
 //!   which [`crate::status`] parses.
 
@@ -52,6 +57,19 @@ protocol kernel tweed_main {{
 }}"
     );
     let _ = writeln!(w);
+    if let Some(b) = &p.bfd {
+        let timers = format!("interval {} ms; multiplier {};", b.interval, b.multiplier);
+        let _ = writeln!(
+            w,
+            "# A silent peer is down after {} ms, not after the hold time.
+protocol bfd tweed_bfd {{
+  interface \"*\" {{ {timers} }};
+  multihop {{ {timers} }};
+}}",
+            b.detection_ms()
+        );
+        let _ = writeln!(w);
+    }
     let _ = writeln!(w, "protocol static tweed_subnet {{\n  ipv4;");
     for net in &p.announce {
         let _ = writeln!(w, "  route {net} blackhole;");
@@ -122,7 +140,7 @@ filter tweed_reflect {{
   # retry soon after a refused or failed attempt, not after 2-5 minutes.
   connect retry time 5;
   error wait time 5, 30;
-  graceful restart on;
+  graceful restart on;{bfd}
   ipv4 {{
     import filter tweed_import;
     export filter tweed_export;
@@ -130,7 +148,10 @@ filter tweed_reflect {{
     igp table tweed_igp;
   }};
 }}",
-        p.router_id, p.local_asn, p.hold_time
+        p.router_id,
+        p.local_asn,
+        p.hold_time,
+        bfd = if p.bfd.is_some() { "\n  bfd on;" } else { "" }
     );
     for x in &p.sessions {
         let _ = writeln!(w);
@@ -237,6 +258,10 @@ mod tests {
                 node_selector: BTreeMap::new(),
             }],
             hold_time: 9,
+            bfd: Some(crate::config::BfdConfig {
+                interval: 100,
+                multiplier: 5,
+            }),
             ..Default::default()
         };
         let mut p = plan_bgp(&cfg, "10.244.0.0/16".parse().unwrap(), 24, &n[0], &n);

@@ -17,4 +17,4 @@ pub mod status;
 
 pub use config::{BgpConfig, BgpPeer};
 pub use plan::{plan_bgp, BgpNode, BgpPlan, Session, SessionKind};
-pub use status::{parse_protocols, Diagnosis, ProtocolStatus};
+pub use status::{parse_bfd_sessions, parse_protocols, BfdSession, Diagnosis, ProtocolStatus};

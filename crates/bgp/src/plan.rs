@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use crate::config::{BgpConfig, BgpPeer};
+use crate::config::{BfdConfig, BgpConfig, BgpPeer};
 
 /// One node as BGP planning sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +92,9 @@ pub struct BgpPlan {
     pub accept_within: Ipv4Net,
     pub accept_len: u8,
     pub sessions: Vec<Session>,
+    /// BFD on every session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdConfig>,
 }
 
 /// A name the speaker accepts: `[A-Za-z0-9_]`, starting with a letter.
@@ -189,6 +192,7 @@ pub fn plan_bgp(
         accept_within: cluster_cidr.trunc(),
         accept_len: node_subnet_len,
         sessions,
+        bfd: cfg.bfd,
     }
 }
 

@@ -84,6 +84,39 @@ pub fn parse_protocols(text: &str) -> Vec<ProtocolStatus> {
     out
 }
 
+/// One BFD session, as `birdc show bfd sessions` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdSession {
+    pub address: std::net::IpAddr,
+    /// up, down, init or admindown (lower case).
+    pub state: String,
+}
+
+/// Every session of `birdc show bfd sessions`:
+///
+/// ```text
+/// tweed_bfd:
+/// IP address                Interface  State      Since         Interval  Timeout
+/// 203.0.113.242             ---        Up         2026-12-02 14:41:34    0.300    0.900
+/// ```
+///
+/// The interface is `---` for multihop sessions; the state is the first
+/// word after the address that names one.
+pub fn parse_bfd_sessions(text: &str) -> Vec<BfdSession> {
+    const STATES: [&str; 4] = ["up", "down", "init", "admindown"];
+    text.lines()
+        .filter_map(|raw| {
+            let mut words = strip_code(raw).split_whitespace();
+            let address = words.next()?.parse().ok()?;
+            let state = words
+                .map(str::to_ascii_lowercase)
+                .find(|w| STATES.contains(&w.as_str()))?;
+            Some(BfdSession { address, state })
+        })
+        .collect()
+}
+
 /// birdc's socket protocol: "1002-name ..." or "2002 ...".
 fn strip_code(line: &str) -> &str {
     let b = line.as_bytes();
@@ -115,6 +148,8 @@ pub enum Diagnosis {
     Authentication,
     /// Administratively down (disabled, or shutting down).
     Disabled,
+    /// BFD declared the peer down (it stopped answering BFD packets).
+    BfdDown,
     /// Still connecting: no error yet.
     Connecting,
     Other,
@@ -129,6 +164,8 @@ impl Diagnosis {
             Diagnosis::WrongAsn
         } else if info.contains("hold timer expired") {
             Diagnosis::HoldTimerExpired
+        } else if info.contains("bfd session down") {
+            Diagnosis::BfdDown
         } else if info.contains("connection refused")
             || info.contains("no route to host")
             || info.contains("network is unreachable")
@@ -163,6 +200,9 @@ impl Diagnosis {
                 "the peer stopped answering for longer than the hold time"
             }
             Diagnosis::Authentication => "the TCP MD5 password does not match the peer's",
+            Diagnosis::BfdDown => {
+                "BFD took the session down: the peer stopped answering BFD (dead node, link or path)"
+            }
             Diagnosis::Disabled => "the session is administratively down",
             Diagnosis::Connecting => "connecting (no error yet)",
             Diagnosis::Other => "not established; see the info column",
@@ -184,14 +224,15 @@ mesh_node2 BGP        ---        up     2026-12-02 08:40:14  Established
 global_198_51_100_1 BGP        ---        start  2026-12-02 08:40:11  Active        Socket: Connection refused
 node_203_0_113_1 BGP  ---        start  2026-12-02 08:41:02  Idle          Received: Bad peer AS
 rr_node9   BGP        ---        start  2026-12-02 08:42:00  Active        Received: Hold timer expired
+mesh_node3 BGP        ---        start  2026-12-02 14:41:45  Idle          Error: BFD session down
 ";
 
     #[test]
     fn bird2_output_is_read_and_each_failure_named() {
         let ps = parse_protocols(BIRD2);
-        assert_eq!(ps.len(), 7, "{ps:#?}");
+        assert_eq!(ps.len(), 8, "{ps:#?}");
         let bgp: Vec<_> = ps.iter().filter(|p| p.is_bgp()).collect();
-        assert_eq!(bgp.len(), 4);
+        assert_eq!(bgp.len(), 5);
         assert_eq!(bgp[0].name, "mesh_node2");
         assert_eq!(bgp[0].since, "2026-12-02 08:40:14");
         assert!(bgp[0].established());
@@ -202,10 +243,35 @@ rr_node9   BGP        ---        start  2026-12-02 08:42:00  Active        Recei
                 Diagnosis::Established,
                 Diagnosis::PeerUnreachable,
                 Diagnosis::WrongAsn,
-                Diagnosis::HoldTimerExpired
+                Diagnosis::HoldTimerExpired,
+                Diagnosis::BfdDown,
             ]
         );
         assert_eq!(bgp[2].info, "Idle Received: Bad peer AS");
+    }
+
+    #[test]
+    fn bfd_sessions_single_hop_and_multihop() {
+        // BIRD 2.0.12, through its socket (codes) and through birdc.
+        let raw = "0001 BIRD 2.0.12 ready.
+1020-tweed_bfd:
+ IP address                Interface  State      Since         Interval  Timeout
+ 198.51.100.62             eth0       Up         2026-12-02 14:41:34    0.300    0.900
+ 203.0.113.242             ---        Down       2026-12-02 14:41:45    1.000    0.000
+0000 
+";
+        let got: Vec<(String, String)> = parse_bfd_sessions(raw)
+            .into_iter()
+            .map(|s| (s.address.to_string(), s.state))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("198.51.100.62".into(), "up".into()),
+                ("203.0.113.242".into(), "down".into())
+            ]
+        );
+        assert!(parse_bfd_sessions("BIRD 2.0.12 ready.\ntweed_bfd:\n").is_empty());
     }
 
     #[test]

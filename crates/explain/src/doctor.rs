@@ -68,6 +68,7 @@ fn bgp_findings(node: &str, b: &crate::facts::BgpView) -> Vec<Finding> {
             "peer-unreachable" => format!("check that {} is the peer's address, that it runs BGP, and that TCP 179 from {} reaches it (a firewall, a route)", p.address, b.router_id),
             "hold-timer-expired" => format!("the peer stopped sending keepalives: check that {} is up and the path to it is not dropping packets", p.address),
             "authentication" => "set the same TCP MD5 password on both sides (bgp.peers[].password)".into(),
+            "bfd-down" => format!("the peer stopped answering BFD: check that {} is up and that the path to it carries UDP 3784 (single hop) and 4784 (multihop); if it is up, its BFD timers may be too tight for its load (bgp.bfd.interval, bgp.bfd.multiplier)", p.address),
             "disabled" => "the session is administratively down: enable it on this node's speaker".into(),
             _ => format!("if it stays like this, nothing completes a BGP session at {}: check the address, the peer's neighbor statement for {} (AS {}), and a firewall in between", p.address, b.router_id, b.local_asn),
         };
@@ -92,6 +93,32 @@ fn bgp_findings(node: &str, b: &crate::facts::BgpView) -> Vec<Finding> {
             )],
             fix,
         });
+    }
+    // BFD configured, the session up, BFD not: the peer runs no BFD (or
+    // UDP 3784/4784 is filtered), so a dead peer is noticed only after
+    // the hold time. RFC 5882 keeps the session up; nothing else says so.
+    if let Some(bfd) = &b.bfd {
+        for p in b
+            .peers
+            .iter()
+            .filter(|p| p.diagnosis == "established" && p.bfd.as_deref().unwrap_or("none") != "up")
+        {
+            let state = p.bfd.as_deref().unwrap_or("no session");
+            out.push(Finding {
+                fault: "bfd-not-up".into(),
+                node: node.into(),
+                peer: Some(p.peer_node.clone().unwrap_or_else(|| p.address.clone())),
+                summary: format!(
+                    "BGP to {} is Established but its BFD session is {state}: if the peer dies, its routes stay until the hold time ({} s) instead of {} ms",
+                    p.address, b.hold_time, bfd.detection_ms()
+                ),
+                evidence: vec![format!("BIRD: show bfd sessions: {} {state}", p.address)],
+                fix: format!(
+                    "enable BFD for {} on the peer (FRR: `neighbor {} bfd`; for a listen range, on its peer group), and let UDP 3784 and 4784 through between the two",
+                    b.router_id, b.router_id
+                ),
+            });
+        }
     }
     out
 }
@@ -999,6 +1026,7 @@ mod tests {
                 },
                 peer("198.51.100.1", "wrong-asn", "Idle Received: Bad peer AS"),
             ],
+            ..Default::default()
         });
         let found = check(&intent(), &f);
         assert_eq!(found.len(), 1, "{found:#?}");
@@ -1012,6 +1040,64 @@ mod tests {
         );
         f.status.as_mut().unwrap().bgp.as_mut().unwrap().state = "not running".into();
         assert_eq!(faults(&f), ["bgp-speaker-down"]);
+    }
+
+    #[test]
+    fn bfd_down_and_bfd_missing_are_told_apart() {
+        use crate::facts::{BgpPeerView, BgpView};
+        let mut f = healthy();
+        let peer = |addr: &str, diagnosis: &str, bfd: Option<&str>| BgpPeerView {
+            address: addr.into(),
+            asn: 65001,
+            kind: "global".into(),
+            state: if diagnosis == "established" {
+                "up"
+            } else {
+                "start"
+            }
+            .into(),
+            diagnosis: diagnosis.into(),
+            bfd: bfd.map(Into::into),
+            ..Default::default()
+        };
+        let view = |peers| BgpView {
+            state: "running".into(),
+            local_asn: 64512,
+            router_id: "198.51.100.10".into(),
+            hold_time: 90,
+            bfd: Some(Default::default()),
+            peers,
+        };
+        f.status.as_mut().unwrap().bgp = Some(view(vec![
+            peer("198.51.100.1", "established", Some("up")),
+            peer("198.51.100.2", "bfd-down", Some("down")),
+            peer("198.51.100.3", "established", Some("down")),
+            peer("198.51.100.4", "established", None),
+        ]));
+        let found = check(&intent(), &f);
+        let got: Vec<(&str, &str)> = found
+            .iter()
+            .map(|x| (x.fault.as_str(), x.peer.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("bgp-session-down", "198.51.100.2"),
+                ("bfd-not-up", "198.51.100.3"),
+                ("bfd-not-up", "198.51.100.4"),
+            ]
+        );
+        assert!(found[0].fix.contains("UDP 3784"), "{found:#?}");
+        assert!(
+            found[1]
+                .summary
+                .contains("hold time (90 s) instead of 900 ms"),
+            "{found:#?}"
+        );
+        assert!(found[2].summary.contains("no session"), "{found:#?}");
+        // Without BFD in the cluster, a missing BFD session is no fault.
+        f.status.as_mut().unwrap().bgp.as_mut().unwrap().bfd = None;
+        assert_eq!(faults(&f), ["bgp-session-down"]);
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub struct BgpView {
     #[serde(default)]
     pub router_id: String,
     #[serde(default)]
+    pub hold_time: u16,
+    /// BFD's timers, when the cluster runs it.
+    #[serde(default)]
+    pub bfd: Option<tweed_model::bgp::BfdConfig>,
+    #[serde(default)]
     pub peers: Vec<BgpPeerView>,
 }
 
@@ -72,6 +77,9 @@ pub struct BgpPeerView {
     pub diagnosis: String,
     #[serde(default)]
     pub explain: String,
+    /// The BFD session's state, when the cluster runs BFD.
+    #[serde(default)]
+    pub bfd: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

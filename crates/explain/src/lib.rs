@@ -203,6 +203,7 @@ pub const FAULTS: &[(&str, &str)] = &[
     ("datastore-unreachable", "the agent cannot reach its datastore"),
     ("lease-expiring", "the agent has not renewed its node record's lease (etcd): peers drop the node when it lapses"),
     ("podcidr-unassigned", "the Node has no spec.podCIDR yet (Kubernetes mode)"),
-    ("bgp-session-down", "a BGP session is not Established, with BIRD's reason (wrong AS, unreachable, hold timer, password)"),
+    ("bgp-session-down", "a BGP session is not Established, with BIRD's reason (wrong AS, unreachable, hold timer, password, BFD)"),
+    ("bfd-not-up", "the cluster runs BFD, a BGP session is up and its BFD session is not: a dead peer is noticed only after the hold time"),
     ("bgp-speaker-down", "the cluster runs BGP but the node's speaker (BIRD) is not running"),
 ];

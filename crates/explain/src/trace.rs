@@ -186,7 +186,56 @@ pub fn service_step(
     let svc = format!("{} . {p} . {port}", pkt.dst);
     let np = format!("{p} . {port}");
     let in_sc = intent.service_cidr.contains(&pkt.dst);
-    // nat prerouting/output → chain services, in its order.
+    // nat prerouting/output → chain services, in its order. First the
+    // load balancer firewall (loadBalancerSourceRanges), before any DNAT.
+    if let Some(v) = rs.verdict("fw", &svc) {
+        let chain = v.trim().trim_start_matches("jump ").trim().to_string();
+        let rules = rs.chain(&chain);
+        let ranges = rules.iter().find_map(|r| source_ranges(r));
+        let cite = format!(
+            "map fw: {{ {svc} : jump {chain} }}; chain {chain}: {}",
+            rules.join("; ")
+        );
+        match ranges {
+            Some(rs) if !rs.iter().any(|n| n.contains(&pkt.src)) => {
+                d.verdict = Some(Exit::Dropped {
+                    why: format!(
+                        "{} is not in the Service's loadBalancerSourceRanges ({})",
+                        pkt.src,
+                        join_nets(&rs)
+                    ),
+                });
+                d.steps.push(step(
+                    "drop",
+                    format!(
+                        "dropped: Service {}:{port}/{p} admits only {} (loadBalancerSourceRanges)",
+                        pkt.dst,
+                        join_nets(&rs)
+                    ),
+                    cite,
+                ));
+                return d;
+            }
+            Some(rs) => d.steps.push(step(
+                "firewall",
+                format!(
+                    "admitted: {} is in the Service's loadBalancerSourceRanges ({})",
+                    pkt.src,
+                    join_nets(&rs)
+                ),
+                cite,
+            )),
+            None => {
+                let mut st = step(
+                    "firewall",
+                    "the Service's loadBalancerSourceRanges chain cannot be read",
+                    cite,
+                );
+                st.problem = Some(format!("chain {chain} holds no `ip saddr != {{...}} drop`"));
+                d.steps.push(st);
+            }
+        }
+    }
     if in_sc && !intent.cluster_cidr.contains(&pkt.src) {
         d.masquerade = Some(format!(
             "source {} is outside the cluster CIDR {} and reaches a service IP",
@@ -353,6 +402,34 @@ pub fn service_step(
         ));
     }
     d
+}
+
+/// The source ranges of a firewall chain's rule as nft prints it:
+/// `ip saddr != { 198.51.100.192/26, 203.0.113.0/28 } drop`, or with one
+/// range `ip saddr != 198.51.100.192/26 drop` (an address alone is a /32).
+pub fn source_ranges(rule: &str) -> Option<Vec<ipnet::Ipv4Net>> {
+    let set = rule
+        .trim()
+        .strip_prefix("ip saddr != ")?
+        .strip_suffix(" drop")?
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}');
+    set.split(',')
+        .map(|x| {
+            let x = x.trim();
+            x.parse()
+                .ok()
+                .or_else(|| x.parse::<Ipv4Addr>().ok().map(ipnet::Ipv4Net::from))
+        })
+        .collect()
+}
+
+fn join_nets(nets: &[ipnet::Ipv4Net]) -> String {
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A Service key's endpoints as the ruleset holds them now (empty: none);
@@ -1370,6 +1447,40 @@ mod tests {
         assert!(d.masquerade.unwrap().contains("node port"));
         let d = service_step(&f, &intent(), &p, false);
         assert!(d.backends.is_empty() && d.verdict.is_none());
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_drop_before_dnat() {
+        let mut f = fake_service(2);
+        let key = "10.96.0.10 . tcp . 80";
+        f.verdicts
+            .insert(("fw".into(), key.into()), "jump fw-0123456789ab".into());
+        f.chains.insert(
+            "fw-0123456789ab".into(),
+            vec!["ip saddr != { 198.51.100.192/26, 203.0.113.7 } drop".into()],
+        );
+        let d = service_step(&f, &intent(), &pkt("10.244.1.5", "10.96.0.10", 80), false);
+        assert!(
+            matches!(&d.verdict, Some(Exit::Dropped { why }) if why.contains("198.51.100.192/26, 203.0.113.7/32")),
+            "{d:?}"
+        );
+        assert!(d.backends.is_empty(), "dropped before DNAT: {d:?}");
+        assert!(d.steps[0].cite.contains("map fw:"), "{d:?}");
+        let d = service_step(
+            &f,
+            &intent(),
+            &pkt("198.51.100.200", "10.96.0.10", 80),
+            false,
+        );
+        assert!(d.verdict.is_none(), "{d:?}");
+        assert_eq!(d.steps[0].kind, "firewall");
+        assert_eq!(d.backends.len(), 2, "admitted, then balanced: {d:?}");
+        // One range prints without braces.
+        assert_eq!(
+            source_ranges("ip saddr != 198.51.100.192/26 drop").unwrap(),
+            ["198.51.100.192/26".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        assert_eq!(source_ranges("ip saddr 1.2.3.4 accept"), None);
     }
 
     #[test]

@@ -290,6 +290,38 @@ impl Lab {
         Ok(c)
     }
 
+    /// Kubernetes labs: each Service's load balancer addresses as the API
+    /// server holds them now. The agent writes `status.loadBalancer` after
+    /// `lab apply` has stored what the API server first answered, so
+    /// `lab status` asks again. Services the API server does not answer
+    /// for keep what the lab stored.
+    pub(crate) fn kube_refresh_load_balancers(&self, st: &mut LabState) {
+        if st.kube.is_none() || st.services.is_empty() {
+            return;
+        }
+        let Ok(out) = self.kubectl(st, &["get", "services", "-A", "-o", "json"], None) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return;
+        };
+        for item in v["items"].as_array().into_iter().flatten() {
+            let id = format!(
+                "{}/{}",
+                item["metadata"]["namespace"].as_str().unwrap_or_default(),
+                item["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            if let Some(svc) = st.services.get_mut(&id) {
+                svc.load_balancer_ips = item["status"]["loadBalancer"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["ip"].as_str()?.parse().ok())
+                    .collect();
+            }
+        }
+    }
+
     /// Run kubectl to completion; its output, or an error with its stderr.
     pub fn kubectl(&self, st: &LabState, args: &[&str], stdin: Option<&str>) -> Result<String> {
         let mut c = self.kubectl_command(st)?;

@@ -113,6 +113,9 @@ pub struct RouterState {
     pub ns: String,
     pub zebra_pid: Option<u32>,
     pub bgpd_pid: Option<u32>,
+    /// With `bgp.bfd`.
+    #[serde(default)]
+    pub bfdd_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -585,12 +588,19 @@ impl Lab {
                 ns: self.router_ns(&spec.name),
                 zebra_pid: None,
                 bgpd_pid: None,
+                bfdd_pid: None,
             });
             let k = st.routers.len() - 1;
             // zebra first: bgpd hands it the routes it selects.
             st.routers[k].zebra_pid = Some(self.frr_spawn(&spec.name, "zebra")?);
             self.save(&st)?;
             self.frr_wait(&spec.name, "zebra")?;
+            // bfdd before bgpd: bgpd registers its BFD peers with it.
+            if crate::frr::render_bfdd(spec).is_some() {
+                st.routers[k].bfdd_pid = Some(self.frr_spawn(&spec.name, "bfdd")?);
+                self.save(&st)?;
+                self.frr_wait(&spec.name, "bfdd")?;
+            }
             st.routers[k].bgpd_pid = Some(self.frr_spawn(&spec.name, "bgpd")?);
             self.save(&st)?;
             self.frr_wait(&spec.name, "bgpd")?;
@@ -1345,7 +1355,7 @@ impl Lab {
                 .chain(
                     st.routers
                         .iter()
-                        .flat_map(|r| [r.bgpd_pid, r.zebra_pid])
+                        .flat_map(|r| [r.bgpd_pid, r.bfdd_pid, r.zebra_pid])
                         .flatten(),
                 )
                 .chain(st.etcd_pid);
@@ -1447,7 +1457,8 @@ impl Lab {
     /// [`Lab::status_text`], for scripts.
     pub fn status_json(&self) -> Result<serde_json::Value> {
         use serde_json::json;
-        let st = self.state()?;
+        let mut st = self.state()?;
+        self.kube_refresh_load_balancers(&mut st);
         let etcd = st.etcd_pid.is_some_and(|p| ours_alive(p, &self.marker()));
         let nodes: Vec<_> = st
             .nodes
@@ -1486,10 +1497,14 @@ impl Lab {
                     .collect();
                 let bgp = spec.bgp.as_ref().map(|b| {
                     let peers = self.router_bgp_peers(&spec.name).ok();
+                    let bfd = b
+                        .bfd
+                        .and_then(|_| self.router_bfd_peers(&spec.name).ok());
                     json!({
                         "asn": b.asn,
                         "peers": peers.as_ref().map(|p| p.len()),
                         "established": peers.as_ref().map(|p| p.iter().filter(|p| p.established()).count()),
+                        "bfd": bfd.map(|p| p.into_iter().map(|(a, s)| json!({"peer": a, "status": s})).collect::<Vec<_>>()),
                     })
                 });
                 json!({"name": spec.name, "segments": legs, "bgp": bgp})
@@ -1541,7 +1556,8 @@ impl Lab {
 
     pub fn status_text(&self) -> Result<String> {
         use std::fmt::Write;
-        let st = self.state()?;
+        let mut st = self.state()?;
+        self.kube_refresh_load_balancers(&mut st);
         let mut s = String::new();
         let etcd = st.etcd_pid.is_some_and(|p| ours_alive(p, &self.marker()));
         let _ = writeln!(
@@ -1589,7 +1605,7 @@ impl Lab {
             }
         }
         if !st.topology.routers.is_empty() {
-            let _ = writeln!(s, "\n{:<20} {:<26} SEGMENTS", "ROUTER", "BGP");
+            let _ = writeln!(s, "\n{:<20} {:<40} SEGMENTS", "ROUTER", "BGP");
             for (r, spec) in st.topology.routers.iter().enumerate() {
                 let legs: Vec<String> = spec
                     .segments
@@ -1598,17 +1614,28 @@ impl Lab {
                     .collect();
                 let bgp = match &spec.bgp {
                     None => "-".to_string(),
-                    Some(b) => match self.router_bgp_peers(&spec.name) {
-                        Ok(p) => format!(
-                            "AS {} {}/{} established",
-                            b.asn,
-                            p.iter().filter(|p| p.established()).count(),
-                            p.len()
-                        ),
-                        Err(_) => format!("AS {} DOWN", b.asn),
-                    },
+                    Some(b) => {
+                        let bfd = match (b.bfd, self.router_bfd_peers(&spec.name)) {
+                            (None, _) => String::new(),
+                            (Some(_), Ok(p)) => format!(
+                                ", BFD {}/{} up",
+                                p.iter().filter(|(_, s)| s == "up").count(),
+                                p.len()
+                            ),
+                            (Some(_), Err(_)) => ", BFD DOWN".into(),
+                        };
+                        match self.router_bgp_peers(&spec.name) {
+                            Ok(p) => format!(
+                                "AS {} {}/{} established{bfd}",
+                                b.asn,
+                                p.iter().filter(|p| p.established()).count(),
+                                p.len()
+                            ),
+                            Err(_) => format!("AS {} DOWN", b.asn),
+                        }
+                    }
                 };
-                let _ = writeln!(s, "{:<20} {:<26} {}", spec.name, bgp, legs.join(", "));
+                let _ = writeln!(s, "{:<20} {:<40} {}", spec.name, bgp, legs.join(", "));
             }
         }
         if !st.services.is_empty() {
@@ -1680,7 +1707,13 @@ impl Lab {
                 spec.name
             ))
         };
-        for d in ["zebra", "bgpd"] {
+        let bfdd = crate::frr::render_bfdd(spec);
+        let daemons: &[&str] = if bfdd.is_some() {
+            &["zebra", "bgpd", "bfdd"]
+        } else {
+            &["zebra", "bgpd"]
+        };
+        for d in daemons {
             if !Path::new(crate::frr::SBIN).join(d).exists() {
                 return Err(missing(&format!("{}/{d}", crate::frr::SBIN)));
             }
@@ -1700,14 +1733,17 @@ impl Lab {
         for (name, body) in [
             ("frr.conf", bgpd),
             ("zebra.conf", crate::frr::render_zebra(spec)),
-        ] {
+        ]
+        .into_iter()
+        .chain(bfdd.map(|b| ("bfdd.conf", b)))
+        {
             let p = dir.join(name);
             std::fs::write(&p, body).map_err(io_err(&p))?;
         }
         Ok(())
     }
 
-    /// Start `daemon` (zebra or bgpd) in the router's namespace.
+    /// Start `daemon` (zebra, bgpd or bfdd) in the router's namespace.
     /// Equivalent: `ip netns exec NS /usr/lib/frr/DAEMON -f ... &`.
     fn frr_spawn(&self, router: &str, daemon: &str) -> Result<u32> {
         let dir = self.router_dir(router);
@@ -1752,6 +1788,14 @@ impl Lab {
         let out = self.vtysh(router, "bgpd", "show bgp summary json")?;
         crate::frr::parse_summary(&out)
             .map_err(|e| LabError::Invalid(format!("router {router}: bgp summary: {e}")))
+    }
+
+    /// Router `router`'s BFD sessions (`show bfd peers json`): each
+    /// peer's address and status. Fails on a router without BFD.
+    pub fn router_bfd_peers(&self, router: &str) -> Result<Vec<(IpAddr, String)>> {
+        let out = self.vtysh(router, "bfdd", "show bfd peers json")?;
+        crate::frr::parse_bfd_peers(&out)
+            .map_err(|e| LabError::Invalid(format!("router {router}: bfd peers: {e}")))
     }
 
     /// The BGP routes router `router` selected, with their next hops

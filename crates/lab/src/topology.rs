@@ -111,6 +111,10 @@ pub struct RouterSpec {
 pub struct RouterBgp {
     /// Its autonomous system number.
     pub asn: u32,
+    /// BFD on its sessions with nodes (and with other routers that run
+    /// it): FRR's bfdd, with these timers (`bfd: {}` for 300 ms x 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<tweed_model::bgp::BfdConfig>,
 }
 
 /// A node's BGP in the lab, when the cluster config has `bgp:`. By default
@@ -361,6 +365,13 @@ impl Topology {
                     "routers[{i}].bgp.asn {asn} is reserved (0, 23456 and 4294967295 are not usable)"
                 ));
             }
+            if let Some(e) = r.bgp.as_ref().and_then(|b| b.bfd.as_ref()).and_then(|b| {
+                b.validate(&format!("routers[{i}].bgp.bfd"))
+                    .into_iter()
+                    .next()
+            }) {
+                return bad(format!("{}: {}", e.field, e.msg));
+            }
         }
         let public: Ipv4Net = PUBLIC_RANGE.parse().expect("literal");
         for (i, n) in self.nodes.iter().enumerate() {
@@ -591,6 +602,10 @@ pods:
             (
                 "routers: [{name: r, segments: [ul]}, {name: s, segments: [ul], bgp: {asn: 4294967295}}]\nnodes: [{name: a}]",
                 "routers[1].bgp.asn 4294967295",
+            ),
+            (
+                "routers: [{name: r, segments: [ul], bgp: {asn: 65001, bfd: {interval: 1}}}]\nnodes: [{name: a}]",
+                "routers[0].bgp.bfd.interval: 1 ms",
             ),
             (
                 "routers: [{name: r, segments: [ul], bgp: {asn: 65001, as: 1}}]\nnodes: [{name: a}]",

@@ -1,5 +1,6 @@
 //! The generated router configurations are ones the real FRR accepts:
-//! each golden `frr-*.conf` through `bgpd -C` (dry run: parse, then exit).
+//! each golden `frr-*.conf` through `bgpd -C` and each `bfdd-*.conf`
+//! through `bfdd -C` (dry run: parse, then exit).
 //! It runs in a network namespace of its own (`unshare --net`) with no
 //! BGP listener, no zebra and no TCP vty, so it touches nothing on the
 //! machine. Needs Debian's frr; a machine without it says so.
@@ -24,10 +25,11 @@ fn skip(test: &str, why: &str) {
 fn every_golden_router_configuration_parses_with_bgpd() {
     let test = "every_golden_router_configuration_parses_with_bgpd";
     let bgpd = Path::new(tweed_lab::frr::SBIN).join("bgpd");
-    if !bgpd.exists() {
+    let bfdd = Path::new(tweed_lab::frr::SBIN).join("bfdd");
+    if !bgpd.exists() || !bfdd.exists() {
         skip(
             test,
-            "no bgpd (Debian's frr) on this machine; the configurations are checked against golden files only",
+            "no bgpd or bfdd (Debian's frr) on this machine; the configurations are checked against golden files only",
         );
         return;
     }
@@ -37,22 +39,35 @@ fn every_golden_router_configuration_parses_with_bgpd() {
     }
     let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("frr-parses");
     std::fs::create_dir_all(&scratch).unwrap();
+    // bfdd binds its control socket there after dropping to frr.
+    if let Some(u) = nix::unistd::User::from_name("frr").ok().flatten() {
+        nix::unistd::chown(&scratch, Some(u.uid), Some(u.gid)).unwrap();
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
-    let mut n = 0;
+    let (mut n, mut n_bfd) = (0, 0);
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if !(name.starts_with("frr-") && name.ends_with(".conf")) {
+        if !name.ends_with(".conf") {
             continue;
         }
-        let o = Command::new("unshare")
-            .arg("--net")
-            .arg(&bgpd)
-            .args([
-                "-C", "-Z", "-n", "-p", "0", "-P", "0", "-u", "frr", "-g", "frr",
-            ])
+        let mut cmd = Command::new("unshare");
+        cmd.arg("--net");
+        if name.starts_with("frr-") {
+            cmd.arg(&bgpd).args(["-Z", "-n", "-p", "0"]);
+            n += 1;
+        } else if name.starts_with("bfdd-") {
+            cmd.arg(&bfdd)
+                .arg("--bfdctl")
+                .arg(scratch.join("bfdd.sock"));
+            n_bfd += 1;
+        } else {
+            continue;
+        }
+        let o = cmd
+            .args(["-C", "-P", "0", "-u", "frr", "-g", "frr"])
             .arg("-i")
-            .arg(scratch.join("bgpd.pid"))
+            .arg(scratch.join("daemon.pid"))
             .arg("--vty_socket")
             .arg(&scratch)
             .arg("-f")
@@ -76,15 +91,14 @@ fn every_golden_router_configuration_parses_with_bgpd() {
             .collect();
         assert!(
             o.status.success() && complaints.is_empty(),
-            "bgpd refuses {}:\n{}",
+            "FRR refuses {}:\n{}",
             path.display(),
             complaints.join("\n")
         );
-        n += 1;
     }
     assert!(
-        n >= 2,
-        "no golden router configurations in {}",
+        n >= 2 && n_bfd >= 1,
+        "too few golden router configurations in {} ({n} bgpd, {n_bfd} bfdd)",
         dir.display()
     );
 }

@@ -40,6 +40,77 @@ pub struct BgpConfig {
     /// load balancer IPs are always announced.
     #[serde(default, rename = "advertiseClusterIPs")]
     pub advertise_cluster_ips: bool,
+    /// BFD on every session (`bfd: {}` for the defaults): a dead peer is
+    /// noticed in `interval` x `multiplier` milliseconds instead of the
+    /// hold time. Both ends must run it; a peer without BFD is not held
+    /// down by it (RFC 5882), it only gains nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdConfig>,
+}
+
+/// Bidirectional Forwarding Detection (RFC 5880) for BGP sessions. The
+/// defaults are FRR's and MetalLB's: 300 ms, 3 missed packets (0.9 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BfdConfig {
+    /// Milliseconds between packets, sent and wanted (min tx and min rx).
+    #[serde(default = "default_bfd_interval")]
+    pub interval: u32,
+    /// Packets missed in a row before the peer is down.
+    #[serde(default = "default_bfd_multiplier")]
+    pub multiplier: u8,
+}
+
+pub const DEFAULT_BFD_INTERVAL_MS: u32 = 300;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
+
+fn default_bfd_interval() -> u32 {
+    DEFAULT_BFD_INTERVAL_MS
+}
+
+fn default_bfd_multiplier() -> u8 {
+    DEFAULT_BFD_MULTIPLIER
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        BfdConfig {
+            interval: DEFAULT_BFD_INTERVAL_MS,
+            multiplier: DEFAULT_BFD_MULTIPLIER,
+        }
+    }
+}
+
+impl BfdConfig {
+    /// How long a silent peer stays up: interval x multiplier.
+    pub fn detection_ms(&self) -> u32 {
+        self.interval * u32::from(self.multiplier)
+    }
+
+    /// Every problem, each under `prefix` (`bgp.bfd`).
+    pub fn validate(&self, prefix: &str) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        // FRR's bounds (BIRD takes a wider range): both ends must agree.
+        if !(10..=60_000).contains(&self.interval) {
+            errs.push(ferr(
+                format!("{prefix}.interval"),
+                format!(
+                    "{} ms: must be 10-60000 milliseconds (the default is {DEFAULT_BFD_INTERVAL_MS})",
+                    self.interval
+                ),
+            ));
+        }
+        if self.multiplier < 2 {
+            errs.push(ferr(
+                format!("{prefix}.multiplier"),
+                format!(
+                    "{}: must be 2-255 (one lost packet must not take a session down)",
+                    self.multiplier
+                ),
+            ));
+        }
+        errs
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +143,7 @@ impl Default for BgpConfig {
             route_reflectors: Vec::new(),
             hold_time: DEFAULT_HOLD_SECS,
             advertise_cluster_ips: false,
+            bfd: None,
         }
     }
 }
@@ -152,6 +224,9 @@ impl BgpConfig {
                     format!("{} is also bgp.peers[{j}]", p.address),
                 ));
             }
+        }
+        if let Some(b) = &self.bfd {
+            errs.extend(b.validate("bgp.bfd"));
         }
         if self.mesh == Some(true) && !self.route_reflectors.is_empty() {
             errs.push(ferr(
@@ -265,6 +340,10 @@ mod tests {
             mesh: Some(true),
             route_reflectors: vec!["n1".into()],
             advertise_cluster_ips: false,
+            bfd: Some(BfdConfig {
+                interval: 5,
+                multiplier: 1,
+            }),
         };
         let fields: Vec<String> = c
             .validate()
@@ -280,9 +359,24 @@ mod tests {
                 "bgp.peers[0].asn",
                 "bgp.peers[1].password",
                 "bgp.peers[2].address",
+                "bgp.bfd.interval",
+                "bgp.bfd.multiplier",
                 "bgp.mesh",
             ]
         );
+    }
+
+    #[test]
+    fn bfd_defaults_to_300_ms_times_3() {
+        let c: BgpConfig = serde_json::from_str(r#"{"bfd": {}}"#).unwrap();
+        let b = c.bfd.unwrap();
+        assert_eq!((b.interval, b.multiplier, b.detection_ms()), (300, 3, 900));
+        assert!(c.validate().is_ok());
+        let c: BgpConfig = serde_json::from_str(r#"{"bfd": {"interval": 100}}"#).unwrap();
+        assert_eq!(c.bfd.unwrap().detection_ms(), 300);
+        assert_eq!(BgpConfig::default().bfd, None, "off unless asked for");
+        let e = serde_json::from_str::<BgpConfig>(r#"{"bfd": {"intervalMs": 100}}"#).unwrap_err();
+        assert!(e.to_string().contains("intervalMs"), "{e}");
     }
 
     #[test]

@@ -234,6 +234,45 @@ fn route_of(msg: &RouteMessage, dev: &str) -> Option<Route> {
     })
 }
 
+/// Changes to the IPv4 routes of kernel table `table`, as they happen:
+/// one `()` per route added or removed there (RTNLGRP_IPV4_ROUTE,
+/// filtered). Opened in the calling thread's network namespace, inside a
+/// tokio runtime. Equivalent: `ip -4 monitor route table TABLE`.
+///
+/// The agent watches BIRD's table of learnt routes with it: a peer's route
+/// withdrawn by BGP (BFD, a lost session) must move its traffic back to
+/// VXLAN at once, not at the next resync.
+pub fn watch_table(table: u32) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures::StreamExt;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_IPV4_ROUTE))
+        .map_err(NetlinkError::Socket)?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // The connection lives while its handle or its message stream does.
+        let _handle = handle;
+        while let Some((msg, _)) = messages.next().await {
+            let NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+            ) = msg.payload
+            else {
+                continue;
+            };
+            if route_lookup_of(&r).table == table && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// An open rtnetlink connection in one network namespace.
 pub struct Netlink {
     handle: Handle,
@@ -644,6 +683,25 @@ impl Netlink {
             Err(e) if matches!(errno_of(&e), ESRCH | ENOENT) => Ok(()),
             Err(e) => Err(req(format!("ip route del blackhole {dst}"))(e)),
         }
+    }
+
+    /// Delete every IPv4 route in kernel table `table`; how many went.
+    /// Equivalent: `ip -4 route flush table TABLE`.
+    pub async fn flush_table(&self, table: u32) -> Result<usize> {
+        let op = format!("ip -4 route flush table {table}");
+        let msgs = self.route_dump(&op).await?;
+        let mut n = 0;
+        for m in msgs
+            .into_iter()
+            .filter(|m| route_lookup_of(m).table == table)
+        {
+            match self.handle.route().del(m).execute().await {
+                Ok(()) => n += 1,
+                Err(e) if matches!(errno_of(&e), ESRCH | ENOENT) => {}
+                Err(e) => return Err(req(op)(e)),
+            }
+        }
+        Ok(n)
     }
 
     /// `ip route replace default via GW dev DEV onlink` (inside a pod).

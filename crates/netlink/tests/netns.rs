@@ -240,3 +240,80 @@ fn ipv4_big_tcp_sizes_read_back_on_both_ends_of_a_veth() {
         assert!(nl.set_ipv4_max_sizes(h.index, 1 << 30).await.is_err());
     });
 }
+
+/// The watch's next event, within a deadline.
+async fn event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, what: &str) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .expect("the watch ended");
+}
+
+#[test]
+fn a_table_is_watched_and_flushed_without_touching_the_others() {
+    let ns = Ns::new("tbl");
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"]);
+    ns.ip(&["addr", "add", "198.51.100.10/24", "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+    ns.ip(&["route", "add", "10.8.0.0/24", "via", "198.51.100.1"]);
+    let name = ns.0.clone();
+    ns.run(move || async move {
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip")
+                .args(["-n", &name])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "ip {args:?}");
+        };
+        let mut rx = tweed_netlink::watch_table(7745).unwrap();
+        // A route in another table says nothing.
+        ip(&[
+            "route",
+            "add",
+            "10.9.0.0/24",
+            "via",
+            "198.51.100.1",
+            "table",
+            "100",
+        ]);
+        ip(&[
+            "route",
+            "add",
+            "10.244.1.0/24",
+            "via",
+            "198.51.100.11",
+            "table",
+            "7745",
+        ]);
+        // Events come in order: the first one must be table 7745's add.
+        event(&mut rx, "no event for table 7745 within 5 s").await;
+        assert!(rx.try_recv().is_err(), "table 100's route was reported");
+        ip(&[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            "198.51.100.12",
+            "table",
+            "7745",
+        ]);
+        event(&mut rx, "no event for the second route").await;
+        let nl = Netlink::open().unwrap();
+        assert_eq!(nl.flush_table(7745).await.unwrap(), 2);
+        assert_eq!(
+            nl.flush_table(7745).await.unwrap(),
+            0,
+            "flushing is idempotent"
+        );
+        // Each deletion is reported too.
+        for _ in 0..2 {
+            event(&mut rx, "no event for a deletion").await;
+        }
+    });
+    assert_eq!(ns.ip(&["route", "show", "table", "7745"]).trim(), "");
+    assert!(ns
+        .ip(&["route", "show", "table", "100"])
+        .contains("10.9.0.0/24"));
+    assert!(ns.ip(&["route"]).contains("10.8.0.0/24"));
+}

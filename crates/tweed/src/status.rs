@@ -139,8 +139,19 @@ fn table(st: &AgentStatus, from: &Path) -> String {
 /// BGP sessions as `calicoctl node status` shows them, with the reason
 /// when one is not up.
 fn bgp_table(b: &tweed_agent::bgp::BgpStatus) -> String {
+    let bfd = b
+        .bfd
+        .map(|c| {
+            format!(
+                ", BFD {} ms x {} = {} ms",
+                c.interval,
+                c.multiplier,
+                c.detection_ms()
+            )
+        })
+        .unwrap_or_default();
     let mut s = format!(
-        "\nBGP: {} {} (AS {}, router id {}, hold time {} s), announces {}\n",
+        "\nBGP: {} {} (AS {}, router id {}, hold time {} s{bfd}), announces {}\n",
         b.speaker,
         b.state,
         b.local_asn,
@@ -152,9 +163,23 @@ fn bgp_table(b: &tweed_agent::bgp::BgpStatus) -> String {
             b.announce.join(", ")
         }
     );
+    // The BFD column only when the cluster runs BFD.
+    let bfd_col = |v: &str| {
+        if b.bfd.is_some() {
+            format!("{v:<10}")
+        } else {
+            String::new()
+        }
+    };
     s.push_str(&format!(
-        "{:<16} {:<24} {:<8} {:<6} {:<20} {}\n",
-        "PEER ADDRESS", "PEER TYPE", "AS", "STATE", "SINCE", "INFO"
+        "{:<16} {:<24} {:<8} {:<6} {:<20} {}{}\n",
+        "PEER ADDRESS",
+        "PEER TYPE",
+        "AS",
+        "STATE",
+        "SINCE",
+        bfd_col("BFD"),
+        "INFO"
     ));
     for p in &b.peers {
         let kind = match &p.peer_node {
@@ -167,8 +192,14 @@ fn bgp_table(b: &tweed_agent::bgp::BgpStatus) -> String {
             format!("{} ({})", p.info, p.explain)
         };
         s.push_str(&format!(
-            "{:<16} {:<24} {:<8} {:<6} {:<20} {}\n",
-            p.address, kind, p.asn, p.state, p.since, info
+            "{:<16} {:<24} {:<8} {:<6} {:<20} {}{}\n",
+            p.address,
+            kind,
+            p.asn,
+            p.state,
+            p.since,
+            bfd_col(p.bfd.as_deref().unwrap_or("-")),
+            info
         ));
     }
     if b.peers.is_empty() {

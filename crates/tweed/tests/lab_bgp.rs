@@ -73,7 +73,7 @@ fn a_mesh_on_one_segment_learns_every_subnet_and_survives_an_agent_restart() {
         &topology(
             &NODES,
             &[("a", "n1"), ("b", "n2"), ("c", "n3")],
-            "cluster: {bgp: {holdTime: 9}}\nagent: {leaseTtl: 10, resync: 2}\n",
+            "cluster: {bgp: {holdTime: 9, bfd: {interval: 200, multiplier: 4}}}\nagent: {leaseTtl: 10, resync: 2}\n",
         ),
     );
     eventually("every mesh session Established", 60, || {
@@ -135,6 +135,78 @@ fn a_mesh_on_one_segment_learns_every_subnet_and_survives_an_agent_restart() {
         t.contains(&format!("{} via ", subnets[0])),
         "n2 lost n1's subnet:\n{t}"
     );
+
+    // BFD between the nodes' BIRDs (iBGP, so multihop BFD): up on every
+    // session, shown by `tweed status`.
+    eventually("every mesh session's BFD up", 30, || {
+        NODES.iter().all(|n| {
+            let st = status(&lab, n);
+            let ps = st["bgp"]["peers"].as_array().cloned().unwrap_or_default();
+            ps.len() == 2 && ps.iter().all(|p| p["bfd"] == "up")
+        })
+    });
+    let text = lab.exec_ok(&lab.node_ns("n1"), &[TWEED, "status"]);
+    assert!(text.contains("BFD 200 ms x 4 = 800 ms"), "{text}");
+    // n3 dies (its NIC goes down): n1 and n2 drop its subnet after BFD's
+    // 0.8 s, not after the 9 s hold time, and n1 says why.
+    lab.exec_ok(&lab.node_ns("n3"), &["ip", "link", "set", "eth0", "down"]);
+    let t0 = std::time::Instant::now();
+    let gone = |n: &str| !learnt(&lab, n).contains(&format!("{} via ", subnets[2]));
+    eventually("n1 and n2 to drop n3's subnet", 15, || {
+        gone("n1") && gone("n2")
+    });
+    let took = t0.elapsed();
+    eprintln!("n3's subnet dropped after {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "n3's subnet stayed {took:?}: BFD (0.8 s) did not take the sessions down before the hold time (9 s)"
+    );
+    eventually("n1 to name BFD as why n3's session is down", 20, || {
+        status(&lab, "n1")["bgp"]["peers"]
+            .as_array()
+            .is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["peerNode"] == "n3" && p["diagnosis"] == "bfd-down")
+            })
+    });
+
+    // BGP taken out of the cluster config, as an operator does it (edit
+    // the stored config, restart the agents; in Kubernetes the ConfigMap
+    // and a DaemonSet rollout): n1 stops BIRD, drops its blackhole and
+    // BGP status, and its pods still reach n2's (same segment: direct).
+    let st = lab.state();
+    let cp_ns = st["cp_ns"].as_str().unwrap().to_string();
+    let etcd = format!("http://{}:2379", st["cp_ip"].as_str().unwrap());
+    let etcdctl = |args: &[&str]| {
+        let mut a = vec!["etcdctl", "--endpoints", &etcd];
+        a.extend_from_slice(args);
+        lab.exec_ok(&cp_ns, &a)
+    };
+    let stored = etcdctl(&["get", "/tweed/config", "--print-value-only"]);
+    let mut cfg: serde_json::Value = serde_json::from_str(stored.trim()).unwrap();
+    assert!(cfg["bgp"].is_object(), "{cfg}");
+    cfg.as_object_mut().unwrap().remove("bgp");
+    etcdctl(&["put", "/tweed/config", &cfg.to_string()]);
+    let bird_n1 = bird_pid(&lab, "n1").expect("BIRD runs on n1");
+    ok(&["lab", "agent", "restart", "n1", "--name", "bgpmesh"]);
+    eventually("n1's agent to drop BGP from its status", 30, || {
+        status(&lab, "n1")["bgp"].is_null() && status(&lab, "n1")["subnet"].is_string()
+    });
+    eventually("n1's BIRD to be gone", 15, || {
+        !std::path::Path::new(&format!("/proc/{bird_n1}")).exists()
+    });
+    let main = lab.exec_ok(
+        &lab.node_ns("n1"),
+        &["ip", "route", "show", "table", "main"],
+    );
+    assert!(
+        !main.contains(&format!("blackhole {}", subnets[0])),
+        "n1 kept its blackhole:\n{main}"
+    );
+    assert_eq!(learnt(&lab, "n1").trim(), "", "n1 kept learnt routes");
+    eventually("pod a on n1 to reach pod b on n2", 20, || {
+        lab.get(&lab.pod_ns("a"), &lab.pod_ip("b")).is_some()
+    });
 }
 
 fn have_frr(test: &str) -> bool {
@@ -148,6 +220,8 @@ fn have_frr(test: &str) -> bool {
     found
 }
 
+/// tor-a's address on rack-a in examples/two-racks.yaml.
+const TOR_A: &str = "198.51.100.61";
 /// tor-b's address on rack-b in examples/two-racks.yaml (the lab numbers
 /// routers from the top of a segment, by their place in `routers`).
 const TOR_B: &str = "198.51.100.124";
@@ -186,6 +260,11 @@ fn two_racks_route_pods_natively_through_frr_tors() {
         &format!("{{name: b2, segments: [rack-b], bgp: {{peers: [\"{TOR_B}:65099\"]}}}}"),
     );
     assert_ne!(topo, example, "the example's b2 line changed");
+    // tor-a runs no BFD (a fabric that never enabled it): rack a's
+    // sessions stay up without it, and doctor says what that costs.
+    let no_bfd = topo.replace("bgp: {asn: 65001, bfd: {}}", "bgp: {asn: 65001}");
+    assert_ne!(no_bfd, topo, "the example's tor-a line changed");
+    let topo = no_bfd;
     let lab = LabGuard::up("bgpracks", &topo);
     let tlab = tweed_lab::Lab::new("bgpracks").unwrap();
 
@@ -198,6 +277,33 @@ fn two_racks_route_pods_natively_through_frr_tors() {
     eventually("b2's session named as a wrong AS", 60, || {
         sessions(&lab, "b2") == [(TOR_B.to_string(), "wrong-asn".to_string())]
     });
+    // BFD: up between b1 and tor-b, seen from both ends; down between a1
+    // and tor-a, which runs none, and named by doctor on a1 only.
+    let b1_ip: std::net::IpAddr = status(&lab, "b1")["bgp"]["routerId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    eventually("BFD between b1 and tor-b up at both ends", 30, || {
+        status(&lab, "b1")["bgp"]["peers"][0]["bfd"] == "up"
+            && tlab
+                .router_bfd_peers("tor-b")
+                .is_ok_and(|p| p.contains(&(b1_ip, "up".to_string())))
+    });
+    let text = lab.exec_ok(&lab.node_ns("b1"), &[TWEED, "status"]);
+    assert!(text.contains("BFD 300 ms x 3 = 900 ms"), "{text}");
+    let doctor_json = |node: &str| {
+        let o = lab.exec(&lab.node_ns(node), &[TWEED, "doctor", "-o", "json"]);
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let doc = doctor_json("a1");
+    assert!(
+        doc.contains("bfd-not-up")
+            && doc.contains(TOR_A)
+            && doc.contains("hold time (9 s) instead of 900 ms"),
+        "{doc}"
+    );
+    assert!(!doctor_json("b1").contains("bfd-not-up"));
     let mode = |node: &str, peer: &str| -> String {
         status(&lab, node)["peers"]
             .as_array()
@@ -398,6 +504,22 @@ fn two_racks_route_pods_natively_through_frr_tors() {
         !o.status.success(),
         "pb1 got through loadBalancerSourceRanges"
     );
+    // trace predicts that drop from the kernel's `fw` map and chain, and
+    // the real connection agrees.
+    let out = ok(&[
+        "lab",
+        "trace",
+        "--name",
+        "bgpracks",
+        "pb1",
+        "203.0.113.65:80",
+        "--verify",
+    ]);
+    assert!(
+        out.contains("loadBalancerSourceRanges") && out.contains("dropped"),
+        "{out}"
+    );
+    assert!(out.contains("verify: agrees"), "{out}");
     let o = lab.exec(
         &pb1_ns,
         &[TWEED, "probe", "http", "203.0.113.50:80", "--timeout", "2"],
@@ -449,8 +571,9 @@ fn two_racks_route_pods_natively_through_frr_tors() {
     finish_hold(hold, "b1's agent restart", 20);
     assert_eq!(bird_pid(&lab, "b1"), Some(before), "BIRD was restarted");
 
-    // b1 dies (its NIC goes down): tor-b withdraws its subnet within the
-    // hold time (9 s, and a little for the fabric to pass it on).
+    // b1 dies (its NIC goes down): BFD (300 ms x 3) takes its session with
+    // tor-b down, and tor-b and the core withdraw its subnet in about a
+    // second, not after the 9 s hold time.
     let b1_subnet: ipnet::Ipv4Net = lab.node_subnet("b1").parse().unwrap();
     let has_b1 = |router: &str| {
         tlab.router_routes(router)
@@ -464,7 +587,23 @@ fn two_racks_route_pods_natively_through_frr_tors() {
     eventually("tor-b and core to withdraw b1's subnet", 15, || {
         !has_b1("tor-b") && !has_b1("core")
     });
-    eprintln!("b1's subnet withdrawn after {:?}", t0.elapsed());
+    let took = t0.elapsed();
+    eprintln!("b1's subnet withdrawn after {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "b1's subnet stayed {took:?}: BFD (0.9 s) did not take the session down before the hold time (9 s)"
+    );
+    // a1 learns the withdrawal through tor-a and drops its native route to
+    // b1 at once (it watches the learnt table), not at its next resync.
+    eventually("a1 to stop routing b1 natively", 10, || {
+        mode("a1", "b1") != "bgp"
+    });
+    let took = t0.elapsed();
+    eprintln!("a1 left mode bgp for b1 after {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "a1 kept its native route to dead b1 for {took:?}"
+    );
     // The rest of the fabric is untouched.
     assert!(lab.get(&lab.pod_ns("pa1"), &lab.pod_ip("pa2")).is_some());
     assert!(lab.get(ext_ns, &lab.pod_ip("pa2")).is_some());

@@ -483,6 +483,18 @@ fn load_balancers_get_addresses_from_the_pools_in_their_status() {
         },
     );
     assert_eq!(ingress("more"), "", "an address outside the pool");
+    // `tweed lab status` shows what the API server holds now, not what it
+    // answered at apply: web's and api's addresses, more still pending.
+    let text = ok(&["lab", "status", "--name", "k8slb"]);
+    let line = |svc: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("default/{svc} ")))
+            .unwrap_or_else(|| panic!("no default/{svc} in lab status:\n{text}"))
+            .to_string()
+    };
+    assert!(line("web").contains("203.0.113.65"), "{text}");
+    assert!(line("api").contains("203.0.113.66"), "{text}");
+    assert!(line("more").contains("<pending>"), "{text}");
     // The address works like kube-proxy's LoadBalancer ingress: from a pod
     // on the node that has the endpoint (policy Local). (These nodes have
     // no default route, so not from the node itself.)
