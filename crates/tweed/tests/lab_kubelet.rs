@@ -826,3 +826,125 @@ fn the_daemonset_installs_tweed_and_rolls_without_breaking_connections() {
     let _ = hold.kill();
     let _ = hold.wait();
 }
+
+#[test]
+fn the_daemonsets_agents_run_bird_and_a_rollout_keeps_the_routes() {
+    let test = "the_daemonsets_agents_run_bird_and_a_rollout_keeps_the_routes";
+    if !have_kubelets(test) {
+        return;
+    }
+    // BGP in the ConfigMap's cluster config: the node-to-node mesh, run
+    // by the BIRD in each agent pod (the image carries bird2).
+    let topo = format!(
+        "kubelet:\n  images: [{}]\n  agent: daemonset\ncluster: {{bgp: {{holdTime: 9}}}}\nnodes: [{{name: n1}}, {{name: n2}}]\n",
+        lab_image()
+    );
+    let lab = LabGuard::up("kubeletbgp", &topo);
+    let status = |n: &str| -> serde_json::Value {
+        let o = tweed(&[
+            "lab", "exec", "--name", &lab.name, n, "--", TWEED, "status", "-o", "json",
+        ]);
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    };
+    let established = |n: &str| {
+        let v = status(n);
+        let ps = v["bgp"]["peers"].as_array().cloned().unwrap_or_default();
+        ps.len() == 1 && ps[0]["diagnosis"] == "established"
+    };
+    eventually(
+        "each agent pod's BIRD Established with the other node",
+        90,
+        || established("n1") && established("n2"),
+    );
+    let sub1 = jsonpath(&lab, &["get", "node", "n1"], "{.spec.podCIDR}");
+    let learnt = |n: &str| lab.exec_ok(&lab.node_ns(n), &["ip", "route", "show", "table", "7745"]);
+    eventually("n2 to learn n1's subnet", 30, || {
+        learnt("n2").contains(&format!("{sub1} via "))
+    });
+    // BIRD's pid file, as n's agent pod sees it (`/run/tweed` is a
+    // hostPath in the node's own mount namespace).
+    let bird_pid = |n: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(&kubectl(
+            &lab,
+            &[
+                "-n",
+                "tweed-system",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=tweed",
+                "--field-selector",
+                &format!("spec.nodeName={n}"),
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        let Some(pod) = v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .and_then(|p| p["metadata"]["name"].as_str())
+        else {
+            return String::new();
+        };
+        let o = tweed(&[
+            "lab",
+            "kubectl",
+            "--name",
+            &lab.name,
+            "--",
+            "-n",
+            "tweed-system",
+            "exec",
+            pod,
+            "--",
+            "cat",
+            "/run/tweed/bird/bird.pid",
+        ]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let before = bird_pid("n1");
+    assert!(!before.is_empty(), "no BIRD pid file on n1");
+
+    // A rollout restarts the agent pods, and BIRD dies with its container.
+    // Graceful restart keeps n1's subnet at n2 throughout: n1's new BIRD
+    // starts in recovery (its pid file is stale) and takes over.
+    kubectl(
+        &lab,
+        &["-n", "tweed-system", "rollout", "restart", "ds/tweed"],
+    );
+    let mut rollout = Command::new(TWEED)
+        .args(["lab", "kubectl", "--name", &lab.name, "--"])
+        .args(["-n", "tweed-system", "rollout", "status", "ds/tweed"])
+        .arg("--timeout=120s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut checks = 0;
+    let done = loop {
+        assert!(
+            learnt("n2").contains(&format!("{sub1} via ")),
+            "n2 lost n1's subnet during the rollout (check {checks}):\n{}",
+            learnt("n2")
+        );
+        checks += 1;
+        if let Some(s) = rollout.try_wait().unwrap() {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(done.success(), "the rollout did not finish");
+    eventually("both sessions Established again", 60, || {
+        established("n1") && established("n2")
+    });
+    let after = bird_pid("n1");
+    assert!(
+        !after.is_empty() && after != before,
+        "n1's BIRD was not restarted with its pod ({before} -> {after})"
+    );
+    assert!(learnt("n2").contains(&format!("{sub1} via ")));
+    eprintln!("n2 held n1's subnet through the rollout ({checks} checks)");
+}
