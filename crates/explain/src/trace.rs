@@ -236,6 +236,41 @@ pub fn service_step(
             }
         }
     }
+    // Policy Local's exception: pods and the node itself reach every
+    // endpoint of an external or load balancer address (`xlb`).
+    let from_inside = intent.cluster_cidr.contains(&pkt.src)
+        || pkt.src == intent.bind_ip
+        || pkt.src == intent.public_ip;
+    let what = if intent.cluster_cidr.contains(&pkt.src) {
+        "a pod"
+    } else {
+        "this node"
+    };
+    if from_inside
+        && xlb_step(
+            rs,
+            &mut d,
+            "xlb",
+            &svc,
+            &format!("Service {}:{port}/{p}", pkt.dst),
+            what,
+        )
+    {
+        return d;
+    }
+    if from_inside
+        && local_dst
+        && xlb_step(
+            rs,
+            &mut d,
+            "npxlb",
+            &np,
+            &format!("node port {port}/{p}"),
+            what,
+        )
+    {
+        return d;
+    }
     if in_sc && !intent.cluster_cidr.contains(&pkt.src) {
         d.masquerade = Some(format!(
             "source {} is outside the cluster CIDR {} and reaches a service IP",
@@ -473,6 +508,56 @@ pub fn affinity_endpoints(rs: &dyn Ruleset, chain: &str) -> Vec<(String, (Ipv4Ad
             Some((set.to_string(), b))
         })
         .collect()
+}
+
+/// Policy Local's exception through map `map` (`xlb` or `npxlb`): traffic
+/// from a pod or the node itself (`who`) goes to every endpoint. True when
+/// the map has the key (the step and backends are then in `d`).
+fn xlb_step(
+    rs: &dyn Ruleset,
+    d: &mut ServiceDecision,
+    map: &str,
+    key: &str,
+    what: &str,
+    who: &str,
+) -> bool {
+    let Some(v) = rs.verdict(map, key) else {
+        return false;
+    };
+    let chain = v.trim().trim_start_matches("goto ").trim().to_string();
+    let rules = rs.chain(&chain);
+    d.backends = rules.iter().flat_map(|r| xlb_targets(r)).collect();
+    d.steps.push(step(
+        "service",
+        format!(
+            "{what}, policy Local: from {who} (inside the cluster) every endpoint is used, as kube-proxy does: {}",
+            endpoints_text(d.backends.len() as u16)
+        ),
+        format!("map {map}: {{ {key} : goto {chain} }}; chain {chain}: {}", rules.join("; ")),
+    ));
+    if d.backends.is_empty() {
+        d.steps.last_mut().expect("pushed").problem =
+            Some(format!("chain {chain} holds no DNAT target"));
+    }
+    true
+}
+
+/// The endpoints of an `xlb-…` chain's rule as nft prints it: one
+/// (`dnat to 10.244.1.2:8080`) or many (`dnat ip to numgen random mod 2
+/// map { 0 : 10.244.1.2 . 8080, 1 : 10.244.2.2 . 8080 }`).
+pub fn xlb_targets(rule: &str) -> Vec<(Ipv4Addr, u16)> {
+    if let Some(m) = rule.split(" map {").nth(1) {
+        return m
+            .trim_end()
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|e| {
+                let (ip, port) = e.split(" : ").nth(1)?.trim().split_once(" . ")?;
+                Some((ip.trim().parse().ok()?, port.trim().parse().ok()?))
+            })
+            .collect();
+    }
+    dnat_target(rule).into_iter().collect()
 }
 
 /// `… dnat ip to 10.244.1.2:8080` (or nft's `dnat to …`) → the address and port.
@@ -1481,6 +1566,44 @@ mod tests {
             ["198.51.100.192/26".parse::<ipnet::Ipv4Net>().unwrap()]
         );
         assert_eq!(source_ranges("ip saddr 1.2.3.4 accept"), None);
+    }
+
+    #[test]
+    fn a_pod_reaches_every_endpoint_of_a_policy_local_external_ip() {
+        let mut f = Fake::default();
+        let key = "203.0.113.50 . tcp . 80";
+        f.has.insert(("drop-lb".into(), key.into()));
+        f.verdicts
+            .insert(("xlb".into(), key.into()), "goto xlb-0123456789ab".into());
+        f.chains.insert(
+            "xlb-0123456789ab".into(),
+            vec!["meta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 10.244.1.2 . 8080, 1 : 10.244.2.2 . 8080 }".into()],
+        );
+        // From a pod: both endpoints, although this node has none.
+        let d = service_step(&f, &intent(), &pkt("10.244.0.5", "203.0.113.50", 80), false);
+        assert_eq!(d.backends.len(), 2, "{d:?}");
+        assert!(d.verdict.is_none(), "{d:?}");
+        assert!(d.steps[0].text.contains("from a pod"), "{d:?}");
+        // From outside: policy Local drops it here.
+        let d = service_step(
+            &f,
+            &intent(),
+            &pkt("198.51.100.200", "203.0.113.50", 80),
+            false,
+        );
+        assert!(matches!(d.verdict, Some(Exit::Dropped { .. })), "{d:?}");
+        // The node's own address counts as inside; one endpoint prints plainly.
+        f.chains.insert(
+            "xlb-0123456789ab".into(),
+            vec!["meta l4proto tcp dnat to 10.244.2.2:8080".into()],
+        );
+        let d = service_step(
+            &f,
+            &intent(),
+            &pkt("198.51.100.10", "203.0.113.50", 80),
+            true,
+        );
+        assert_eq!(d.backends, [("10.244.2.2".parse().unwrap(), 8080)]);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
         | Elem::DropLb((ip, p, port)) => {
             (vec![Ipv4(ip), Proto(p.number()), Port(port)], Data::None)
         }
-        Elem::LbAffinity((ip, p, port), _) => (
+        Elem::LbAffinity((ip, p, port), _) | Elem::Xlb((ip, p, port), _) => (
             vec![Ipv4(ip), Proto(p.number()), Port(port)],
             Data::Goto(e.goto_chain()?),
         ),
@@ -95,7 +95,11 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
             vec![Ipv4(ip), Proto(p.number()), Port(port)],
             Data::Jump(e.jump_chain()?),
         ),
-        Elem::AffinityBackend(..) => return None,
+        Elem::NpXlb((p, port), _) => (
+            vec![Proto(p.number()), Port(port)],
+            Data::Goto(e.goto_chain()?),
+        ),
+        Elem::AffinityBackend(..) | Elem::NpChainBackend(..) => return None,
     };
     Some(if add {
         Op::Add { set, key, data }

@@ -81,8 +81,9 @@ pub enum Elem {
     /// that looks up in it is added (a loop check), so one shared map
     /// bound by every K's rule cost a walk of all its buckets per rule.
     Be(SvcKey, u16, u16, Backend),
-    /// A backend reached through affinity chains (no element of its own;
-    /// kept so conntrack clean-up knows about it).
+    /// A backend reached through a chain of the service's own (affinity,
+    /// or `xlb`): no element of its own; kept so conntrack clean-up knows
+    /// about it.
     AffinityBackend(SvcKey, Backend),
     /// `np-PROTO-K`: the node port has K backends.
     Np(PortKey, u16),
@@ -102,6 +103,18 @@ pub enum Elem {
     /// rule drops every other source (the second field hashes the ranges
     /// into the chain's name, so a chain never changes in place).
     Firewall(SvcKey, u64),
+    /// `xlb`: an external or load balancer IP of a policy-Local Service →
+    /// `goto xlb-…`, which spreads traffic from pods and from the node
+    /// itself over every endpoint in the cluster, as kube-proxy does
+    /// ("redirect pods trying to reach external loadbalancer VIP to
+    /// clusterIP"): Local only keeps traffic from outside on its node. The
+    /// second field hashes the endpoints into the chain's name.
+    Xlb(SvcKey, u64),
+    /// `npxlb`: the same for a policy-Local node port (`goto npxlb-…`).
+    NpXlb(PortKey, u64),
+    /// A node port's backend reached through its `npxlb-…` chain (no
+    /// element of its own; for conntrack clean-up).
+    NpChainBackend(PortKey, Backend),
     /// `hostports`: (proto . port) → pod.
     HostPort(PortKey, Backend),
 }
@@ -120,6 +133,8 @@ impl Elem {
     pub fn goto_chain(&self) -> Option<String> {
         match self {
             Elem::LbAffinity(k, t) => Some(affinity_chain(k, *t)),
+            Elem::Xlb(k, h) => Some(xlb_chain(k, *h)),
+            Elem::NpXlb(k, h) => Some(npxlb_chain(k, *h)),
             _ => None,
         }
     }
@@ -152,75 +167,96 @@ impl Elem {
             Elem::DropNp(_) => Group::DropNp,
             Elem::HostPort(..) => Group::HostPorts,
             Elem::Firewall(..) => Group::Fw,
+            Elem::Xlb(..) => Group::Xlb,
+            Elem::NpXlb(..) => Group::NpXlb,
+            Elem::NpChainBackend(..) => return None,
         })
     }
 
     /// Write the element's key (and, for maps, `: value`) as nft reads it.
     fn write(&self, s: &mut String, with_value: bool) {
-        let _ = match self {
-            Elem::Lb((ip, _, port), _) => write!(s, "{ip} . {port}"),
-            Elem::LbAll((ip, p, port)) => write!(s, "{ip} . {} . {port}", p.nft()),
-            Elem::LbAffinity(k @ (ip, p, port), t) => write!(s, "{ip} . {} . {port}", p.nft())
-                .and_then(|_| {
+        let _ =
+            match self {
+                Elem::Lb((ip, _, port), _) => write!(s, "{ip} . {port}"),
+                Elem::LbAll((ip, p, port)) => write!(s, "{ip} . {} . {port}", p.nft()),
+                Elem::LbAffinity(k @ (ip, p, port), t) => write!(s, "{ip} . {} . {port}", p.nft())
+                    .and_then(|_| {
+                        if with_value {
+                            write!(s, " : goto {}", affinity_chain(k, *t))
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                Elem::Be((ip, _, port), _, slot, (bip, bport)) => {
+                    write!(s, "{ip} . {port} . {slot}").and_then(|_| {
+                        if with_value {
+                            write!(s, " : {bip} . {bport}")
+                        } else {
+                            Ok(())
+                        }
+                    })
+                }
+                Elem::AffinityBackend(..) => Ok(()),
+                Elem::Np((_, port), _) => write!(s, "{port}"),
+                Elem::NpAll((p, port)) => write!(s, "{} . {port}", p.nft()),
+                Elem::NpBe((_, port), _, slot, (bip, bport)) => write!(s, "{port} . {slot}")
+                    .and_then(|_| {
+                        if with_value {
+                            write!(s, " : {bip} . {bport}")
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                Elem::MasqLb((ip, p, port))
+                | Elem::RejLb((ip, p, port))
+                | Elem::DropLb((ip, p, port)) => {
+                    write!(s, "{ip} . {} . {port}", p.nft())
+                }
+                Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => {
+                    write!(s, "{} . {port}", p.nft())
+                }
+                Elem::Firewall(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
+                    .and_then(|_| {
+                        if with_value {
+                            write!(s, " : jump {}", firewall_chain(k, *h))
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                Elem::Xlb(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
+                    .and_then(|_| {
+                        if with_value {
+                            write!(s, " : goto {}", xlb_chain(k, *h))
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                Elem::NpXlb(k @ (p, port), h) => write!(s, "{} . {port}", p.nft()).and_then(|_| {
                     if with_value {
-                        write!(s, " : goto {}", affinity_chain(k, *t))
+                        write!(s, " : goto {}", npxlb_chain(k, *h))
                     } else {
                         Ok(())
                     }
                 }),
-            Elem::Be((ip, _, port), _, slot, (bip, bport)) => write!(s, "{ip} . {port} . {slot}")
-                .and_then(|_| {
-                    if with_value {
-                        write!(s, " : {bip} . {bport}")
-                    } else {
-                        Ok(())
-                    }
-                }),
-            Elem::AffinityBackend(..) => Ok(()),
-            Elem::Np((_, port), _) => write!(s, "{port}"),
-            Elem::NpAll((p, port)) => write!(s, "{} . {port}", p.nft()),
-            Elem::NpBe((_, port), _, slot, (bip, bport)) => {
-                write!(s, "{port} . {slot}").and_then(|_| {
-                    if with_value {
-                        write!(s, " : {bip} . {bport}")
-                    } else {
-                        Ok(())
-                    }
-                })
-            }
-            Elem::MasqLb((ip, p, port))
-            | Elem::RejLb((ip, p, port))
-            | Elem::DropLb((ip, p, port)) => {
-                write!(s, "{ip} . {} . {port}", p.nft())
-            }
-            Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => {
-                write!(s, "{} . {port}", p.nft())
-            }
-            Elem::Firewall(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
-                .and_then(|_| {
-                    if with_value {
-                        write!(s, " : jump {}", firewall_chain(k, *h))
-                    } else {
-                        Ok(())
-                    }
-                }),
-            Elem::HostPort((p, port), (ip, cport)) => {
-                write!(s, "{} . {port}", p.nft()).and_then(|_| {
-                    if with_value {
-                        write!(s, " : {ip} . {cport}")
-                    } else {
-                        Ok(())
-                    }
-                })
-            }
-        };
+                Elem::NpChainBackend(..) => Ok(()),
+                Elem::HostPort((p, port), (ip, cport)) => write!(s, "{} . {port}", p.nft())
+                    .and_then(|_| {
+                        if with_value {
+                            write!(s, " : {ip} . {cport}")
+                        } else {
+                            Ok(())
+                        }
+                    }),
+            };
     }
 
     fn flow(&self) -> Option<Flow> {
         match *self {
             Elem::Be((ip, p, port), _, _, (b, _))
             | Elem::AffinityBackend((ip, p, port), (b, _)) => Some((p, Some(ip), port, Some(b))),
-            Elem::NpBe((p, port), _, _, (b, _)) => Some((p, None, port, Some(b))),
+            Elem::NpBe((p, port), _, _, (b, _)) | Elem::NpChainBackend((p, port), (b, _)) => {
+                Some((p, None, port, Some(b)))
+            }
             Elem::RejLb((ip, p, port)) | Elem::DropLb((ip, p, port)) => {
                 Some((p, Some(ip), port, None))
             }
@@ -255,6 +291,8 @@ enum Group {
     DropNp,
     HostPorts,
     Fw,
+    Xlb,
+    NpXlb,
 }
 
 impl Group {
@@ -275,6 +313,8 @@ impl Group {
             Group::DropNp => "drop-np".into(),
             Group::HostPorts => "hostports".into(),
             Group::Fw => "fw".into(),
+            Group::Xlb => "xlb".into(),
+            Group::NpXlb => "npxlb".into(),
         }
     }
 }
@@ -464,10 +504,43 @@ pub fn plan_service_from(
                 c.elems.push(Elem::Firewall(k, h));
             }
         }
+        // Policy Local with endpoints elsewhere too: traffic from pods and
+        // from the node itself still reaches every endpoint (kube-proxy).
+        let xlb =
+            (svc.external_traffic_policy == TrafficPolicy::Local && !all.is_empty()).then(|| {
+                let targets: Vec<String> = all
+                    .iter()
+                    .map(|(ip, port)| format!("{ip} . {port}"))
+                    .collect();
+                let h = u64::from_str_radix(&short_hash(&targets.join(",")), 16).unwrap_or(0);
+                let rule = match all.as_slice() {
+                    [(ip, port)] => {
+                        format!("meta l4proto {} dnat ip to {ip}:{port}", p.protocol.nft())
+                    }
+                    _ => format!(
+                        "meta l4proto {} dnat ip to numgen random mod {} map {{ {} }}",
+                        p.protocol.nft(),
+                        all.len(),
+                        targets
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| format!("{i} : {t}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                (h, rule)
+            });
         for eip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
             let k = (*eip, p.protocol, p.port);
             if ext_masq {
                 c.elems.push(Elem::MasqLb(k));
+            }
+            if let Some((h, rule)) = &xlb {
+                c.chains.insert(xlb_chain(&k, *h), vec![rule.clone()]);
+                c.elems.push(Elem::Xlb(k, *h));
+                c.elems
+                    .extend(all.iter().map(|b| Elem::AffinityBackend(k, *b)));
             }
             lb(
                 &mut c,
@@ -483,6 +556,12 @@ pub fn plan_service_from(
             let k = (p.protocol, np);
             if ext_masq {
                 c.elems.push(Elem::MasqNp(k));
+            }
+            if let Some((h, rule)) = &xlb {
+                c.chains.insert(npxlb_chain(&k, *h), vec![rule.clone()]);
+                c.elems.push(Elem::NpXlb(k, *h));
+                c.elems
+                    .extend(all.iter().map(|b| Elem::NpChainBackend(k, *b)));
             }
             if external.is_empty() {
                 c.elems.push(match none {
@@ -511,6 +590,23 @@ fn firewall_chain(k: &SvcKey, ranges_hash: u64) -> String {
     format!(
         "fw-{}",
         &short_hash(&format!("{}.{}.{}.{ranges_hash:x}", k.0, k.1.nft(), k.2))[..12]
+    )
+}
+
+/// The chain pods' and the node's traffic to a policy-Local external key
+/// goes to (every endpoint's address in the name's hash).
+fn xlb_chain(k: &SvcKey, endpoints_hash: u64) -> String {
+    format!(
+        "xlb-{}",
+        &short_hash(&format!("{}.{}.{}.{endpoints_hash:x}", k.0, k.1.nft(), k.2))[..12]
+    )
+}
+
+/// [`xlb_chain`] for a node port.
+fn npxlb_chain(k: &PortKey, endpoints_hash: u64) -> String {
+    format!(
+        "npxlb-{}",
+        &short_hash(&format!("{}.{}.{endpoints_hash:x}", k.0.nft(), k.1))[..12]
     )
 }
 
@@ -953,6 +1049,18 @@ fn render_table<'a>(
         Group::Fw,
         "type ipv4_addr . inet_proto . inet_service : verdict;",
     );
+    decl(
+        &mut s,
+        "map",
+        Group::Xlb,
+        "type ipv4_addr . inet_proto . inet_service : verdict;",
+    );
+    decl(
+        &mut s,
+        "map",
+        Group::NpXlb,
+        "type inet_proto . inet_service : verdict;",
+    );
     // Hairpin: after DNAT a pod talking to itself has source == destination.
     let _ = write!(s, "  set hairpin {{ type ipv4_addr . ipv4_addr;");
     let usable = (u32::from(cfg.node_subnet.network()) + 1)..u32::from(cfg.node_subnet.broadcast());
@@ -994,6 +1102,10 @@ fn render_table<'a>(
   }}
   chain services {{
     ip daddr . meta l4proto . th dport vmap @fw
+    ip saddr {cc} ip daddr . meta l4proto . th dport vmap @xlb
+    fib saddr type local ip daddr . meta l4proto . th dport vmap @xlb
+    ip saddr {cc} fib daddr type local meta l4proto . th dport vmap @npxlb
+    fib saddr type local fib daddr type local meta l4proto . th dport vmap @npxlb
     ip daddr {sc} ip saddr != {cc} jump mark-for-masquerade
     ip daddr . meta l4proto . th dport @masq-lb jump mark-for-masquerade
     fib daddr type local meta l4proto . th dport @masq-np jump mark-for-masquerade
@@ -1373,6 +1485,97 @@ mod tests {
         // Policy Cluster masquerades node-port traffic.
         let cl = plan_service(&cfg(), &svc(ServiceType::NodePort), Some(&all));
         assert!(cl.elems.contains(&Elem::MasqNp(np)) && cl.elems.contains(&Elem::Np(np, 2)));
+    }
+
+    #[test]
+    fn pods_and_the_node_reach_every_endpoint_of_a_policy_local_external_ip() {
+        let mut s = svc(ServiceType::ClusterIP);
+        s.external_traffic_policy = TrafficPolicy::Local;
+        let eip: Ipv4Addr = "203.0.113.50".parse().unwrap();
+        s.external_ips = vec![eip];
+        let all = eps(&[("10.244.1.2", "n1"), ("10.244.2.2", "n2")]);
+        let on = |node: &str, s: &Service| {
+            plan_service(
+                &ProxyConfig {
+                    node: node.into(),
+                    ..cfg()
+                },
+                s,
+                Some(&all),
+            )
+        };
+        let k = (eip, Protocol::TCP, 80);
+        let xlb = |c: &Contribution| {
+            let e = c
+                .elems
+                .iter()
+                .find(|e| matches!(e, Elem::Xlb(..)))
+                .copied()
+                .expect("an xlb element");
+            let chain = e.goto_chain().unwrap();
+            (e, c.chains[&chain].clone())
+        };
+        // n3 has no endpoint: traffic from outside is dropped there ...
+        let n3 = on("n3", &s);
+        assert!(n3.elems.contains(&Elem::DropLb(k)));
+        // ... and from pods and the node goes to both, as kube-proxy does.
+        let (e3, rules) = xlb(&n3);
+        assert!(matches!(e3, Elem::Xlb(x, _) if x == k));
+        assert_eq!(
+            rules,
+            ["meta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 10.244.1.2 . 8080, 1 : 10.244.2.2 . 8080 }"]
+        );
+        // n1 keeps outside traffic on its own endpoint, the same chain for
+        // pods: the chain depends on the endpoints, not on the node.
+        let n1 = on("n1", &s);
+        assert!(n1.elems.contains(&Elem::Lb(k, 1)));
+        assert_eq!(xlb(&n1), (e3, rules.clone()));
+        // Conntrack clean-up knows both backends of the key.
+        assert!(n3.flows().contains(&(
+            Protocol::TCP,
+            Some(eip),
+            80,
+            Some("10.244.2.2".parse().unwrap())
+        )));
+        // A node port of the same Service: the same, keyed by the port.
+        s.service_type = ServiceType::NodePort;
+        s.ports[0].node_port = Some(30080);
+        let n3 = on("n3", &s);
+        let np = n3
+            .elems
+            .iter()
+            .find(|e| matches!(e, Elem::NpXlb(..)))
+            .copied()
+            .expect("an npxlb element");
+        assert!(matches!(np, Elem::NpXlb((Protocol::TCP, 30080), _)));
+        assert_eq!(n3.chains[&np.goto_chain().unwrap()], rules);
+        assert!(n3.elems.contains(&Elem::DropNp((Protocol::TCP, 30080))));
+        assert!(n3.flows().contains(&(
+            Protocol::TCP,
+            None,
+            30080,
+            Some("10.244.1.2".parse().unwrap())
+        )));
+        s.service_type = ServiceType::ClusterIP;
+        s.ports[0].node_port = None;
+        // One endpoint: a plain DNAT. Policy Cluster: no xlb at all.
+        let one = eps(&[("10.244.2.2", "n2")]);
+        let c = plan_service(&cfg(), &s, Some(&one));
+        assert_eq!(xlb(&c).1, ["meta l4proto tcp dnat ip to 10.244.2.2:8080"]);
+        s.external_traffic_policy = TrafficPolicy::Cluster;
+        let c = plan_service(&cfg(), &s, Some(&all));
+        assert!(!c.elems.iter().any(|e| matches!(e, Elem::Xlb(..))));
+        // The element and its chain as nft reads them.
+        let d = render_delta(&Contribution::default(), &n3, &Shape::preset())
+            .unwrap()
+            .0;
+        assert!(
+            d.contains(&format!(
+                "add element ip tweed xlb {{ 203.0.113.50 . tcp . 80 : goto {} }}",
+                e3.goto_chain().unwrap()
+            )),
+            "{d}"
+        );
     }
 
     #[test]

@@ -445,6 +445,33 @@ fn two_racks_route_pods_natively_through_frr_tors() {
         "policy Local keeps the client's address"
     );
     assert_eq!(seen["pod"], "web");
+    // Policy Local keeps traffic from outside on the endpoint's node, but
+    // a pod anywhere reaches the address (kube-proxy sends traffic from
+    // inside the cluster to every endpoint): pa1 on a1, which has none,
+    // gets web, keeping its own address; trace predicts it and agrees.
+    let o = lab.exec(
+        &lab.pod_ns("pa1"),
+        &[TWEED, "probe", "http", "203.0.113.50:80", "--timeout", "2"],
+    );
+    assert!(
+        o.status.success(),
+        "pa1 (a1, no endpoint) -> 203.0.113.50:80: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(seen["pod"], "web");
+    assert_eq!(seen["client"], lab.pod_ip("pa1"));
+    let out = ok(&[
+        "lab",
+        "trace",
+        "--name",
+        "bgpracks",
+        "pa1",
+        "203.0.113.50:80",
+        "--verify",
+    ]);
+    assert!(out.contains("policy Local: from a pod"), "{out}");
+    assert!(out.contains("verify: agrees"), "{out}");
 
     // A LoadBalancer Service, policy Local, on the same pod: an address
     // from the pool, announced by b1 alone, open to the outside host's

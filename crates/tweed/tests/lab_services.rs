@@ -214,7 +214,19 @@ fn source_address_rows(lab: LabGuard) {
         "dropped packets time out, after {:?}: {err}",
         t.elapsed()
     );
-    let _ = (b, c);
+    // ... but pod C, from inside the cluster, gets through node 2's node
+    // port to pod B on node 1 (kube-proxy sends traffic from pods to every
+    // endpoint of a policy-Local Service), keeping its own address.
+    let s = get_from(
+        &lab,
+        &lab.pod_ns("c"),
+        &format!("{}:{}", NODE_IPS[1], node_port(&lab, "np-b-local")),
+    );
+    assert_eq!(
+        (s["pod"].as_str(), s["client"].as_str()),
+        (Some("b"), Some(c.as_str()))
+    );
+    let _ = b;
 }
 
 #[test]
