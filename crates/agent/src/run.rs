@@ -220,9 +220,9 @@ struct Agent {
     bgp_key: String,
     bgp_changed_at: std::time::Instant,
     bgp_settling: bool,
-    /// Table 7745 emptied since BGP went off (or since the agent started
-    /// without BGP).
-    learnt_flushed: bool,
+    /// The blackhole and table 7745 cleared since BGP went off (or since
+    /// the agent started without BGP).
+    bgp_cleared: bool,
     /// Service addresses this node announces (see `Proxy::announced_ips`).
     service_ips: std::collections::BTreeSet<Ipv4Addr>,
     /// Health check node ports served (LoadBalancer, policy Local).
@@ -293,7 +293,7 @@ pub async fn run(opts: AgentOpts) -> Result<(), AgentError> {
         bgp_key: String::new(),
         bgp_changed_at: std::time::Instant::now(),
         bgp_settling: false,
-        learnt_flushed: false,
+        bgp_cleared: false,
         service_ips: Default::default(),
         hc: Default::default(),
         lb_written: BTreeMap::new(),
@@ -874,24 +874,19 @@ impl Agent {
             if self.speaker.pid().is_some() {
                 let _ = self.speaker.converge(None);
             }
-            if let Some(net) = self.blackhole.take() {
-                if let Err(e) = self.nl.del_blackhole(net).await {
-                    tracing::warn!(error = %e, "cannot remove the subnet's blackhole route");
-                }
-            }
-            // BIRD leaves what it learnt in the kernel when it stops
-            // (`persist`, for its own restarts), and an agent restarted
-            // with BGP off has forgotten its blackhole: with BGP off both
-            // must go, once per agent start or BGP change.
-            if !self.learnt_flushed {
-                // A restarted agent does not know it held a blackhole.
+            // Once per agent start or BGP change: the subnet's blackhole
+            // (a restarted agent does not know it held one) and what BIRD
+            // learnt, which it leaves in the kernel when it stops
+            // (`persist`, for its own restarts).
+            if !self.bgp_cleared {
+                self.blackhole = None;
                 if let Err(e) = self.nl.del_blackhole(local.record.subnet).await {
                     tracing::warn!(error = %e, "cannot remove the subnet's blackhole route");
                 }
                 match self.nl.flush_table(crate::bgp::LEARNT_TABLE).await {
                     Ok(n) => {
                         // Again next time while BIRD is still exiting.
-                        self.learnt_flushed = self.speaker.pid().is_none();
+                        self.bgp_cleared = self.speaker.pid().is_none();
                         if n > 0 {
                             tracing::info!(
                                 routes = n,
@@ -907,7 +902,7 @@ impl Agent {
             self.bgp_settling = false;
             return BTreeMap::new();
         };
-        self.learnt_flushed = false;
+        self.bgp_cleared = false;
         let as_bgp = |n: &NodeRecord| {
             let o = n.bgp.clone().unwrap_or_default();
             tweed_bgp::BgpNode {

@@ -640,6 +640,37 @@ impl Lab {
 }
 
 impl Lab {
+    /// The name of `node`'s tweed agent pod (the DaemonSet's), leaving out
+    /// one that is terminating, as during a rollout.
+    pub fn agent_pod(&self, st: &LabState, node: &str) -> Result<String> {
+        let out = self.kubectl(
+            st,
+            &[
+                "-n",
+                "tweed-system",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=tweed",
+                "--field-selector",
+                &format!("spec.nodeName={node}"),
+                "-o",
+                "json",
+            ],
+            None,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| LabError::Invalid(format!("kubectl get pods: {e}")))?;
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .and_then(|p| p["metadata"]["name"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| LabError::Invalid(format!("no tweed agent pod on {node}")))
+    }
+
     /// `tweed ARGS --run-dir DIR` as a node's own tools run it: in its
     /// network namespace, given its agent's run directory. With the agent
     /// as a DaemonSet, exactly as in a real cluster: `kubectl exec` into
@@ -647,26 +678,8 @@ impl Lab {
     pub fn node_tweed(&self, st: &LabState, node: &str, args: &[&str]) -> Result<Command> {
         let n = st.node(node)?;
         if self.agents_are_pods(st) {
-            let pod = self.kubectl(
-                st,
-                &[
-                    "-n",
-                    "tweed-system",
-                    "get",
-                    "pods",
-                    "-l",
-                    "app.kubernetes.io/name=tweed",
-                    "--field-selector",
-                    &format!("spec.nodeName={node}"),
-                    "-o",
-                    "jsonpath={.items[0].metadata.name}",
-                ],
-                None,
-            )?;
-            let pod = pod.trim();
-            if pod.is_empty() {
-                return Err(LabError::Invalid(format!("no tweed agent pod on {node}")));
-            }
+            let pod = self.agent_pod(st, node)?;
+            let pod = pod.as_str();
             let mut c = self.kubectl_command(st)?;
             c.args([
                 "-n",

@@ -99,7 +99,7 @@ pub fn op(e: &Elem, add: bool) -> Option<Op> {
             vec![Proto(p.number()), Port(port)],
             Data::Goto(e.goto_chain()?),
         ),
-        Elem::AffinityBackend(..) | Elem::NpChainBackend(..) => return None,
+        Elem::ChainBackend(..) | Elem::NpChainBackend(..) => return None,
     };
     Some(if add {
         Op::Add { set, key, data }
@@ -188,7 +188,7 @@ mod tests {
         };
         assert_eq!(set, "lb");
         assert!(matches!(data, Data::Goto(c) if c.starts_with("aff-")));
-        assert_eq!(op(&Elem::AffinityBackend(k, b), true), None);
+        assert_eq!(op(&Elem::ChainBackend(k, b), true), None);
     }
 
     #[test]

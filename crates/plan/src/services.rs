@@ -83,8 +83,8 @@ pub enum Elem {
     Be(SvcKey, u16, u16, Backend),
     /// A backend reached through a chain of the service's own (affinity,
     /// or `xlb`): no element of its own; kept so conntrack clean-up knows
-    /// about it.
-    AffinityBackend(SvcKey, Backend),
+    /// about it. `NpChainBackend` is the same for a node port.
+    ChainBackend(SvcKey, Backend),
     /// `np-PROTO-K`: the node port has K backends.
     Np(PortKey, u16),
     /// `np-all`: the node port is load-balanced.
@@ -112,8 +112,7 @@ pub enum Elem {
     Xlb(SvcKey, u64),
     /// `npxlb`: the same for a policy-Local node port (`goto npxlb-…`).
     NpXlb(PortKey, u64),
-    /// A node port's backend reached through its `npxlb-…` chain (no
-    /// element of its own; for conntrack clean-up).
+    /// A node port's backend reached through its `npxlb-…` chain.
     NpChainBackend(PortKey, Backend),
     /// `hostports`: (proto . port) → pod.
     HostPort(PortKey, Backend),
@@ -155,7 +154,7 @@ impl Elem {
             Elem::LbAll(_) => Group::LbAll,
             Elem::LbAffinity(..) => Group::Lb,
             Elem::Be((_, p, _), n, ..) => Group::Be(*p, *n),
-            Elem::AffinityBackend(..) => return None,
+            Elem::ChainBackend(..) => return None,
             Elem::Np((p, _), n) => Group::NpK(*p, *n),
             Elem::NpAll(_) => Group::NpAll,
             Elem::NpBe((p, _), n, ..) => Group::NpBe(*p, *n),
@@ -175,85 +174,48 @@ impl Elem {
 
     /// Write the element's key (and, for maps, `: value`) as nft reads it.
     fn write(&self, s: &mut String, with_value: bool) {
-        let _ =
-            match self {
-                Elem::Lb((ip, _, port), _) => write!(s, "{ip} . {port}"),
-                Elem::LbAll((ip, p, port)) => write!(s, "{ip} . {} . {port}", p.nft()),
-                Elem::LbAffinity(k @ (ip, p, port), t) => write!(s, "{ip} . {} . {port}", p.nft())
-                    .and_then(|_| {
-                        if with_value {
-                            write!(s, " : goto {}", affinity_chain(k, *t))
-                        } else {
-                            Ok(())
-                        }
-                    }),
-                Elem::Be((ip, _, port), _, slot, (bip, bport)) => {
-                    write!(s, "{ip} . {port} . {slot}").and_then(|_| {
-                        if with_value {
-                            write!(s, " : {bip} . {bport}")
-                        } else {
-                            Ok(())
-                        }
-                    })
-                }
-                Elem::AffinityBackend(..) => Ok(()),
-                Elem::Np((_, port), _) => write!(s, "{port}"),
-                Elem::NpAll((p, port)) => write!(s, "{} . {port}", p.nft()),
-                Elem::NpBe((_, port), _, slot, (bip, bport)) => write!(s, "{port} . {slot}")
-                    .and_then(|_| {
-                        if with_value {
-                            write!(s, " : {bip} . {bport}")
-                        } else {
-                            Ok(())
-                        }
-                    }),
-                Elem::MasqLb((ip, p, port))
-                | Elem::RejLb((ip, p, port))
-                | Elem::DropLb((ip, p, port)) => {
-                    write!(s, "{ip} . {} . {port}", p.nft())
-                }
-                Elem::MasqNp((p, port)) | Elem::RejNp((p, port)) | Elem::DropNp((p, port)) => {
-                    write!(s, "{} . {port}", p.nft())
-                }
-                Elem::Firewall(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
-                    .and_then(|_| {
-                        if with_value {
-                            write!(s, " : jump {}", firewall_chain(k, *h))
-                        } else {
-                            Ok(())
-                        }
-                    }),
-                Elem::Xlb(k @ (ip, p, port), h) => write!(s, "{ip} . {} . {port}", p.nft())
-                    .and_then(|_| {
-                        if with_value {
-                            write!(s, " : goto {}", xlb_chain(k, *h))
-                        } else {
-                            Ok(())
-                        }
-                    }),
-                Elem::NpXlb(k @ (p, port), h) => write!(s, "{} . {port}", p.nft()).and_then(|_| {
-                    if with_value {
-                        write!(s, " : goto {}", npxlb_chain(k, *h))
-                    } else {
-                        Ok(())
-                    }
-                }),
-                Elem::NpChainBackend(..) => Ok(()),
-                Elem::HostPort((p, port), (ip, cport)) => write!(s, "{} . {port}", p.nft())
-                    .and_then(|_| {
-                        if with_value {
-                            write!(s, " : {ip} . {cport}")
-                        } else {
-                            Ok(())
-                        }
-                    }),
-            };
+        let _ = match self {
+            Elem::Lb((ip, _, port), _) => write!(s, "{ip} . {port}"),
+            Elem::LbAll((ip, p, port))
+            | Elem::LbAffinity((ip, p, port), _)
+            | Elem::MasqLb((ip, p, port))
+            | Elem::RejLb((ip, p, port))
+            | Elem::DropLb((ip, p, port))
+            | Elem::Firewall((ip, p, port), _)
+            | Elem::Xlb((ip, p, port), _) => write!(s, "{ip} . {} . {port}", p.nft()),
+            Elem::Be((ip, _, port), _, slot, _) => write!(s, "{ip} . {port} . {slot}"),
+            Elem::Np((_, port), _) => write!(s, "{port}"),
+            Elem::NpAll((p, port))
+            | Elem::MasqNp((p, port))
+            | Elem::RejNp((p, port))
+            | Elem::DropNp((p, port))
+            | Elem::NpXlb((p, port), _)
+            | Elem::HostPort((p, port), _) => write!(s, "{} . {port}", p.nft()),
+            Elem::NpBe((_, port), _, slot, _) => write!(s, "{port} . {slot}"),
+            Elem::ChainBackend(..) | Elem::NpChainBackend(..) => Ok(()),
+        };
+        if !with_value {
+            return;
+        }
+        let _ = match self {
+            Elem::Be(.., (ip, port))
+            | Elem::NpBe(.., (ip, port))
+            | Elem::HostPort(_, (ip, port)) => {
+                write!(s, " : {ip} . {port}")
+            }
+            _ => match (self.goto_chain(), self.jump_chain()) {
+                (Some(c), _) => write!(s, " : goto {c}"),
+                (None, Some(c)) => write!(s, " : jump {c}"),
+                (None, None) => Ok(()),
+            },
+        };
     }
 
     fn flow(&self) -> Option<Flow> {
         match *self {
-            Elem::Be((ip, p, port), _, _, (b, _))
-            | Elem::AffinityBackend((ip, p, port), (b, _)) => Some((p, Some(ip), port, Some(b))),
+            Elem::Be((ip, p, port), _, _, (b, _)) | Elem::ChainBackend((ip, p, port), (b, _)) => {
+                Some((p, Some(ip), port, Some(b)))
+            }
             Elem::NpBe((p, port), _, _, (b, _)) | Elem::NpChainBackend((p, port), (b, _)) => {
                 Some((p, None, port, Some(b)))
             }
@@ -540,7 +502,7 @@ pub fn plan_service_from(
                 c.chains.insert(xlb_chain(&k, *h), vec![rule.clone()]);
                 c.elems.push(Elem::Xlb(k, *h));
                 c.elems
-                    .extend(all.iter().map(|b| Elem::AffinityBackend(k, *b)));
+                    .extend(all.iter().map(|b| Elem::ChainBackend(k, *b)));
             }
             lb(
                 &mut c,
@@ -691,7 +653,7 @@ fn lb(c: &mut Contribution, k: SvcKey, backends: &[Backend], affinity: Option<u3
             );
             rules.push(format!("ip saddr @{ep} goto {ep}"));
             picks.push(format!("{i} : goto {ep}"));
-            c.elems.push(Elem::AffinityBackend(k, (*ip, *port)));
+            c.elems.push(Elem::ChainBackend(k, (*ip, *port)));
         }
         rules.push(format!(
             "numgen random mod {} vmap {{ {} }}",

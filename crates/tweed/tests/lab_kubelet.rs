@@ -863,30 +863,9 @@ fn the_daemonsets_agents_run_bird_and_a_rollout_keeps_the_routes() {
     });
     // BIRD's pid file, as n's agent pod sees it (`/run/tweed` is a
     // hostPath in the node's own mount namespace).
+    let tlab = tweed_lab::Lab::new(&lab.name).unwrap();
     let bird_pid = |n: &str| -> String {
-        let v: serde_json::Value = serde_json::from_str(&kubectl(
-            &lab,
-            &[
-                "-n",
-                "tweed-system",
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=tweed",
-                "--field-selector",
-                &format!("spec.nodeName={n}"),
-                "-o",
-                "json",
-            ],
-        ))
-        .unwrap();
-        let Some(pod) = v["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .and_then(|p| p["metadata"]["name"].as_str())
-        else {
+        let Ok(pod) = tlab.state().and_then(|st| tlab.agent_pod(&st, n)) else {
             return String::new();
         };
         let o = tweed(&[
@@ -898,7 +877,7 @@ fn the_daemonsets_agents_run_bird_and_a_rollout_keeps_the_routes() {
             "-n",
             "tweed-system",
             "exec",
-            pod,
+            &pod,
             "--",
             "cat",
             "/run/tweed/bird/bird.pid",
